@@ -1,0 +1,148 @@
+"""Canonical data model: column names, dtypes and artifact paths, defined once.
+
+Every stage, validation suite and test imports names from here.
+
+``items`` (parquet, one row per item)
+    item_id   str, unique, non-null
+    title     str, non-empty
+    text      str, the text the language model reads (title + extra fields)
+    genres    list[str], possibly empty (labels of the genre classifier)
+    ...       optional extra str columns (e.g. year, abstract, category)
+
+``interactions`` (parquet, one row per event)
+    user_id        str, non-null
+    item_id        str, must exist in items
+    timestamp      int64, unix seconds (UTC)
+    rating         float64, nullable (explicit feedback, e.g. 1-5)
+    label          Int8, nullable (implicit feedback 0/1, e.g. a MIND click)
+    impression_id  str, nullable (MIND impression the event belongs to)
+At least one of rating / label is non-null in every row.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+# --- item columns ---------------------------------------------------------------
+ITEM_ID = "item_id"
+TITLE = "title"
+TEXT = "text"
+GENRES = "genres"
+ITEM_COLUMNS = (ITEM_ID, TITLE, TEXT, GENRES)
+
+# --- interaction columns --------------------------------------------------------
+USER_ID = "user_id"
+TIMESTAMP = "timestamp"
+RATING = "rating"
+LABEL = "label"
+IMPRESSION_ID = "impression_id"
+INTERACTION_COLUMNS = (USER_ID, ITEM_ID, TIMESTAMP, RATING, LABEL, IMPRESSION_ID)
+INTERACTION_DTYPES = {
+    USER_ID: "string",
+    ITEM_ID: "string",
+    TIMESTAMP: "int64",
+    RATING: "float64",
+    LABEL: "Int8",
+    IMPRESSION_ID: "string",
+}
+
+# --- columns added by preprocess --------------------------------------------------
+USER_IDX = "user_idx"  # dense int index 0..n_users-1
+ITEM_IDX = "item_idx"  # dense int index 0..n_items-1 (row in the embedding matrix)
+SPLIT = "split"  # "train" | "valid" | "test" | "excluded"
+POSITIVE = "positive"  # bool: implicit positive label
+COLD = "cold"  # bool on items: part of a cold set (cold_items split)
+ROW = "row"  # original row order, the tie-breaker of temporal sorting
+
+SPLITS = ("train", "valid", "test")
+SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
+
+
+class Paths:
+    """Artifact locations under a project root (all stages agree on these)."""
+
+    def __init__(self, root: str | Path = ".") -> None:
+        self.root = Path(root)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.root / other
+
+    # source + ingest
+    @property
+    def source(self) -> Path:
+        return self.root / "data" / "source"
+
+    @property
+    def raw_items(self) -> Path:
+        return self.root / "data" / "raw" / "items.parquet"
+
+    @property
+    def raw_interactions(self) -> Path:
+        return self.root / "data" / "raw" / "interactions.parquet"
+
+    # validate
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / "data" / "validation"
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.validation_dir / "summary.json"
+
+    # preprocess
+    @property
+    def processed_dir(self) -> Path:
+        return self.root / "data" / "processed"
+
+    @property
+    def items(self) -> Path:
+        return self.processed_dir / "items.parquet"
+
+    @property
+    def interactions(self) -> Path:
+        return self.processed_dir / "interactions.parquet"
+
+    @property
+    def histories(self) -> Path:
+        return self.processed_dir / "histories.parquet"
+
+    @property
+    def split_info(self) -> Path:
+        return self.processed_dir / "split.json"
+
+    # embed
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "data" / "embeddings"
+
+    @property
+    def vectors(self) -> Path:
+        return self.embeddings_dir / "vectors.npy"
+
+    @property
+    def vector_index(self) -> Path:
+        return self.embeddings_dir / "index.parquet"
+
+    @property
+    def embed_cache(self) -> Path:
+        return self.root / ".cache" / "embeddings"
+
+    # genre
+    @property
+    def genre_dir(self) -> Path:
+        return self.root / "data" / "genre"
+
+    # models, metrics, plots
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "data" / "model"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    def metrics(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage}.json"

@@ -1,0 +1,5 @@
+# Environment shared by the Makefile, .ci/run and the Airflow workers (source it).
+# Everything runs offline: models load from local folders, never from a hub.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+export TOKENIZERS_PARALLELISM=false

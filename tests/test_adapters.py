@@ -1,0 +1,280 @@
+"""Source adapters -> canonical tables (tiny fixtures written by conftest)."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from conftest import (MIND_BEHAVIORS, MIND_NEWS, ML_INTER, ML_ITEM, ML_N_INTERACTIONS, ML_N_ITEMS,
+                      tabular_frames, write_mind, write_movielens, write_tabular)
+
+from genre_tasks import adapters, schema
+from genre_tasks.adapters import to_timestamp
+from genre_tasks.config import ParamsError
+from genre_tasks.errors import StageError
+
+U1_FIRST = 1573768800  # 11/14/2019 10:00:00 PM UTC (U1's earliest impression)
+T1 = 1573808122  # 11/15/2019 8:55:22 AM UTC
+T2 = 1573808400  # 11/15/2019 9:00:00 AM UTC
+
+
+def assert_canonical(items: pd.DataFrame, interactions: pd.DataFrame) -> None:
+    """Exact canonical columns and dtypes (see schema.py)."""
+    assert list(items.columns[:4]) == list(schema.ITEM_COLUMNS)
+    for c in items.columns:
+        if c != schema.GENRES:
+            assert items[c].dtype == "string", c
+    assert all(isinstance(g, list) and all(isinstance(x, str) for x in g)
+               for g in items[schema.GENRES])
+    assert dict(interactions.dtypes.astype(str)) == schema.INTERACTION_DTYPES
+    assert list(interactions.columns) == list(schema.INTERACTION_COLUMNS)
+
+
+def sort_frames(items: pd.DataFrame, interactions: pd.DataFrame):
+    items = items.sort_values(schema.ITEM_ID).reset_index(drop=True)
+    interactions = interactions.sort_values(list(schema.INTERACTION_COLUMNS)).reset_index(drop=True)
+    return items, interactions
+
+
+# ----------------------------------------------------------------------------- movielens
+def test_movielens(movielens_source, make_ingest_params):
+    items, inter = adapters.load(make_ingest_params(adapter="movielens-100k"), movielens_source)
+    assert_canonical(items, inter)
+    assert len(items) == ML_N_ITEMS and len(inter) == ML_N_INTERACTIONS
+    assert list(items.columns) == [*schema.ITEM_COLUMNS, "year"]
+    first = items.iloc[0]
+    assert first[schema.ITEM_ID] == "1" and first[schema.TITLE] == "Toy Story"
+    assert first[schema.GENRES] == ["Animation", "Children's", "Comedy"]
+    assert first[schema.TEXT] == "Toy Story (1995). Genres: Animation, Children's, Comedy."
+    assert first["year"] == "1995"
+    # source row order, ratings from the file, no label / impression
+    assert inter[schema.USER_ID].tolist()[:3] == ["10", "2", "1"]
+    assert inter[schema.TIMESTAMP].tolist()[:2] == [881250949, 881250950]
+    assert inter[schema.RATING].tolist()[:3] == [4.0, 3.0, 5.0]
+    assert inter[schema.LABEL].isna().all() and inter[schema.IMPRESSION_ID].isna().all()
+
+
+def test_max_users_numeric_order(movielens_source, make_ingest_params):
+    items, inter = adapters.load(make_ingest_params(max_users=3), movielens_source)
+    assert set(inter[schema.USER_ID]) == {"1", "2", "3"}  # numeric: 10 is the largest
+    assert len(items) == ML_N_ITEMS  # items are all kept
+    full = adapters.load(make_ingest_params(), movielens_source)[1]
+    expected = full[full[schema.USER_ID] != "10"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(inter, expected)
+
+
+def test_max_users_string_order(mind_source, make_ingest_params):
+    _, inter = adapters.load(make_ingest_params(adapter="mind", max_users=1), mind_source)
+    assert set(inter[schema.USER_ID]) == {"U1"}
+
+
+# ----------------------------------------------------------------------------- mind
+def test_mind(mind_source, make_ingest_params):
+    items, inter = adapters.load(make_ingest_params(adapter="mind"), mind_source)
+    assert_canonical(items, inter)
+    assert list(items.columns) == [*schema.ITEM_COLUMNS, "category", "subcategory", "abstract"]
+    assert items[schema.TEXT].tolist() == ["Team wins the cup. A great game.", "Vote today",
+                                           'The "ace" serve. Fast, very fast.',
+                                           "Cake. Sweet; with cream"]
+    assert items[schema.GENRES].tolist() == [["sports"], ["news"], ["sports"], ["lifestyle"]]
+    assert items["abstract"].isna().tolist() == [False, True, False, False]
+
+    rows = [tuple(None if pd.isna(v) else v for v in r)
+            for r in inter[[schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.LABEL,
+                            schema.IMPRESSION_ID]].itertuples(index=False)]
+    h = U1_FIRST - 1  # history precedes all of U1's impressions
+    assert rows == [
+        ("U1", "N1", h, 1, None), ("U1", "N2", h, 1, None),  # history, once per user
+        ("U1", "N3", T1, 1, "1"), ("U1", "N4", T1, 0, "1"),
+        ("U2", "N1", T2, 0, "2"), ("U2", "N3", T2, 1, "2"),
+        ("U1", "N4", U1_FIRST, 1, "3"),
+    ]
+    assert inter[schema.RATING].isna().all()
+
+
+def test_mind_global_history_timestamp(mind_source, make_ingest_params):
+    p = make_ingest_params(adapter="mind", mind={"history_timestamp": "global_first_impression"})
+    _, inter = adapters.load(p, mind_source)
+    hist = inter[inter[schema.IMPRESSION_ID].isna()]
+    assert (hist[schema.TIMESTAMP] == U1_FIRST - 1).all() and len(hist) == 2
+
+
+def test_mind_and_tabular_agree(tmp_path, make_ingest_params):
+    """The same items and events as MIND files and as tabular files -> identical tables."""
+    m_items, m_inter = adapters.load(make_ingest_params(adapter="mind"),
+                                     write_mind(tmp_path / "mind"))
+    news = pd.DataFrame(MIND_NEWS, columns=["item_id", "category", "subcategory", "title",
+                                            "abstract", "url", "te", "ae"])
+    items = news[["item_id", "category", "subcategory", "title", "abstract"]].assign(
+        genres=news["category"])
+    events = []
+    for imp, user, time, history, impressions in MIND_BEHAVIORS:
+        for item in history.split():
+            if (user, item) not in {(e[0], e[1]) for e in events}:
+                events.append((user, item, str(U1_FIRST - 1), "1", ""))  # unix seconds
+        for entry in impressions.split():
+            item, label = entry.split("-")
+            events.append((user, item, time, label, imp))  # MIND date-time strings
+    interactions = pd.DataFrame(events, columns=["uid", "item_id", "when", "click", "imp"])
+    src = write_tabular(tmp_path / "tab", items, interactions, "items.tsv", "interactions.csv")
+    p = make_ingest_params(adapter="tabular", tabular={
+        "items": "items.tsv", "text_fields": ["title", "abstract"],
+        "columns": {"user_id": "uid", "item_id": "item_id", "timestamp": "when",
+                    "rating": None, "label": "click", "impression_id": "imp"}})
+    t_items, t_inter = adapters.load(p, src)
+    assert_canonical(t_items, t_inter)
+    for a, b in zip(sort_frames(m_items, m_inter), sort_frames(t_items, t_inter)):
+        pd.testing.assert_frame_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- tabular
+def test_tabular(tabular_source, make_ingest_params):
+    items, inter = adapters.load(make_ingest_params(adapter="tabular"), tabular_source)
+    assert_canonical(items, inter)
+    assert list(items.columns) == [*schema.ITEM_COLUMNS, "year"]
+    assert items[schema.GENRES].tolist() == [["Drama", "Comedy"], [], ["Sci-Fi"]]
+    assert items[schema.TEXT].tolist() == ["Alpha", "Beta, the sequel", 'Gamma "quoted"']
+    assert inter[schema.USER_ID].tolist() == ["u2", "u1", "u1", "u3"]
+    # int seconds, ISO with zone, numeric string, naive date-time (= UTC)
+    assert inter[schema.TIMESTAMP].tolist() == [1000, T1, T1, T1 + 1]
+    assert inter[schema.RATING].tolist() == [4.0, 3.5, 5.0, 1.0]
+    assert inter[schema.LABEL].isna().all() and inter[schema.IMPRESSION_ID].isna().all()
+
+
+def test_tabular_parquet_and_text_column(tmp_path, make_ingest_params):
+    items, inter = tabular_frames()
+    items = items.assign(genres=[["Drama", "Comedy"], [], ["Sci-Fi"]],
+                         blurb=["x", "y", None], item_id=[1, 2, 3])
+    inter = inter.assign(timestamp=[1, 2, 3, 4], rating=[4.0, 3.0, None, 1.0],
+                         item_id=[1.0, 2.0, 3.0, 1.0])
+    src = write_tabular(tmp_path, items, inter, "i.parquet", "e.parquet")
+    p = make_ingest_params(adapter="tabular", tabular={
+        "items": "i.parquet", "interactions": "e.parquet", "columns": {"text": "blurb"}})
+    got_items, got_inter = adapters.load(p, src)
+    assert_canonical(got_items, got_inter)
+    assert got_items[schema.ITEM_ID].tolist() == ["1", "2", "3"]
+    assert got_inter[schema.ITEM_ID].tolist() == ["1", "2", "3", "1"]
+    assert got_items[schema.GENRES].tolist() == [["Drama", "Comedy"], [], ["Sci-Fi"]]
+    assert got_items[schema.TEXT].tolist()[:2] == ["x", "y"] and pd.isna(got_items[schema.TEXT][2])
+    assert "blurb" not in got_items.columns
+    assert got_inter[schema.TIMESTAMP].tolist() == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- lenient
+@pytest.mark.parametrize("content", ["", "item_id,title,genres\n"], ids=["0-byte", "header-only"])
+def test_tabular_empty_items(tmp_path, make_ingest_params, content):
+    (tmp_path / "items.csv").write_text(content)
+    (tmp_path / "interactions.csv").write_text(content.replace("item_id,title,genres",
+                                                               "user_id,item_id,timestamp,rating"))
+    items, inter = adapters.load(make_ingest_params(adapter="tabular"), tmp_path)
+    assert len(items) == 0 and len(inter) == 0
+    assert list(items.columns) == list(schema.ITEM_COLUMNS)
+    assert_canonical(items, inter)
+
+
+def test_movielens_and_mind_empty_files(tmp_path, make_ingest_params):
+    write_movielens(tmp_path / "ml", item="", inter=ML_INTER.splitlines(keepends=True)[0])
+    items, inter = adapters.load(make_ingest_params(), tmp_path / "ml")
+    assert len(items) == 0 and len(inter) == 0
+    assert list(items.columns) == [*schema.ITEM_COLUMNS, "year"]
+    assert_canonical(items, inter)
+    write_mind(tmp_path / "mind", news=[], behaviors=[])
+    items, inter = adapters.load(make_ingest_params(adapter="mind"), tmp_path / "mind")
+    assert len(items) == 0 and len(inter) == 0
+    assert_canonical(items, inter)
+
+
+def test_missing_mapped_column_is_left_out(tmp_path, make_ingest_params):
+    items, inter = tabular_frames()
+    src = write_tabular(tmp_path, items.drop(columns=["genres"]), inter.drop(columns=["rating"]))
+    got_items, got_inter = adapters.load(make_ingest_params(adapter="tabular"), src)
+    assert schema.GENRES not in got_items.columns and schema.RATING not in got_inter.columns
+    assert list(got_inter.columns) == [schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP,
+                                       schema.LABEL, schema.IMPRESSION_ID]
+    assert len(got_inter) == len(inter)
+    # a missing text field leaves "text" out; a null mapping gives empty genres instead
+    p = make_ingest_params(adapter="tabular", tabular={"text_fields": ["title", "plot"],
+                                                       "columns": {"genres": None}})
+    got_items, _ = adapters.load(p, src)
+    assert schema.TEXT not in got_items.columns
+    assert got_items[schema.GENRES].tolist() == [[], [], []]
+
+
+def test_non_utf8_bytes_are_replaced(tmp_path, make_ingest_params):
+    item = ML_ITEM.encode().replace(b"Four Rooms", b"Four R\xf6oms")
+    folder = write_movielens(tmp_path) / "ml-100k"
+    (folder / "ml-100k.item").write_bytes(item)
+    items, _ = adapters.load(make_ingest_params(), tmp_path)
+    assert items[schema.TITLE][2] == "Four R\ufffdoms"
+    assert items[schema.TEXT][2].startswith("Four R\ufffdoms (1995)")
+    # same for MIND and tabular
+    write_mind(tmp_path / "m")
+    news = (tmp_path / "m" / "news.tsv").read_bytes().replace(b"Cake", b"C\xe9ke")
+    (tmp_path / "m" / "news.tsv").write_bytes(news)
+    items, _ = adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m")
+    assert items[schema.TEXT][3] == "C\ufffdke. Sweet; with cream"
+    write_tabular(tmp_path / "t", *tabular_frames())
+    raw = (tmp_path / "t" / "items.csv").read_bytes().replace(b"Alpha", b"Al\x80pha")
+    (tmp_path / "t" / "items.csv").write_bytes(raw)
+    items, _ = adapters.load(make_ingest_params(adapter="tabular"), tmp_path / "t")
+    assert items[schema.TITLE][0] == "Al\ufffdpha"
+
+
+def test_bad_values_become_null(tmp_path, make_ingest_params):
+    inter = ML_INTER.replace("\t4\t881250949", "\tfour\t881250949").replace("881250950", "soon")
+    write_movielens(tmp_path, inter=inter + "7\t1\n")  # short row: padded with nulls
+    _, got = adapters.load(make_ingest_params(), tmp_path)
+    assert len(got) == ML_N_INTERACTIONS + 1
+    assert pd.isna(got[schema.RATING][0]) and got[schema.RATING][1] == 3.0
+    assert got[schema.TIMESTAMP].dtype == "Int64"  # nullable: validate reports the rows
+    assert got[schema.TIMESTAMP].isna().tolist()[:3] == [False, True, False]
+    assert pd.isna(got[schema.TIMESTAMP].iloc[-1]) and pd.isna(got[schema.RATING].iloc[-1])
+    # MIND: bad time, bad label, entry without a label, a row with too many fields
+    behaviors = [*MIND_BEHAVIORS, ("4", "U3", "yesterday", "N9", "N1-x N2"),
+                 ("5", "U4", "11/15/2019 9:00:00 AM", "", "N1-1", "extra")]
+    write_mind(tmp_path / "m", behaviors=behaviors)
+    _, got = adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m")
+    u3 = got[got[schema.USER_ID] == "U3"]
+    assert u3[schema.ITEM_ID].tolist() == ["N9", "N1", "N2"]
+    assert u3[schema.TIMESTAMP].isna().all()
+    assert u3[schema.LABEL].isna().tolist() == [False, True, True]
+    u4 = got[got[schema.USER_ID] == "U4"]
+    assert u4[schema.ITEM_ID].tolist() == ["N1", "extra"]  # extra field joined into Impressions
+
+
+def test_ragged_and_broken_csv(tmp_path, make_ingest_params):
+    (tmp_path / "items.csv").write_text("item_id,title,genres\na,Alpha,Drama,extra\nb,Beta\n")
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp,rating\n")
+    items, _ = adapters.load(make_ingest_params(adapter="tabular"), tmp_path)
+    assert items[schema.GENRES].tolist() == [["Drama,extra"], []]  # nothing silently dropped
+    (tmp_path / "items.csv").write_text('item_id,title\na,"Alpha\n')  # unclosed quote
+    with pytest.raises(StageError, match=r"items\.csv: cannot be parsed"):
+        adapters.load(make_ingest_params(adapter="tabular"), tmp_path)
+
+
+def test_to_timestamp():
+    s = pd.Series(["881250949", "881250949.7", "2019-11-15T09:55:22+01:00", "", None, "x"],
+                  dtype="string")
+    assert to_timestamp(s).tolist() == [881250949, 881250949, T1, pd.NA, pd.NA, pd.NA]
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_adapter(tmp_path, make_ingest_params):
+    with pytest.raises(StageError, match="ingest.adapter.*'csv'"):
+        adapters.load(make_ingest_params(adapter="csv"), tmp_path)
+
+
+def test_missing_file_names_path_and_key(tmp_path, make_ingest_params):
+    write_mind(tmp_path)
+    (tmp_path / "behaviors.tsv").unlink()
+    with pytest.raises(StageError, match=r"behaviors\.tsv.*ingest\.mind\.behaviors"):
+        adapters.load(make_ingest_params(adapter="mind"), tmp_path)
+
+
+def test_params_validation(make_ingest_params):
+    with pytest.raises(ParamsError, match="max_users"):
+        make_ingest_params(max_users=0)
+    with pytest.raises(ParamsError, match="history_timestamp"):
+        make_ingest_params(mind={"history_timestamp": "never"})
+    with pytest.raises(ParamsError, match="unknown key"):
+        make_ingest_params(tabular={"columns": {"movie": "x"}})
+    p = make_ingest_params()
+    assert p.tabular.text_fields == ("title",) and p.tabular.columns.label is None
