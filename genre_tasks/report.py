@@ -1,0 +1,92 @@
+"""`genre report`: the human-readable tail of a pipeline run, from the stages' metrics files.
+
+Prints what each finished stage measured: split sizes, the validation summary, embedding
+throughput, genre-classifier F1, the model comparison table and the registry state.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genre_tasks import schema as S
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def section_validate(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("validate"))
+    if not m:
+        return []
+    lines = ["## Validation (Great Expectations)",
+             f"- {'PASSED' if m['success'] else 'FAILED'}: {m['expectations_successful']}/"
+             f"{m['expectations_evaluated']} expectations met on {m['items_rows']:,} items and "
+             f"{m['interactions_rows']:,} interactions"]
+    lines.append(f"- Data Docs: {paths.validation_dir / 'docs' / 'index.html'}")
+    return lines
+
+
+def section_preprocess(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("preprocess"))
+    if not m:
+        return []
+    lines = [f"## Splits ({m['mode']}): {m['n_users']:,} users, {m['n_items']:,} items, "
+             f"{m['n_interactions']:,} interactions ({m['n_positives']:,} positive)",
+             "| split | rows | positives | users | users with a positive |", "|---|---:|---:|---:|---:|"]
+    for name in S.SPLITS:
+        s = m[name]
+        lines.append(f"| {name} | {s['rows']:,} | {s['positives']:,} | {s['users']:,} | {s['users_with_positive']:,} |")
+    if "cold_test_items" in m:
+        lines.append(f"cold items: {m['cold_test_items']} test, {m['cold_valid_items']} valid")
+    return lines
+
+
+def section_embed(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("embed"))
+    if not m:
+        return []
+    return ["## Embeddings",
+            f"- {m.get('n_items', '?'):,} items, dim {m.get('dim', '?')}: {m.get('n_embedded', '?')} embedded, "
+            f"{m.get('n_cached', '?')} from cache; {m.get('texts_per_second', 0):.0f} texts/s, "
+            f"{m.get('seconds', 0):.1f} s (model {m.get('model_id', '?')})"]
+
+
+def section_genre(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("genre"))
+    if not m:
+        return []
+    return ["## Genre classifier (held-out items)",
+            f"- micro F1 {m.get('micro_f1', float('nan')):.3f}, macro F1 {m.get('macro_f1', float('nan')):.3f} "
+            f"({m.get('n_labels', '?')} genres, {m.get('n_train', '?')} train / {m.get('n_test', '?')} held-out items)"]
+
+
+def section_comparison(paths: S.Paths) -> list[str]:
+    table = paths.root / "data" / "eval" / "comparison.md"
+    if not table.exists():
+        return []
+    return ["## Model comparison (test split)", table.read_text().rstrip()]
+
+
+def section_registry(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("promote"))
+    if not m:
+        return []
+    lines = ["## Registry"]
+    try:
+        from genre_tasks.promote import registry_state
+
+        lines.append(registry_state(m.get("model_name", "genre-recommender"), paths))
+    except Exception as exc:  # the report must not hide the rest of the run
+        lines.append(f"(registry not readable: {exc})")
+    return lines
+
+
+SECTIONS = (section_validate, section_preprocess, section_embed, section_genre,
+            section_comparison, section_registry)
+
+
+def report(paths: S.Paths) -> str:
+    """The report text (markdown) of whatever stages have run under ``paths``."""
+    blocks = ["\n".join(lines) for fn in SECTIONS if (lines := fn(paths))]
+    return "\n\n".join(blocks) if blocks else "no stage has run yet (try `dvc repro`)"
