@@ -1,8 +1,9 @@
-"""`genre` console script: one sub-command per pipeline stage (what dvc.yaml runs).
+"""`genre` console script: one sub-command per pipeline stage (what dvc.yaml runs), plus tools.
 
-    genre [--params params.yaml] [--override configs/tiny.yaml] [--root .] <stage>
+    genre [--params params.yaml] [--override configs/tiny.yaml] [--root .] <command>
 
-Stage modules are imported lazily so `genre --help` stays fast.
+Stage commands print the stage's JSON summary. Modules are imported lazily so `genre --help`
+stays fast.
 """
 from __future__ import annotations
 
@@ -25,13 +26,22 @@ STAGES: dict[str, str] = {
     "promote": "genre_tasks.promote",
 }
 
+#: commands with their own parser: name -> (module, function taking argv with the global
+#: options forwarded, help)
+TOOLS: dict[str, tuple[str, str, str]] = {
+    "feedback": ("genre_tasks.feedback", "feedback_cli",
+                 "feedback batches: run | status | record | replay --init/--next/--status"),
+    "history": ("genre_tasks.history", "history_cli",
+                "successive model versions with prequential and test metrics"),
+}
 
-def run_stage(name: str, params: dict, root: str | Path = ".") -> dict:
+
+def run_stage(name: str, params: dict, root: str | Path = ".", **options) -> dict:
     """Run stage ``name`` with already-loaded params under project ``root``; return its summary."""
     from genre_tasks.schema import Paths
 
     module = importlib.import_module(STAGES[name])
-    return module.main(params, Paths(root))
+    return module.main(params, Paths(root), **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,20 +53,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default=".", help="project root holding data/ (default: .)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGES:
-        sub.add_parser(name, help=f"run the {name} stage")
+        stage = sub.add_parser(name, help=f"run the {name} stage")
+        if name == "promote":
+            stage.add_argument("--force", action="store_true",
+                               help="operator override: promote regardless of the gate (recorded)")
+            stage.add_argument("--reason", default=None, help="why (recorded with --force)")
+    rec = sub.add_parser("recommend", help="top-k for a user from the @champion model, with reasons")
+    from genre_tasks.recommend import add_arguments
+
+    add_arguments(rec)
+    sub.add_parser("registry", help="registered model versions, aliases and promotion decisions")
+    sub.add_parser("report", help="summary of the last pipeline run (split sizes ... registry)")
+    for name, (_, _, help_text) in TOOLS.items():
+        tool = sub.add_parser(name, help=help_text, add_help=False)
+        tool.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
+
+
+def run_tool(name: str, args: argparse.Namespace) -> int:
+    """Forward a tool command to its module, with the global options."""
+    module, function, _ = TOOLS[name]
+    forwarded = ["--root", args.root, "--params", args.params]
+    for override in args.override:
+        forwarded += ["--override", override]
+    return getattr(importlib.import_module(module), function)(forwarded + list(args.args))
 
 
 def main(argv: list[str] | None = None) -> int:
     from genre_tasks.config import ParamsError, load_params
     from genre_tasks.errors import StageError
     from genre_tasks.logs import setup_logging
+    from genre_tasks.schema import Paths
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     setup_logging()
+    if args.command in TOOLS:
+        args.args = [*extra, *args.args]
+        return run_tool(args.command, args)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "report":
+        from genre_tasks.report import report
+
+        print(report(Paths(args.root)))
+        return 0
     try:
         params = load_params(args.params, args.override)
-        summary = run_stage(args.command, params, args.root)
+        if args.command == "recommend":
+            from genre_tasks.recommend import main as recommend_main
+
+            return recommend_main(params, Paths(args.root), args.user, args.k, args.alias)
+        if args.command == "registry":
+            from genre_tasks.promote import registry_main
+
+            return registry_main(params, Paths(args.root))
+        options = {"force": args.force, "reason": args.reason} if args.command == "promote" else {}
+        summary = run_stage(args.command, params, args.root, **options)
     except ParamsError as exc:
         print(f"genre {args.command}: bad params: {exc}", file=sys.stderr)
         return 2

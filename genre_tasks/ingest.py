@@ -9,12 +9,18 @@ Reads what the ``source`` stage put under ``Paths.source`` with the adapter name
   (int64 unix seconds UTC), ``rating`` (float64, nullable), ``label`` (int8, nullable),
   ``impression_id`` (string, nullable), in source row order.
 
+Feedback: after the adapter's base tables (base interactions cut at ``ingest.until`` when it is
+set), the applied batches of the feedback store ``data/source/feedback/`` are appended in
+batch-id order (see :mod:`genre_tasks.adapters` and :mod:`genre_tasks.feedback`); the summary
+and ``metrics/ingest.json`` say how many batches / rows were added and the newest timestamp.
+
 The adapters are lenient on content (bad values become nulls, missing mapped columns are left
 out); rejecting bad data is the job of the ``validate`` stage that reads these files.
 The outputs are deterministic: the same input gives byte-identical parquet files.
 """
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +29,7 @@ import pandas as pd
 
 from genre_tasks import config, logs, schema
 from genre_tasks.config import ParamsError
-from genre_tasks.io import atomic_path
+from genre_tasks.io import atomic_path, write_json
 from genre_tasks.schema import Paths
 
 @dataclass(frozen=True)
@@ -91,12 +97,42 @@ class IngestParams:
     adapter: str = "movielens-100k"
     #: keep only the N users with the smallest ids (numeric order if all ids are digits)
     max_users: int | None = None
+    #: ISO date/datetime (UTC unless it has an offset) or None: keep only the base interactions
+    #: *before* it (the feedback store's parts are appended regardless); the initial store of
+    #: a replay (`genre feedback replay --init`). An unquoted YAML date is accepted too.
+    until: str | dt.date | None = None
     mind: MindParams = field(default_factory=MindParams)
     tabular: TabularParams = field(default_factory=TabularParams)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.until, dt.date):  # YAML `until: 1998-03-02` loads as a date
+            object.__setattr__(self, "until", self.until.isoformat())
 
     def validate(self) -> None:
         if self.max_users is not None and self.max_users < 1:
             raise ParamsError(f"ingest.max_users: must be null or >= 1, got {self.max_users}")
+        self.until_timestamp()
+
+    def until_timestamp(self) -> int | None:
+        """``until`` as unix seconds (None when unset)."""
+        return None if self.until is None else iso_timestamp(self.until, "ingest.until")
+
+
+def iso_timestamp(value: str | dt.date | dt.datetime, where: str = "date") -> int:
+    """An ISO date / datetime (naive = UTC) -> unix seconds; ParamsError naming ``where``."""
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, dt.date):
+        moment = dt.datetime(value.year, value.month, value.day)
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(str(value).strip())
+        except ValueError as exc:
+            raise ParamsError(f"{where}: {value!r} is not an ISO date or datetime "
+                              "(e.g. 1998-03-02)") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return int(moment.timestamp())
 
 
 def arrow_schema(df: pd.DataFrame):
@@ -124,9 +160,11 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def run(p: IngestParams, paths: Paths) -> dict:
-    """Read the source files with adapter ``p.adapter`` and write the canonical raw tables.
+    """Read the source files with adapter ``p.adapter`` (+ the feedback store) and write the
+    canonical raw tables and ``metrics/ingest.json``.
 
-    Returns ``{adapter, n_items, n_interactions, n_users, items, interactions, seconds}``.
+    Returns ``{adapter, n_items, n_interactions, n_users, items, interactions, until,
+    n_feedback_batches, n_feedback_rows, feedback_batches, max_timestamp, seconds}``.
     Raises :class:`~genre_tasks.errors.StageError` for an unknown adapter or a missing file.
     """
     from genre_tasks import adapters
@@ -134,6 +172,10 @@ def run(p: IngestParams, paths: Paths) -> dict:
     with logs.stage("ingest") as log:
         for path in adapters.source_files(p, paths.source):
             log.read(path, f"{p.adapter} source")
+        ledger = adapters.read_ledger(paths.source)
+        for batch_id in sorted(ledger):
+            log.read(adapters.part_path(paths.source, batch_id),
+                     f"feedback batch {batch_id}, {ledger[batch_id].get('rows')} rows")
         items, interactions = adapters.load(p, paths.source)
         write_table(items, paths.raw_items)
         log.wrote(paths.raw_items, f"{len(items)} items")
@@ -141,15 +183,34 @@ def run(p: IngestParams, paths: Paths) -> dict:
         log.wrote(paths.raw_interactions, f"{len(interactions)} interactions")
         n_users = (int(interactions[schema.USER_ID].nunique())
                    if schema.USER_ID in interactions.columns else 0)
-        return {
+        n_feedback = sum(int(e.get("rows", 0)) for e in ledger.values())
+        record = {
             "adapter": p.adapter,
             "n_items": int(len(items)),
             "n_interactions": int(len(interactions)),
             "n_users": n_users,
+            "until": p.until,
+            "n_feedback_batches": len(ledger),
+            "n_feedback_rows": n_feedback,
+            "feedback_batches": sorted(ledger),
+            "max_timestamp": _max_timestamp(interactions),
+        }
+        write_json(record, paths.metrics("ingest"))
+        log.wrote(paths.metrics("ingest"), "ingest metrics (data cutoff, feedback batches)")
+        return {
+            **record,
             "items": str(paths.raw_items),
             "interactions": str(paths.raw_interactions),
             "seconds": round(log.seconds, 3),
         }
+
+
+def _max_timestamp(interactions: pd.DataFrame) -> int | None:
+    """Newest event time (unix seconds) of the ingested data, None when there is none."""
+    if schema.TIMESTAMP not in interactions.columns or not len(interactions):
+        return None
+    value = interactions[schema.TIMESTAMP].max()
+    return None if pd.isna(value) else int(value)
 
 
 def main(params: dict, paths: Paths) -> dict:

@@ -21,10 +21,19 @@ Only a missing file or an unknown adapter raises :class:`~genre_tasks.errors.Sta
 (and a file with no row structure left to hand on: an unclosed CSV quote, a corrupt parquet
 file, an unsupported extension). A row with too many fields keeps the extras joined into its
 last column; a row with too few is padded with nulls.
+
+Feedback store (:mod:`genre_tasks.feedback`): new interactions accepted after the base data are
+kept as one canonical parquet part per applied batch in ``<source>/feedback/<batch_id>.parquet``,
+listed in the ledger ``<source>/feedback/applied.json`` (the commit point of an apply: a part
+not in the ledger is an interrupted apply and is ignored). :func:`load` reads the base tables
+with the adapter, keeps the base interactions before ``ingest.until`` (if set), then appends the
+applied parts in batch-id order, then applies ``ingest.max_users``.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import re
 import warnings
@@ -350,16 +359,159 @@ def source_files(p: IngestParams, source_dir: Path) -> list[Path]:
     return [path for path, _ in get(p.adapter).files(p, Path(source_dir))]
 
 
-def load(p: IngestParams, source_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read ``source_dir`` with adapter ``p.adapter``; apply ``p.max_users``.
+def load(p: IngestParams, source_dir: Path, *, feedback: bool = True,
+         slice_users: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read ``source_dir`` with adapter ``p.adapter``; apply ``p.until``, append the feedback
+    store, apply ``p.max_users``.
 
     Returns ``(items, interactions)`` in the canonical schema (see module docstring); all items
-    are kept when ``max_users`` slices the users.
+    are kept when ``max_users`` slices the users. ``feedback=False`` leaves the store parts out
+    (the base data only); ``slice_users=False`` keeps every user (the whole store).
     """
     adapter = get(p.adapter)
     source_dir = Path(source_dir)
     for path, key in adapter.files(p, source_dir):
         require_file(path, key)
     items, interactions = adapter.read(p, source_dir)
-    interactions = keep_first_users(interactions, p.max_users)
+    until = p.until_timestamp() if hasattr(p, "until_timestamp") else None
+    if until is not None:
+        n = len(interactions)
+        interactions = apply_until(interactions, until)
+        log.info("ingest.until %s: kept %d of %d base interaction(s)", p.until, len(interactions), n)
+    if feedback:
+        extra, parts = read_store(source_dir)
+        if parts:
+            interactions = append_interactions(interactions, extra)
+            log.info("feedback store: %d batch(es) added %d interaction(s) (%s .. %s)", len(parts),
+                     len(extra), parts[0]["batch_id"], parts[-1]["batch_id"])
+    if slice_users:
+        interactions = keep_first_users(interactions, p.max_users)
     return items, interactions
+
+
+def apply_until(interactions: pd.DataFrame, until: int | None) -> pd.DataFrame:
+    """Rows with ``timestamp < until`` (unix seconds; rows without a timestamp are kept so that
+    validate reports them). ``until`` None: all rows."""
+    if until is None or schema.TIMESTAMP not in interactions.columns:
+        return interactions
+    late = interactions[schema.TIMESTAMP].ge(until).fillna(False).to_numpy(dtype=bool)
+    return interactions[~late].reset_index(drop=True)
+
+
+def append_interactions(base: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """``base`` then ``extra`` (canonical), keeping ``base``'s columns and dtypes where possible."""
+    if not len(extra):
+        return base
+    if not len(base):
+        return extra.reset_index(drop=True)
+    out = pd.concat([base, extra], ignore_index=True)
+    for c, dtype in schema.INTERACTION_DTYPES.items():
+        if c in out.columns and str(out[c].dtype) != dtype:
+            try:
+                out[c] = out[c].astype(dtype)
+            except (TypeError, ValueError):  # e.g. nulls in a timestamp column: keep Int64
+                pass
+    return out
+
+
+# --------------------------------------------------------------------------- feedback store
+#: folder under the source dir holding the feedback store (one parquet part per applied batch)
+STORE_DIR = "feedback"
+#: the store's ledger: which parts are applied (written after the part is in place)
+LEDGER_FILE = "applied.json"
+#: what a batch id (file stem) may look like: safe as a file and folder name
+BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def store_dir(source_dir: str | Path) -> Path:
+    """``<source>/feedback``: the feedback store."""
+    return Path(source_dir) / STORE_DIR
+
+
+def ledger_path(source_dir: str | Path) -> Path:
+    return store_dir(source_dir) / LEDGER_FILE
+
+
+def part_path(source_dir: str | Path, batch_id: str) -> Path:
+    """``<source>/feedback/<batch_id>.parquet``: the store part of one applied batch."""
+    return store_dir(source_dir) / f"{batch_id}.parquet"
+
+
+def read_ledger(source_dir: str | Path) -> dict[str, dict]:
+    """``{batch_id: entry}`` of the applied batches (``{}`` when nothing was applied yet).
+
+    An entry holds at least ``rows`` and ``sha1`` (:func:`content_hash` of the part).
+    """
+    path = ledger_path(source_dir)
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as exc:
+        raise StageError(f"{path}: the feedback ledger is not valid JSON ({exc}); restore it "
+                         "with `dvc checkout data/source` or from the remote") from exc
+    return dict(doc.get("batches") or {})
+
+
+def canonical_interactions(df: pd.DataFrame) -> pd.DataFrame:
+    """Exactly :data:`schema.INTERACTION_COLUMNS` with :data:`schema.INTERACTION_DTYPES`
+    (``label`` / ``impression_id`` / ``rating`` added as nulls when absent; values coerced as
+    the adapters do, unparseable values become nulls; a timestamp with nulls stays Int64)."""
+    n = len(df)
+    cols = {c: df[c].reset_index(drop=True) for c in schema.INTERACTION_COLUMNS if c in df.columns}
+    for c in (schema.RATING, schema.LABEL, schema.IMPRESSION_ID):
+        if c not in cols:
+            cols[c] = null_column(n, schema.INTERACTION_DTYPES[c])
+    return finalize_interactions(cols)
+
+
+def content_hash(df: pd.DataFrame) -> str:
+    """sha1 of the canonical content of an interaction table (values and row order, not the
+    file bytes): two parts are identical iff their hashes are equal."""
+    canon = canonical_interactions(df)
+    rows = pd.util.hash_pandas_object(canon, index=False).to_numpy()
+    h = hashlib.sha1(",".join(canon.columns).encode())
+    h.update(rows.tobytes())
+    return h.hexdigest()
+
+
+def read_part(path: str | Path) -> pd.DataFrame:
+    """One store part (or any canonical parquet) as a canonical interaction table."""
+    return canonical_interactions(pd.read_parquet(path))
+
+
+def read_store(source_dir: str | Path, verify: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+    """The applied parts of the feedback store, concatenated in batch-id order.
+
+    Returns ``(interactions, parts)``: canonical interactions and ``[{batch_id, rows, path}]``.
+    Only ledger-listed parts count (a part without a ledger entry is an interrupted apply: it is
+    ignored with a warning). A listed part that is missing or whose content differs from the
+    ledger (``verify``) raises StageError.
+    """
+    ledger = read_ledger(source_dir)
+    folder = store_dir(source_dir)
+    if folder.is_dir():
+        orphans = sorted(p.stem for p in folder.glob("*.parquet") if p.stem not in ledger)
+        if orphans:
+            log.warning("feedback store: part(s) %s are not in the ledger %s (an interrupted apply; "
+                        "the next feedback run completes or replaces them): ignored", orphans,
+                        ledger_path(source_dir))
+    frames, parts = [], []
+    for batch_id in sorted(ledger):
+        entry = ledger[batch_id]
+        path = part_path(source_dir, batch_id)
+        if not path.is_file():
+            raise StageError(f"{path}: the store part of applied batch {batch_id} is missing "
+                             f"(listed in {ledger_path(source_dir)}); restore data/source with "
+                             "`dvc checkout data/source` / `dvc pull`")
+        df = read_part(path)
+        if len(df) != int(entry.get("rows", -1)) or (verify and entry.get("sha1")
+                                                      and content_hash(df) != entry["sha1"]):
+            raise StageError(f"{path}: content differs from the ledger entry of batch {batch_id} "
+                             f"({len(df)} rows, ledger says {entry.get('rows')}); the store was "
+                             "modified outside `genre feedback`")
+        frames.append(df)
+        parts.append({"batch_id": batch_id, "rows": int(len(df)), "path": str(path)})
+    if not frames:
+        return empty_interactions(), parts
+    return pd.concat(frames, ignore_index=True), parts

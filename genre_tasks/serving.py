@@ -1,0 +1,340 @@
+"""The registered model: a self-contained MLflow pyfunc that recommends from item ids.
+
+``mlflow.pyfunc.load_model("models:/genre-recommender@champion")`` alone can recommend: the
+model carries everything it needs in one artifact folder (the *bundle*), and the project code
+travels with it (``code_paths``), so neither data/ nor a checkout is needed to serve it.
+
+Bundle (artifact ``bundle``)::
+
+    model/               the trained strategy folder (model.pt, meta.json, curve.csv)
+    items.parquet        item_id, title, genres (list[str]), popularity, timestamp  [I rows]
+    vectors.npy          [I, d] float32 language-model item vectors (row i = items row i)
+    representations.npy  [I, r] float32 item representations of the trained item tower
+    info.json            strategy, loader, lineage of the data the bundle was built from
+
+Request (one row per request)::
+
+    history     list[str]  item ids the user liked, oldest first (unknown ids are ignored)
+    k           int        how many items to return (default 10)
+    timestamps  list[int]  optional, one per history item: the history is ordered by them
+
+Response: ``item_ids`` list[str] and ``scores`` list[float] per request, best first, history
+items excluded; an empty (or all-unknown) history gets the most popular items.
+
+`mlflow models serve -m models:/genre-recommender@champion --env-manager local` serves it:
+POST /invocations ``{"dataframe_records": [{"history": ["1", "50"], "k": 5}]}``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+try:  # the class must derive from PythonModel; mlflow is imported with this module
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover - mlflow is a hard dependency of the pipeline
+    PythonModel = object  # type: ignore[assignment,misc]
+
+from genre_tasks import data as D
+from genre_tasks import io
+from genre_tasks import schema as S
+
+log = logging.getLogger("genre.serving")
+
+DEFAULT_LOADER = "genre_tasks.train:load_recommender"
+DEFAULT_K = 10
+BUNDLE = "bundle"
+#: packages the served model imports, pinned to the versions installed here
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "pyarrow", "cloudpickle", "pyyaml",
+                "scikit-learn")
+
+
+def pip_requirements(extra: Sequence[str] = ()) -> list[str]:
+    """Explicit pins read from the installed distributions (local labels like +cpu dropped),
+    so log_model never infers requirements (slow) nor records a local-only torch build."""
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            version = importlib.metadata.version(name).split("+")[0]
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{name}=={version}")
+    return [*pins, *extra]
+
+
+def load_loader(spec: str):
+    """``"package.module:function"`` -> the function."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "load_recommender")
+
+
+# --- the bundle -----------------------------------------------------------------------------
+def serving_fit(items: pd.DataFrame, vectors: np.ndarray) -> D.FitData:
+    """A user-free FitData over the bundle's catalogue: what ``score`` needs to rank items."""
+    from scipy import sparse
+
+    genres, names = D.genre_matrix([list(g) for g in items[S.GENRES]])
+    n = len(items)
+    return D.FitData(
+        phase="test", n_users=0, n_items=n, item_ids=items[S.ITEM_ID].astype(str).to_numpy(),
+        user_ids=np.empty(0, dtype=object), rows=pd.DataFrame(),
+        positives=sparse.csr_matrix((0, n), dtype=np.float32), seen=sparse.csr_matrix((0, n), dtype=bool),
+        histories=[], item_vectors=np.asarray(vectors, dtype=np.float32), item_genres=genres,
+        genre_names=names, popularity=items["popularity"].to_numpy(np.int64),
+        timestamps=items["timestamp"].to_numpy(np.int64))
+
+
+def build_bundle(model_dir: Path, fit: D.FitData, titles: Sequence[str], target: Path,
+                 loader: str = DEFAULT_LOADER, info: dict | None = None) -> Path:
+    """Write the bundle of the model in ``model_dir`` for the catalogue of ``fit`` to ``target``.
+
+    ``titles[i]`` is the title of ``fit``'s item i. Item representations are computed once here
+    (``recommender.item_representations(fit)``) for explanations and similarity look-ups.
+    """
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copytree(model_dir, target / "model")
+    genres = [[fit.genre_names[j] for j in np.flatnonzero(row)] for row in fit.item_genres]
+    items = pd.DataFrame({S.ITEM_ID: fit.item_ids.astype(str), S.TITLE: [str(t) for t in titles],
+                          S.GENRES: genres, "popularity": np.asarray(fit.popularity, np.int64),
+                          "timestamp": np.asarray(fit.timestamps, np.int64)})
+    items.to_parquet(target / "items.parquet", index=False)
+    np.save(target / "vectors.npy", np.asarray(fit.item_vectors, np.float32))
+    rec = load_loader(loader)(model_dir)
+    reps = item_representations(rec, fit)
+    np.save(target / "representations.npy", reps)
+    # TorchRecommender representations end with the item-bias column (score = U @ R.T)
+    bias_column = bool(callable(getattr(rec, "user_vectors", None)) and reps.shape[1] > 1)
+    io.write_json({"loader": loader, "recommender": getattr(rec, "name", model_dir.name),
+                   "n_items": int(fit.n_items), "representation_bias_column": bias_column,
+                   **(info or {})}, target / "info.json")
+    return target
+
+
+def item_representations(rec: Any, fit: D.FitData) -> np.ndarray:
+    """[I, r] float32: the recommender's item representations, else the LM vectors."""
+    fn = getattr(rec, "item_representations", None)
+    reps = fn(fit) if callable(fn) else fit.item_vectors
+    if hasattr(reps, "detach"):  # a torch tensor
+        reps = reps.detach().cpu().numpy()
+    return np.asarray(reps, dtype=np.float32)
+
+
+# --- the pyfunc -----------------------------------------------------------------------------
+class GenreRecommenderModel(PythonModel):
+    """Recommends item ids for item-id histories (see the module docstring for the contract).
+
+    After ``load_context``: :attr:`recommender` is the trained model (a ``data.Recommender``
+    whose ``score(histories, data)`` works on any catalogue, so promote can re-score it on
+    today's test split), :attr:`fit` the bundle's catalogue as FitData, :attr:`items` the item
+    table, :attr:`representations` the item representations.
+    """
+
+    def __init__(self, loader: str = DEFAULT_LOADER) -> None:
+        self.loader = loader
+        self.info: dict = {}
+        self.recommender = None
+        self.fit = None
+        self.items = None
+        self.representations = None
+
+    # -- loading
+    def load_context(self, context) -> None:
+        self.load_bundle(Path(context.artifacts[BUNDLE]))
+
+    def load_bundle(self, bundle: Path) -> "GenreRecommenderModel":
+        bundle = Path(bundle)
+        info = json.loads((bundle / "info.json").read_text())
+        self.loader = info.get("loader", self.loader)
+        self.info = info
+        self.items = pd.read_parquet(bundle / "items.parquet")
+        self.fit = serving_fit(self.items, np.load(bundle / "vectors.npy"))
+        self.representations = np.load(bundle / "representations.npy").astype(np.float32)
+        self.recommender = load_loader(self.loader)(bundle / "model")
+        self._index = {iid: i for i, iid in enumerate(self.items[S.ITEM_ID].astype(str))}
+        self._pop_order = np.lexsort((np.arange(len(self.items)), -self.fit.popularity))
+        return self
+
+    # -- re-scoring (promote)
+    def score(self, histories: Sequence[np.ndarray], data: D.FitData) -> np.ndarray:
+        """The wrapped recommender's scores [len(histories), data.n_items] on ``data``'s catalogue."""
+        return self.recommender.score(histories, data)
+
+    # -- serving
+    def to_indices(self, history: Any, timestamps: Any = None) -> np.ndarray:
+        """Item ids (oldest first, or ordered by ``timestamps``) -> known item_idx (int64)."""
+        ids = _as_list(history)
+        ts = _as_list(timestamps)
+        if ts and len(ts) == len(ids):
+            order = np.argsort(np.asarray(ts, dtype=np.int64), kind="stable")
+            ids = [ids[i] for i in order]
+        idx = [self._index.get(str(i)) for i in ids]
+        return np.asarray([i for i in idx if i is not None], dtype=np.int64)
+
+    def recommend(self, histories: Sequence[np.ndarray], ks: Sequence[int]) -> list[tuple[list[str], list[float]]]:
+        """Top-k (item ids, scores) per history of item_idx; history items excluded."""
+        n_items = self.fit.n_items
+        out: list[tuple[list[str], list[float]] | None] = [None] * len(histories)
+        with_hist = [j for j, h in enumerate(histories) if len(h)]
+        scores = None
+        if with_hist:
+            scores = np.asarray(self.recommender.score([histories[j] for j in with_hist], self.fit),
+                                dtype=np.float64)
+        ids = self.fit.item_ids
+        for row, j in enumerate(with_hist):
+            s = scores[row].copy()
+            s[histories[j]] = -np.inf
+            k = max(0, min(int(ks[j]), n_items - len(np.unique(histories[j]))))
+            top = _top_k(s, k)
+            out[j] = ([str(ids[i]) for i in top], [float(s[i]) for i in top])
+        pop = self.fit.popularity.astype(np.float64)
+        for j, h in enumerate(histories):
+            if out[j] is None:  # popularity fallback
+                k = max(0, min(int(ks[j]), n_items))
+                top = self._pop_order[:k]
+                out[j] = ([str(ids[i]) for i in top], [float(pop[i]) for i in top])
+        return out  # type: ignore[return-value]
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "history" not in df.columns:
+            raise ValueError("model input needs a 'history' column (list of item ids per row)")
+        default_k = int((params or {}).get("k", DEFAULT_K))
+        ks = [_as_k(v, default_k) for v in (df["k"] if "k" in df.columns else [default_k] * len(df))]
+        ts_col = df["timestamps"] if "timestamps" in df.columns else [None] * len(df)
+        histories = [self.to_indices(h, t) for h, t in zip(df["history"], ts_col)]
+        recs = self.recommend(histories, ks)
+        return pd.DataFrame({"item_ids": [r[0] for r in recs], "scores": [r[1] for r in recs]})
+
+    # -- explanations (recommend CLI)
+    def explain(self, history_ids: Sequence[str], item_ids: Sequence[str]) -> list[str]:
+        """A short reason per recommended item: the history item closest to it by item
+        representation (cosine), with the genres they share."""
+        hist = [self._index[str(h)] for h in history_ids if str(h) in self._index]
+        if not hist:
+            return ["popular with everyone" for _ in item_ids]
+        reps = self.representations
+        if self.info.get("representation_bias_column"):
+            reps = reps[:, :-1]
+        norm = reps / np.maximum(np.linalg.norm(reps, axis=1, keepdims=True), 1e-12)
+        titles = self.items[S.TITLE].astype(str).to_numpy()
+        genres = self.items[S.GENRES].to_numpy()
+        reasons = []
+        for iid in item_ids:
+            i = self._index.get(str(iid))
+            if i is None:
+                reasons.append("")
+                continue
+            sims = norm[hist] @ norm[i]
+            best = int(np.argmax(sims))
+            h = hist[best]
+            shared = sorted(set(genres[i]) & set(genres[h]))
+            reason = f"like '{titles[h]}' (similarity {sims[best]:.2f}"
+            reason += f"; shared genres: {', '.join(shared)})" if shared else ")"
+            reasons.append(reason)
+        return reasons
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, float) and np.isnan(value):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return list(json.loads(text))
+        return [t for t in text.replace(",", " ").split() if t]
+    return list(value)
+
+
+def _as_k(value: Any, default: int) -> int:
+    try:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return default
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best finite scores, best first; ties by item index (deterministic)."""
+    finite = np.flatnonzero(np.isfinite(scores))
+    if k <= 0 or not len(finite):
+        return np.empty(0, dtype=np.int64)
+    s = scores[finite]
+    order = np.lexsort((finite, -s))
+    return finite[order[:k]]
+
+
+# --- logging --------------------------------------------------------------------------------
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(Array(DataType.string), "history"),
+                     ColSpec(DataType.long, "k", required=False),
+                     ColSpec(Array(DataType.long), "timestamps", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.string), "item_ids"),
+                      ColSpec(Array(DataType.double), "scores")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def code_path() -> str:
+    """The genre_tasks package folder (shipped with the model)."""
+    import genre_tasks
+
+    return str(Path(genre_tasks.__file__).resolve().parent)
+
+
+MODEL_SCRIPT = """\
+# The GENRE recommender pyfunc (MLflow "models from code"); genre_tasks ships in code_paths.
+import mlflow
+
+from genre_tasks.serving import GenreRecommenderModel
+
+mlflow.models.set_model(GenreRecommenderModel())
+"""
+
+
+def log_model(model_dir: Path, fit: D.FitData, titles: Sequence[str], work_dir: Path,
+              name: str = "model", loader: str = DEFAULT_LOADER, info: dict | None = None,
+              tags: dict | None = None, extra_code_paths: Sequence[str] = ()):
+    """Log the model in ``model_dir`` as a pyfunc to the active run; return the ModelInfo.
+
+    ``work_dir`` receives the bundle before upload. The input example is a real history
+    (the three most popular items of the catalogue).
+    """
+    import mlflow
+
+    work_dir = Path(work_dir)
+    bundle = build_bundle(Path(model_dir), fit, titles, work_dir / BUNDLE, loader, info)
+    top = np.argsort(-np.asarray(fit.popularity), kind="stable")[:3]
+    example = pd.DataFrame({"history": [[str(fit.item_ids[i]) for i in top]], "k": [5]})
+    # "models from code": the model is this module's class, rebuilt at load time (no pickle)
+    script = work_dir / "genre_model.py"
+    script.write_text(MODEL_SCRIPT)
+    with warnings.catch_warnings():  # the example's int column "k" triggers a generic hint
+        warnings.filterwarnings("ignore", message=".*Integer columns", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(script), artifacts={BUNDLE: str(bundle)},
+            code_paths=[code_path(), *extra_code_paths], pip_requirements=pip_requirements(),
+            signature=signature(), input_example=example, tags=tags)
+
+
+def load(uri: str) -> GenreRecommenderModel:
+    """``mlflow.pyfunc.load_model(uri)`` unwrapped to the GenreRecommenderModel."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model()
