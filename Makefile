@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 ENV := source scripts/env.sh && export PATH="$(CURDIR)/$(BIN):$$PATH" &&
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean airflow-init airflow-train airflow airflow-ui airflow-stop airflow-screenshot
+CONF ?= {}
 
 setup:
 	@bash scripts/setup.sh
@@ -18,7 +19,23 @@ test: setup
 	$(ENV) pytest -q
 
 bench: setup
-	$(ENV) python benchmarks/bench_stages.py
+	for b in benchmarks/bench_*.py; do $(ENV) python $$b || exit 1; done
 
 clean:
 	rm -rf data metrics plots .cache mlflow.db mlartifacts
+
+# Airflow (local: SQLite metadata, LocalExecutor, AIRFLOW_HOME=./airflow_home, UI on 127.0.0.1)
+airflow-init: setup
+	$(ENV) bash scripts/airflow.sh init
+
+airflow-train: setup
+	$(ENV) bash scripts/airflow.sh run-training '$(CONF)'
+
+airflow airflow-ui: setup
+	$(ENV) bash scripts/airflow.sh start
+
+airflow-stop:
+	bash scripts/airflow.sh stop
+
+airflow-screenshot: setup
+	$(ENV) bash scripts/airflow.sh screenshot

@@ -1,0 +1,151 @@
+"""Helpers shared by the DAG files: project root, trigger-form params -> params.yaml overrides,
+small XCom summaries.
+
+Standard library only: the DAG processor imports this module every time it parses a DAG file,
+so nothing heavy (and no genre_tasks, which pulls pandas) may be imported here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+#: Project root holding params.yaml, data/, mlflow.db. In production (Celery/K8s workers) set it
+#: to the shared checkout; the default is the parent of the dags folder (local use).
+ROOT_ENV = "GENRE_PROJECT_ROOT"
+#: The MLflow run of a DAG run; genre_tasks.tracking resumes it (promote stage).
+RUN_ID_ENV = "GENRE_MLFLOW_RUN_ID"
+#: Who forces a promotion (read by genre_tasks.promote).
+ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
+#: Cron expression/preset of the training DAG; "none" = asset-triggered (and manual) only.
+SCHEDULE_ENV = "GENRE_TRAINING_SCHEDULE"
+DEFAULT_SCHEDULE = "@weekly"
+
+#: Values the trigger form offers (kept in sync with genre_tasks by tests/test_dag_integrity.py).
+ADAPTERS = ("movielens-100k", "mind", "tabular")
+SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
+STRATEGIES = ("content", "collaborative", "hybrid")
+
+#: trigger-form param -> path of the params.yaml key it overrides (None = not a params.yaml key)
+PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "adapter": ("ingest", "adapter"),
+    "max_users": ("ingest", "max_users"),
+    "split_mode": ("preprocess", "split", "mode"),
+    "strategies": ("train", "strategies"),
+    "epochs": ("train", "epochs"),
+    "force_promote": ("promote", "force"),
+}
+#: Largest XCom a stage task returns (JSON bytes); bigger values are dropped from the summary.
+XCOM_VALUE_MAX = 512
+XCOM_TOTAL_MAX = 4096
+
+
+def project_root() -> Path:
+    """$GENRE_PROJECT_ROOT, else the parent of the dags folder; always absolute."""
+    env = os.environ.get(ROOT_ENV, "").strip()
+    root = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent
+    return root.resolve()
+
+
+def schedule_expression() -> str | None:
+    """Cron expression/preset from $GENRE_TRAINING_SCHEDULE (default @weekly); None = no timer."""
+    value = os.environ.get(SCHEDULE_ENV, "").strip() or DEFAULT_SCHEDULE
+    return None if value.lower() in ("none", "null", "off", "manual") else value
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(path):
+        out = {key: out}
+    return out
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    """Recursive dict merge (same semantics as genre_tasks.config.deep_merge)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def overrides_from_params(params: Mapping[str, Any]) -> dict:
+    """Nested params.yaml overrides from the trigger-form params.
+
+    ``None`` (or an empty list) means "keep the value of params.yaml (+ $GENRE_PARAMS_OVERRIDE)";
+    ``force_promote`` is applied only when true. The free-form ``overrides`` object goes first,
+    so the typed fields win over it.
+    """
+    out: dict = {}
+    extra = params.get("overrides")
+    if isinstance(extra, Mapping):
+        out = _merge(out, extra)
+    for name, path in PARAM_KEYS.items():
+        value = params.get(name)
+        if value is None or value == [] or (name == "force_promote" and not value):
+            continue
+        if name == "strategies":
+            value = list(value)
+        out = _merge(out, _nest(path, value))
+    return out
+
+
+def small_summary(summary: Any, value_max: int = XCOM_VALUE_MAX, total_max: int = XCOM_TOTAL_MAX) -> Any:
+    """What a stage task pushes to XCom: the stage summary without its big fields.
+
+    Top-level values whose JSON is longer than ``value_max`` bytes are replaced by a note
+    (their names are listed under ``_dropped``); the result stays under ``total_max`` bytes.
+    """
+    if not isinstance(summary, Mapping):
+        text = json.dumps(summary, default=str)
+        return summary if len(text) <= total_max else {"_dropped": ["<value>"], "_bytes": len(text)}
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    used = 2
+    for key, value in summary.items():
+        try:
+            text = json.dumps(value, default=str)
+            value = json.loads(text)  # JSON-safe copy (numpy scalars, paths -> str)
+        except (TypeError, ValueError):
+            dropped.append(str(key))
+            continue
+        size = len(text) + len(str(key)) + 6
+        if len(text) > value_max or used + size > total_max - 200:
+            dropped.append(str(key))
+            continue
+        out[str(key)] = value
+        used += size
+    if dropped:
+        out["_dropped"] = dropped[:20]
+    return out
+
+
+@contextlib.contextmanager
+def stage_environment(root: Path, mlflow_run_id: str | None, extra_env: Mapping[str, str] | None = None
+                      ) -> Iterator[None]:
+    """Run a stage in ``root`` with the DAG run's MLflow run id in the environment.
+
+    The cwd is set to the project root so nothing relative lands in the worker's cwd (and
+    $GENRE_PARAMS_OVERRIDE paths resolve against the project); both are restored afterwards.
+    """
+    env = {ROOT_ENV: str(root), **(extra_env or {})}
+    if mlflow_run_id:
+        env[RUN_ID_ENV] = mlflow_run_id
+    saved = {k: os.environ.get(k) for k in env}
+    cwd = os.getcwd()
+    os.environ.update(env)
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,312 @@
+"""
+### genre_training: (re)train, evaluate and promote the GENRE recommender
+
+The same pipeline as `dvc repro` (see `dvc.yaml`), one Airflow task per stage. Every task is a
+thin wrapper around `genre_tasks.cli.run_stage(stage, params, root)`: `params` is
+`<root>/params.yaml` (plus `$GENRE_PARAMS_OVERRIDE` files) deep-merged with the trigger-form
+values; `root` is `$GENRE_PROJECT_ROOT` (default: the folder above `dags/`). XComs carry only
+small stage summaries; the data stays in `<root>/data`.
+
+| task | what it does | retries |
+|---|---|---|
+| `start_mlflow_run` | setup: finds (by tags `airflow.dag_id` + `airflow.run_id`) or creates the MLflow run of this DAG run, tags it with a link to this run's grid, returns its id | yes |
+| `ingest` | `source` (copy/check the raw files in `data/source`) then `ingest` (-> `data/raw`) | yes |
+| `validate` | Great Expectations suites on `data/raw`; a broken rule fails the run, the GX summary is in the task log, nothing downstream runs | no |
+| `preprocess` | clean, label positives, split (`split_mode`) -> `data/processed` | no (deterministic) |
+| `embed` | item texts -> MiniLM vectors (`data/embeddings`, cached) | yes, backoff |
+| `genre` | genre classifier on the item vectors -> `data/genre` | no (deterministic) |
+| `train` | one model per strategy, best on validation nDCG@10 -> `data/model` | yes, backoff |
+| `evaluate` | test metrics vs baselines -> `data/eval`, `metrics/evaluate.json` | yes, backoff |
+| `promote` | register the challenger in the MLflow registry, move `@champion` only if it is measurably better (`force_promote` overrides); skipped when `dry_run`; emits the asset `genre://models/genre-recommender` | yes, backoff |
+| `finish_mlflow_run` | teardown (runs even after a failure): marks the MLflow run FINISHED/FAILED | yes |
+
+Every stage task exports `GENRE_MLFLOW_RUN_ID` (the id `start_mlflow_run` returned), so the
+promote stage logs into this DAG run's MLflow run. A stage that refuses its input (`StageError`,
+e.g. a failed validation) fails at once, without retries; anything else (a killed worker, a
+locked database) is retried with exponential backoff where retrying can help.
+
+**Schedule**: `$GENRE_TRAINING_SCHEDULE` (cron or preset, default `@weekly`; `none` = no timer)
+**or** an update of the asset `genre://interactions/store` (new feedback), whichever comes first.
+
+**Trigger form**: empty values keep what `params.yaml` says; `max_users` slices the data for a
+quick run; `overrides` takes any other `params.yaml` values (deep-merged).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    chain,
+    dag,
+    get_current_context,
+    setup,
+    task,
+    teardown,
+)
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+# The dag-processor puts the bundle folder (dags/) on sys.path; a plain DagBag or pytest does not.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    ACTOR_ENV,
+    ADAPTERS,
+    SPLIT_MODES,
+    STRATEGIES,
+    overrides_from_params,
+    project_root,
+    schedule_expression,
+    small_summary,
+    stage_environment,
+)
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "genre_training"
+#: updated by the feedback DAG when new interactions land: triggers a retraining
+INTERACTIONS = Asset("genre://interactions/store")
+#: updated by promote: a new model version is in the registry (maybe the new @champion)
+MODEL = Asset("genre://models/genre-recommender")
+
+#: tasks where retrying can help (a killed worker, a locked database, a flaky file system)
+RETRY = {"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": 2.0,
+         "max_retry_delay": timedelta(minutes=15)}
+#: deterministic tasks, and validation: a failure would fail again
+NO_RETRY = {"retries": 0}
+
+DEFAULT_ARGS = {
+    "owner": "genre-mlops",
+    "retries": 1,
+    "retry_delay": timedelta(minutes=1),
+    "execution_timeout": timedelta(hours=3),
+}
+
+
+def _schedule():
+    expression = schedule_expression()
+    if expression is None:
+        return INTERACTIONS
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(expression, timezone="UTC"),
+                               assets=INTERACTIONS)
+
+
+PARAMS = {
+    "adapter": Param(
+        None, type=["null", "string"], enum=[None, *ADAPTERS], title="Data adapter",
+        values_display={None: "as in params.yaml", **{a: a for a in ADAPTERS}},
+        description="Input format (ingest.adapter). mind/tabular read your files in data/source.",
+        section="Data"),
+    "max_users": Param(
+        None, type=["null", "integer"], minimum=1, title="Max users",
+        description="Keep only the N users with the smallest ids (ingest.max_users), for quick "
+                    "runs. Empty = as in params.yaml (all users).",
+        section="Data"),
+    "split_mode": Param(
+        None, type=["null", "string"], enum=[None, *SPLIT_MODES], title="Split mode",
+        values_display={None: "as in params.yaml", **{m: m for m in SPLIT_MODES}},
+        description="How interactions are split into train/valid/test (preprocess.split.mode).",
+        section="Data"),
+    "strategies": Param(
+        None, type=["null", "array"], items={"type": "string", "enum": list(STRATEGIES)},
+        examples=list(STRATEGIES), uniqueItems=True, minItems=1, title="Strategies",
+        description="Models to train (train.strategies); the best on validation nDCG@10 is "
+                    "the challenger. Empty = as in params.yaml.",
+        section="Training"),
+    "epochs": Param(
+        None, type=["null", "integer"], minimum=1, maximum=200, title="Epochs",
+        description="Maximum training epochs (train.epochs, early stopping still applies). "
+                    "Empty = as in params.yaml.",
+        section="Training"),
+    "dry_run": Param(
+        False, type="boolean", title="Dry run",
+        description="Stop before promote: train and evaluate, register nothing (promote is skipped).",
+        section="Promotion"),
+    "force_promote": Param(
+        False, type="boolean", title="Force promotion",
+        description="Make the challenger @champion even if it is not measurably better "
+                    "(recorded as decision=forced with the triggering user).",
+        section="Promotion"),
+    "overrides": Param(
+        {}, type="object", title="Other params.yaml overrides",
+        description='Any params.yaml values, deep-merged (the fields above win), e.g. '
+                    '{"train": {"dim": 32}, "promote": {"bootstrap_samples": 200}}.',
+        section="Advanced"),
+}
+
+
+def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: dict | None = None) -> dict:
+    """Run ``stages`` in order with this DAG run's params; return their small summaries."""
+    from genre_tasks.cli import run_stage
+    from genre_tasks.config import ParamsError, deep_merge, load_params
+    from genre_tasks.errors import StageError
+
+    context = get_current_context()
+    root = project_root()
+    summaries: dict = {}
+    stage = "params"
+    with stage_environment(root, mlflow_run_id, extra_env):
+        try:
+            overrides = overrides_from_params(context["params"])
+            params = deep_merge(load_params(root / "params.yaml"), overrides)
+            log.info("project root %s, MLflow run %s, overrides %s", root, mlflow_run_id, overrides)
+            for stage in stages:
+                summaries[stage] = small_summary(run_stage(stage, params, root))
+                log.info("stage %s done: %s", stage, summaries[stage])
+        except (StageError, ParamsError) as exc:
+            # Bad params or a stage refusing its input: retrying cannot help, fail at once. The
+            # message (for validate: the GX summary of the broken expectations) goes to the log.
+            log.error("stage %s FAILED (%s):\n%s", stage, type(exc).__name__, exc)
+            raise AirflowFailException(f"{stage}: {type(exc).__name__}: {exc}") from exc
+    return summaries
+
+
+# --- tasks ------------------------------------------------------------------------------------
+@setup
+@task(multiple_outputs=False, **RETRY)
+def start_mlflow_run() -> str:
+    """Find (retried/cleared DAG run) or create the MLflow run of this DAG run; return its id."""
+    from genre_tasks import tracking
+    from genre_tasks.schema import Paths
+
+    context = get_current_context()
+    ti = context["ti"]
+    dag_id, run_id = ti.dag_id, ti.run_id
+    grid_url = ti.log_url.split("/tasks/")[0]
+    root = project_root()
+    paths = Paths(root)
+    with stage_environment(root, None):
+        experiment_id = tracking.configure(paths)
+        client = tracking.client(paths)
+        found = client.search_runs(
+            [experiment_id], max_results=1,
+            filter_string=f"tags.`airflow.dag_id` = '{dag_id}' and tags.`airflow.run_id` = '{run_id}'")
+        run_type = context["dag_run"].run_type
+        tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.grid_url": grid_url,
+                "airflow.run_type": str(getattr(run_type, "value", run_type)),
+                "genre.pipeline": "1", "mlflow.source.name": f"airflow:{dag_id}",
+                "mlflow.note.content": f"Airflow DAG run [{dag_id} / {run_id}]({grid_url})"}
+        if found:
+            mlflow_run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                client.update_run(mlflow_run_id, status="RUNNING")
+            log.info("reusing MLflow run %s of DAG run %s", mlflow_run_id, run_id)
+        else:
+            mlflow_run_id = client.create_run(experiment_id, run_name=f"{dag_id}__{run_id}",
+                                              tags=tags).info.run_id
+            log.info("created MLflow run %s for DAG run %s", mlflow_run_id, run_id)
+        tracking.set_tags(mlflow_run_id, tags, paths)
+        log.info("MLflow tracking URI %s, Airflow grid %s", tracking.tracking_uri(paths), grid_url)
+    return mlflow_run_id
+
+
+@task(multiple_outputs=False)
+def ingest(mlflow_run_id: str) -> dict:
+    """source (copy/check data/source) then ingest (-> data/raw)."""
+    return _run_stages(("source", "ingest"), mlflow_run_id)
+
+
+@task(multiple_outputs=False, **NO_RETRY)
+def validate(mlflow_run_id: str) -> dict:
+    """Great Expectations on data/raw; a broken rule fails the run (GX summary in the log)."""
+    return _run_stages(("validate",), mlflow_run_id)["validate"]
+
+
+@task(multiple_outputs=False, **NO_RETRY)
+def preprocess(mlflow_run_id: str) -> dict:
+    return _run_stages(("preprocess",), mlflow_run_id)["preprocess"]
+
+
+@task(multiple_outputs=False, **RETRY)
+def embed(mlflow_run_id: str) -> dict:
+    return _run_stages(("embed",), mlflow_run_id)["embed"]
+
+
+@task(multiple_outputs=False, **NO_RETRY)
+def genre(mlflow_run_id: str) -> dict:
+    return _run_stages(("genre",), mlflow_run_id)["genre"]
+
+
+@task(multiple_outputs=False, **RETRY)
+def train(mlflow_run_id: str) -> dict:
+    return _run_stages(("train",), mlflow_run_id)["train"]
+
+
+@task(multiple_outputs=False, **RETRY)
+def evaluate(mlflow_run_id: str) -> dict:
+    return _run_stages(("evaluate",), mlflow_run_id)["evaluate"]
+
+
+@task(outlets=[MODEL], multiple_outputs=False, **RETRY)
+def promote(mlflow_run_id: str) -> dict:
+    """Register the challenger, promote it if better; skipped on dry_run."""
+    context = get_current_context()
+    params = context["params"]
+    if params.get("dry_run"):
+        raise AirflowSkipException("dry_run: stopping before promote (nothing registered)")
+    actor = getattr(context["dag_run"], "triggering_user_name", None) or "airflow"
+    summary = _run_stages(("promote",), mlflow_run_id, {ACTOR_ENV: f"{actor} (airflow)"})["promote"]
+    context["outlet_events"][MODEL].extra = {
+        k: summary.get(k) for k in ("model_name", "version", "decision", "champion_version")}
+    context["outlet_events"][MODEL].extra["mlflow_run_id"] = mlflow_run_id
+    return summary
+
+
+@teardown
+@task(multiple_outputs=False, **RETRY)
+def finish_mlflow_run(mlflow_run_id: str) -> dict:
+    """Mark the MLflow run FINISHED, or FAILED if a stage failed (runs even after a failure)."""
+    from genre_tasks import tracking
+    from genre_tasks.schema import Paths
+
+    context = get_current_context()
+    ti = context["ti"]
+    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])
+    states = states.get(ti.run_id, states)  # {run_id: {task_id: state}}
+    failed = sorted(t for t, s in states.items() if t != ti.task_id and str(s) == "failed")
+    not_run = sorted(t for t, s in states.items() if str(s) == "upstream_failed")
+    root = project_root()
+    paths = Paths(root)
+    with stage_environment(root, None):
+        client = tracking.client(paths)
+        run = client.get_run(mlflow_run_id)
+        if failed:
+            outcome = f"failed: {', '.join(failed)}" + (f" (not run: {', '.join(not_run)})" if not_run else "")
+        else:
+            outcome = "dry_run" if context["params"].get("dry_run") else "success"
+        client.set_tag(mlflow_run_id, "airflow.outcome", outcome)
+        status = "FAILED" if failed else "FINISHED"
+        if run.info.status == "RUNNING" or failed:
+            client.set_terminated(mlflow_run_id, status)
+    log.info("MLflow run %s -> %s (%s)", mlflow_run_id, status, outcome)
+    return {"mlflow_run_id": mlflow_run_id, "status": status, "outcome": outcome}
+
+
+@dag(
+    dag_id=DAG_ID,
+    dag_display_name="GENRE training",
+    description="Ingest, validate, embed, train, evaluate and promote the GENRE recommender",
+    doc_md=__doc__,
+    schedule=_schedule(),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["genre", "training", "mlflow"],
+)
+def genre_training():
+    run_id = start_mlflow_run()
+    stages = [ingest(run_id), validate(run_id), preprocess(run_id), embed(run_id), genre(run_id),
+              train(run_id), evaluate(run_id), promote(run_id)]
+    chain(*stages, finish_mlflow_run(run_id))
+
+
+genre_training()

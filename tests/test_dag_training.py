@@ -1,0 +1,138 @@
+"""End-to-end runs of the genre_training DAG with `airflow dags test`, in scratch project copies.
+
+Each test copies dvc.yaml, params.yaml, configs/, genre_tasks/, dags/ and scripts/ into tmp, with
+AIRFLOW_HOME and the MLflow tracking database in tmp too, and runs the DAG through
+scripts/airflow.sh (the same entry point `make airflow-train` uses):
+
+* a small slice of MovieLens-100k (configs/tiny.yaml + 40 users, content only, 2 epochs,
+  forced promotion): every task succeeds, the registry has a ``@champion``, the MLflow run of
+  the DAG run is tagged with the Airflow run and finished;
+* a tabular dataset with a rating of 9.5: validate fails with the Great Expectations summary in
+  its task log, nothing after it runs, the MLflow run is marked FAILED by the teardown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DAG_ID = "genre_training"
+COPY = ("dvc.yaml", "params.yaml", "configs", "genre_tasks", "dags", "scripts")
+STAGES = ("ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def scratch_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, project / name)
+    return project
+
+
+def airflow_env(project: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "GENRE_", "MLFLOW_"))}
+    env.update({
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "GENRE_PROJECT_ROOT": str(project),
+        "GENRE_PARAMS_OVERRIDE": "configs/tiny.yaml",  # resolved against the project root
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+    })
+    return env
+
+
+def airflow(project: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(project / "scripts" / "airflow.sh"), *args], cwd=project,
+                          env=airflow_env(project), capture_output=True, text=True, timeout=timeout)
+
+
+def json_output(proc: subprocess.CompletedProcess):
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert lines, f"no JSON in output:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def run_dag(project: Path, conf: dict) -> tuple[subprocess.CompletedProcess, str, dict[str, str]]:
+    """`airflow dags test` with ``conf``; returns (process, run id, {task id: state})."""
+    init = airflow(project, "init")
+    assert init.returncode == 0, init.stderr[-3000:]
+    proc = airflow(project, "dags", "test", DAG_ID, "--conf", json.dumps(conf))
+    runs = json_output(airflow(project, "dags", "list-runs", DAG_ID, "-o", "json"))
+    assert len(runs) == 1, runs
+    run_id = runs[0]["run_id"]
+    states = json_output(airflow(project, "tasks", "states-for-dag-run", DAG_ID, run_id, "-o", "json"))
+    return proc, run_id, {row["task_id"]: row["state"] for row in states}
+
+
+def mlflow_run_of(project: Path, run_id: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("genre-mlops")
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`airflow.run_id` = '{run_id}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
+    project = scratch_project(tmp_path)
+    conf = {"max_users": 40, "strategies": ["content"], "epochs": 2, "force_promote": True}
+    proc, run_id, states = run_dag(project, conf)
+    assert states == {t: "success" for t in ("start_mlflow_run", *STAGES, "finish_mlflow_run")}, \
+        f"{states}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+    client, run = mlflow_run_of(project, run_id)
+    assert run.data.tags["airflow.dag_id"] == DAG_ID
+    assert run.data.tags["airflow.grid_url"].startswith("http://127.0.0.1:")
+    assert run.data.tags["airflow.outcome"] == "success"
+    assert run.info.status == "FINISHED"
+    champion = client.get_model_version_by_alias("genre-recommender", "champion")
+    assert champion.run_id == run.info.run_id  # promote logged into the DAG run's MLflow run
+    assert champion.tags["decision"] == "forced"
+    promote = json.loads((project / "metrics" / "promote.json").read_text())
+    assert promote["decision"] == "forced" and str(promote["champion_version"]) == str(champion.version)
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert "content" in json.dumps(train)
+
+
+def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):
+    project = scratch_project(tmp_path)
+    source = project / "data" / "source"
+    source.mkdir(parents=True)
+    (source / "items.csv").write_text("item_id,title,genres\na,Alpha,Drama|Comedy\nb,Beta,Sci-Fi\n"
+                                      "c,Gamma,Drama\n")
+    (source / "interactions.csv").write_text(
+        "user_id,item_id,timestamp,rating\nu1,a,1000000000,4\nu1,b,1000000100,9.5\n"
+        "u2,a,1000000200,3\nu2,c,1000000300,5\n")
+    proc, run_id, states = run_dag(project, {"adapter": "tabular"})
+    assert states["start_mlflow_run"] == "success" and states["ingest"] == "success"
+    assert states["validate"] == "failed", f"{states}\n{proc.stdout[-3000:]}"
+    for stage in STAGES[2:]:
+        assert states[stage] == "upstream_failed", (stage, states)
+    assert states["finish_mlflow_run"] == "success"  # teardown closes the MLflow run
+    assert "state=failed" in proc.stdout + proc.stderr  # the DAG run failed
+
+    # `dags test` runs the tasks in-process: their logs are in its output, task by task
+    out = proc.stdout + proc.stderr
+    assert out.count("[DAG TEST] starting task_id=validate ") == 1  # not retried
+    validate_log = out.split("[DAG TEST] starting task_id=validate ")[1].split("[DAG TEST] end task")[0]
+    assert "data validation failed" in validate_log
+    assert "rating is between 0 and 5" in validate_log and "9.5" in validate_log  # GX summary
+    assert not (project / "data" / "processed").exists()
+
+    _, run = mlflow_run_of(project, run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["airflow.outcome"].startswith("failed: validate (not run: ")
