@@ -70,7 +70,7 @@ def test_repro_runs_every_stage_in_order(repo, first_run):
     genre = json.loads((repo_dir / "metrics" / "genre.json").read_text())
     assert 0.0 < genre["micro_f1"] <= 1.0
     evaluation = json.loads((repo_dir / "metrics" / "evaluate.json").read_text())
-    assert {"random", "mostpop", "itemknn", "ease", "content"} <= set(evaluation["models"])
+    assert {"Random", "MostPop", "ItemKNN", "EASE", "ContentMean"} <= set(evaluation["models"])
 
 
 def test_second_repro_runs_nothing(repo, first_run):
