@@ -1,0 +1,302 @@
+"""train stage + two-tower model on a tiny structured synthetic dataset.
+
+Items come in clusters (one genre per cluster, item vectors = cluster centroid + noise); each
+user likes the items of one cluster and dislikes a few others, so both the content and the
+collaborative towers can learn something, and items nobody rated can only be placed by content.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from genre_tasks import config, io
+from genre_tasks import schema as S
+from genre_tasks.data import Dataset, FitData
+from genre_tasks.preprocess import PreprocessParams, preprocess
+
+torch = pytest.importorskip("torch")
+
+from genre_tasks import model as M  # noqa: E402
+from genre_tasks import train  # noqa: E402
+
+N_CLUSTERS, PER_CLUSTER, N_UNRATED, N_USERS, VEC_DIM = 4, 16, 3, 48, 24
+
+
+def make_raw(seed: int = 0):
+    """Raw items/interactions + item vectors (rows in items order); the last N_UNRATED items
+    of each cluster are never rated."""
+    rng = np.random.default_rng(seed)
+    centroids = rng.normal(size=(N_CLUSTERS, VEC_DIM))
+    ids, titles, genres, cluster, vecs = [], [], [], [], []
+    for c in range(N_CLUSTERS):
+        for j in range(PER_CLUSTER):
+            ids.append(f"m{c}_{j}")
+            titles.append(f"Movie {c}-{j}")
+            genres.append([f"G{c}"] + (["Extra"] if j % 5 == 0 else []))
+            cluster.append(c)
+            vecs.append(centroids[c] + 0.6 * rng.normal(size=VEC_DIM))
+    vecs = np.asarray(vecs, dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    items = pd.DataFrame({S.ITEM_ID: ids, S.TITLE: titles, S.TEXT: titles, S.GENRES: genres})
+    cluster = np.asarray(cluster)
+    rated = np.array([int(i.split("_")[1]) < PER_CLUSTER - N_UNRATED for i in ids])
+    rows = []
+    for u in range(N_USERS):
+        c = u % N_CLUSTERS
+        liked = rng.permutation(np.flatnonzero((cluster == c) & rated))
+        # popularity skew: lower item numbers are liked by more users
+        liked = liked[: rng.integers(8, len(liked) + 1)]
+        other = rng.choice(np.flatnonzero((cluster != c) & rated), size=3, replace=False)
+        picks = [(i, 5.0) for i in liked] + [(i, float(rng.integers(1, 3))) for i in other]
+        order = rng.permutation(len(picks))
+        for t, k in enumerate(order):
+            i, r = picks[k]
+            rows.append((f"u{u}", ids[i], 1_000_000 + 1000 * t + u, r))
+    inter = pd.DataFrame(rows, columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.RATING])
+    inter[S.USER_ID] = inter[S.USER_ID].astype("string")
+    inter[S.ITEM_ID] = inter[S.ITEM_ID].astype("string")
+    inter[S.LABEL] = pd.array([pd.NA] * len(inter), dtype="Int8")
+    inter[S.IMPRESSION_ID] = pd.array([pd.NA] * len(inter), dtype="string")
+    return items, inter, vecs, cluster, ~rated
+
+
+def write_processed(root, seed: int = 0) -> tuple[S.Paths, np.ndarray, np.ndarray]:
+    items, inter, vecs, cluster, unrated = make_raw(seed)
+    paths = S.Paths(root)
+    items_p, inter_p, hist, stats = preprocess(items, inter, PreprocessParams())
+    io.write_parquet(items_p, paths.items)
+    io.write_parquet(inter_p, paths.interactions)
+    io.write_parquet(hist, paths.histories)
+    io.write_json(stats, paths.split_info)
+    io.save_npy(vecs, paths.vectors)  # preprocess keeps the items' order: item_idx = row
+    io.write_parquet(items_p[[S.ITEM_ID, S.ITEM_IDX]], paths.vector_index)
+    return paths, cluster, unrated
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    paths, cluster, unrated = write_processed(tmp_path_factory.mktemp("synth"))
+    ds = Dataset.load(paths)
+    fit, ev = ds.phase("valid")
+    return paths, ds, fit, ev, cluster, unrated
+
+
+P = train.TrainParams(dim=16, hidden=32, history_max=10, epochs=6, patience=6, batch_size=64,
+                      negatives=8, lr=0.01, dropout=0.0, threads=1, seed=7)
+
+
+def random_ndcg(fit, ev, seeds=range(5)) -> float:
+    from genre_tasks import metrics
+
+    out = []
+    for s in seeds:
+        scores = np.random.default_rng(s).random((len(ev.users), fit.n_items))
+        out.append(metrics.ranking_metrics(scores, ev.targets, tie=metrics.tie_order(fit.n_items, 0),
+                                           exclude=fit.seen.tocsr()[ev.users])["ndcg@10"].mean())
+    return float(np.mean(out))
+
+
+@pytest.fixture(scope="module")
+def fitted(synth):
+    _, _, fit, ev, _, _ = synth
+    return {s: train.fit_model(P, s, fit, ev, show_progress=False) for s in train.STRATEGIES}
+
+
+def test_params_match_params_yaml():
+    params = config.load_params("params.yaml")
+    p = config.section(train.TrainParams, "train", params)
+    assert set(params["train"]) <= {f.name for f in dataclasses.fields(train.TrainParams)}
+    assert set(p.strategies) <= set(train.STRATEGIES)
+    with pytest.raises(config.ParamsError):
+        config.section(train.TrainParams, "train", {"train": {"strategies": ["nope"]}})
+    with pytest.raises(config.ParamsError):
+        config.section(train.TrainParams, "train", {"train": {"loss": "bpr", "negatives": 0}})
+
+
+def test_importing_the_stage_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, genre_tasks.train; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_training_examples_are_leave_future_out():
+    flat, pos, start = M.training_examples([np.array([5, 6, 7]), np.array([], np.int64), np.array([1, 2])])
+    assert flat.tolist() == [5, 6, 7, 1, 2]
+    # targets 6, 7 (user 0) and 2 (user 2); each history = the earlier positives only
+    assert [flat[p] for p in pos] == [6, 7, 2]
+    assert [flat[s:p].tolist() for s, p in zip(start, pos)] == [[5], [5, 6], [1]]
+
+
+@pytest.mark.parametrize("strategy", train.STRATEGIES)
+def test_training_reduces_loss_and_beats_random(synth, fitted, strategy):
+    _, _, fit, ev, _, _ = synth
+    res = fitted[strategy]
+    losses = [c["train_loss"] for c in res.curve]
+    assert losses[-1] < 0.8 * losses[0]
+    assert res.best_ndcg > random_ndcg(fit, ev) + 0.1
+    assert res.best_epoch == int(np.argmax([c["valid_ndcg@10"] for c in res.curve])) + 1
+
+
+def test_training_is_deterministic(synth, tmp_path):
+    _, _, fit, ev, _, _ = synth
+    p = dataclasses.replace(P, epochs=2)
+    a = train.fit_model(p, "hybrid", fit, ev, show_progress=False)
+    b = train.fit_model(p, "hybrid", fit, ev, show_progress=False)
+    assert [c["valid_ndcg@10"] for c in a.curve] == [c["valid_ndcg@10"] for c in b.curve]
+    assert [c["train_loss"] for c in a.curve] == [c["train_loss"] for c in b.curve]
+    h = [fit.histories[u] for u in range(fit.n_users)]
+    assert np.array_equal(a.recommender.score(h, fit), b.recommender.score(h, fit))
+    # the saved files are byte-identical too (DVC sees no change on a re-run)
+    (pa, ma), (pb, mb) = M.save(a.recommender, tmp_path / "a"), M.save(b.recommender, tmp_path / "b")
+    assert pa.read_bytes() == pb.read_bytes() and ma.read_text() == mb.read_text()
+    # the global torch settings are restored
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_early_stopping_respects_patience(synth):
+    _, _, fit, ev, _, _ = synth
+    res = train.fit_model(dataclasses.replace(P, epochs=40, patience=2), "collaborative", fit, ev,
+                          show_progress=False)
+    assert len(res.curve) == min(40, res.best_epoch + 2)
+
+
+def test_content_scores_unseen_items_collaborative_does_not(synth, fitted):
+    _, _, fit, _, cluster, unrated = synth
+    unseen = np.flatnonzero(unrated)
+    assert fit.popularity[unseen].sum() == 0 and np.asarray(fit.seen.sum(0)).ravel()[unseen].sum() == 0
+    users = np.arange(fit.n_users)
+    h = [fit.histories[u] for u in users]
+    # user "u<k>" likes cluster k % 4 (user_idx follows the sorted ids)
+    user_cluster = np.array([int(uid[1:]) % N_CLUSTERS for uid in fit.user_ids])
+    for strategy in ("content", "hybrid"):
+        s = fitted[strategy].recommender.score(h, fit)[:, unseen]
+        assert s.std(axis=1).min() > 0  # unseen items are told apart
+        same = cluster[unseen][None, :] == user_cluster[:, None]
+        # for most users, the unseen items of their own cluster score higher than the others
+        gap = np.array([s[j, same[j]].mean() - s[j, ~same[j]].mean() for j in range(len(users))])
+        assert (gap > 0).mean() > 0.9, strategy
+    s = fitted["collaborative"].recommender.score(h, fit)[:, unseen]
+    assert np.all(s == s[:, :1])  # no id embedding: every unseen item scores the same
+
+
+def _extended(fit: FitData) -> FitData:
+    """fit's catalogue, items in reverse order, genres in another column order + a new item
+    whose id the model never saw, with a genre it never saw."""
+    order = np.arange(fit.n_items)[::-1]
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(1, fit.item_vectors.shape[1])).astype(np.float32)
+    v /= np.linalg.norm(v)
+    names = ["Brand-New"] + list(fit.genre_names)[::-1]
+    g = np.concatenate([np.zeros((fit.n_items, 1), np.float32), fit.item_genres[:, ::-1]], axis=1)[order]
+    g = np.concatenate([g, np.eye(1, len(names), 0, dtype=np.float32)])
+    pop = np.concatenate([fit.popularity[order], [0]])
+    return dataclasses.replace(
+        fit, n_items=fit.n_items + 1, item_ids=np.concatenate([fit.item_ids[order], ["never-seen"]]),
+        item_vectors=np.concatenate([fit.item_vectors[order], v]), item_genres=g, genre_names=names,
+        popularity=pop, timestamps=np.concatenate([fit.timestamps[order], [0]]),
+        positives=None, seen=None, histories=[])
+
+
+@pytest.mark.parametrize("strategy", train.STRATEGIES)
+def test_score_on_another_catalogue(synth, fitted, strategy):
+    _, _, fit, _, _, _ = synth
+    rec = fitted[strategy].recommender
+    other = _extended(fit)
+    remap = np.empty(fit.n_items, np.int64)
+    remap[np.arange(fit.n_items)[::-1]] = np.arange(fit.n_items)  # old idx -> new idx
+    h = [fit.histories[u] for u in range(10)]
+    base = rec.score(h, fit)
+    s = rec.score([remap[x] for x in h], other)
+    assert s.shape == (10, fit.n_items + 1) and np.isfinite(s).all()
+    np.testing.assert_allclose(s[:, remap], base, rtol=1e-5, atol=1e-5)
+    reps = rec.item_representations(other)
+    users = rec.user_vectors([remap[x] for x in h], other)
+    np.testing.assert_allclose(users @ reps.T, s, rtol=1e-4, atol=1e-4)
+    if strategy == "collaborative":
+        unknown = np.asarray(fit.seen.sum(axis=0)).ravel() == 0
+        assert np.allclose(s[:, -1:], base[:, unknown][:, :1])  # same as any item without id
+
+
+def test_empty_history_gets_the_fallback(synth, fitted):
+    _, _, fit, _, _, _ = synth
+    rec = fitted["hybrid"].recommender
+    s = rec.score([np.zeros(0, np.int64), fit.histories[0]], fit)
+    np.testing.assert_allclose(s[0], np.log1p(fit.popularity))
+    assert not np.allclose(s[1], s[0])
+    rec.fallback = "genre_prior"
+    g = rec.score([np.zeros(0, np.int64)], fit)[0]
+    dist = fit.popularity @ fit.item_genres
+    np.testing.assert_allclose(g, fit.item_genres @ (dist / dist.sum()), rtol=1e-5)
+    rec.fallback = "popularity"
+    assert np.all(rec.user_vectors([np.zeros(0, np.int64)], fit) == 0)
+    w = rec.attention([fit.histories[0]], fit)[0]
+    assert len(w) == min(len(fit.histories[0]), P.history_max) and abs(w.sum() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss": "bpr", "pooling": "mean", "negative_sampling": "uniform"},
+    {"negatives": 0, "use_genres": False},
+    {"logq_correction": True, "ema_decay": 0.9},
+])
+def test_loss_and_pooling_variants_train(synth, overrides):
+    _, _, fit, _, _, _ = synth
+    res = train.fit_model(dataclasses.replace(P, **overrides), "hybrid", fit, None, epochs=2,
+                          show_progress=False)
+    assert res.best_epoch == 2 and all(np.isfinite(c["train_loss"]) for c in res.curve)
+    assert np.isfinite(res.recommender.score([fit.histories[0]], fit)).all()
+
+
+def test_stage_writes_outputs_and_models_reload(synth, tmp_path):
+    paths, *_ = synth
+    root = S.Paths(tmp_path)
+    for name in ("items", "interactions", "histories", "vectors", "vector_index"):
+        target = getattr(root, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(getattr(paths, name).read_bytes())
+    params = {"train": {**dataclasses.asdict(dataclasses.replace(P, epochs=3, patience=1)),
+                        "strategies": ["content", "collaborative"]}}
+    summary = train.main(params, root)
+
+    assert summary["selected"] in ("content", "collaborative")
+    selected = io.read_json(root.model_dir / "selected.json")
+    assert selected["strategy"] == summary["selected"]
+    assert set(selected["valid_ndcg@10"]) == {"content", "collaborative"}
+    assert selected["valid_ndcg@10"][selected["strategy"]] == max(selected["valid_ndcg@10"].values())
+    m = io.read_json(root.metrics("train"))
+    for s in ("content", "collaborative"):
+        d = root.model_dir / s
+        assert (d / "model.pt").exists() and (d / "curve.csv").exists()
+        meta = json.loads((d / "meta.json").read_text())
+        assert meta["fit_phase"] == "test" and meta["strategy"] == s
+        assert meta["best_epoch"] == m["strategies"][s]["best_epoch"] >= 1
+        assert len(meta["history"]) == m["strategies"][s]["epochs_run"]
+        assert {"seconds_per_epoch", "seconds", "peak_rss_mb", "valid_ndcg@10"} <= set(m["strategies"][s])
+        rec = train.load_recommender(d)
+        fit_t, _ = Dataset.load(root).phase("test")
+        scores = rec.score([fit_t.histories[0], np.zeros(0, np.int64)], fit_t)
+        assert scores.shape == (2, fit_t.n_items) and np.isfinite(scores).all()
+    curve = pd.read_csv(root.plots_dir / "train_curve.csv")
+    assert list(curve.columns) == ["strategy", "epoch", "train_loss", "valid_ndcg@10"]
+    assert set(curve["strategy"]) == {"content", "collaborative"}
+    assert (root.model_dir / "train_curve.png").stat().st_size > 1000
+    assert not list(root.model_dir.glob(".*"))  # no temporary files left behind
+
+
+def test_refit_through_the_recommender_protocol(synth, fitted):
+    from genre_tasks.data import Recommender
+
+    _, ds, fit, _, _, _ = synth
+    r = fitted["content"].recommender
+    assert isinstance(r, Recommender)
+    fit_t, _ = ds.phase("test")
+    clone = M.TorchRecommender(M.build_net(r.meta), {**r.meta, "best_epoch": 1})
+    clone.fit(fit_t)
+    assert clone.meta["fit_phase"] == "test"
+    assert np.isfinite(clone.score([fit_t.histories[1]], fit_t)).all()
