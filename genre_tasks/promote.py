@@ -15,7 +15,9 @@ Steps (one MLflow run per pipeline run, see :mod:`genre_tasks.tracking`):
    - gain = challenger - reference on ``primary_metric`` >= ``min_effect``, and
    - a paired bootstrap over users (``bootstrap_samples`` resamples of the per-user
      differences, seeded) puts the one-sided lower ``confidence`` bound of the gain above 0, and
-   - no guardrail metric (present in both results) drops by more than its tolerance;
+   - against a champion: no guardrail metric (present in both results) drops by more than its
+     tolerance (guardrails guard against regressing from what is in production; against
+     MostPop, with no champion yet, only the first two rules apply);
    ``force`` promotes regardless and records ``decision=forced`` with who and why;
 5. record the decision on the model version (tags + description), then move ``@champion``
    (the one it replaces gets ``@previous_champion``, for a one-command rollback), print the
@@ -175,10 +177,14 @@ def guardrail_checks(chal: dict, ref: dict, guardrails: dict[str, float]) -> dic
     return out
 
 
-def decide(chal, ref, reference: str, p: PromoteParams, force: bool = False) -> Decision:
-    """The promotion rule of the module docstring on two EvalResults of the same EvalData."""
+def decide(chal, ref, reference: str, p: PromoteParams, force: bool = False,
+           guardrails: bool = True) -> Decision:
+    """The promotion rule of the module docstring on two EvalResults of the same EvalData.
+
+    ``guardrails`` False (the reference is the MostPop baseline, not a champion) skips them.
+    """
     cmp = compare(p.primary_metric, chal, ref, p)
-    guards = guardrail_checks(chal.metrics, ref.metrics, p.guardrails)
+    guards = guardrail_checks(chal.metrics, ref.metrics, p.guardrails) if guardrails else {}
     both = compared_metrics(chal.metrics, ref.metrics)
     reasons = []
     if not (np.isfinite(cmp.gain) and cmp.gain >= p.min_effect - 1e-12):
@@ -414,7 +420,7 @@ def _decide_and_record(p, paths, cl, name, version, strategy, champion_before, f
             ref_name = f"champion v{champion_before}"
             ref = _Named(serving.load(f"models:/{name}/{champion_before}").recommender, ref_name)
         res_r = evaluation.evaluate_recommender(ref, fit, ev, p.seed)
-        d = decide(res_c, res_r, ref_name, p, force=force)
+        d = decide(res_c, res_r, ref_name, p, force=force, guardrails=champion_before is not None)
 
     text = describe(d, version, strategy, split, force_by, force_reason)
     # the decision is made: record it on the version, then (and only then) move the alias.

@@ -261,6 +261,10 @@ def test_decide_promotes_only_a_significant_gain_within_guardrails():
     d = decide(FakeResult(better, {"auc": 0.70}), FakeResult(ref, {"auc": 0.80}), "champion v1", p)
     assert d.decision == "rejected" and list(d.guardrails) == ["auc"]
     assert any("guardrail auc" in r for r in d.reasons)
+    # against MostPop (no champion yet) the guardrails do not apply
+    d = decide(FakeResult(better, {"auc": 0.70}), FakeResult(ref, {"auc": 0.80}), "MostPop", p,
+               guardrails=False)
+    assert d.decision == "promoted" and d.guardrails == {}
 
     d = decide(FakeResult(ref - 0.1), FakeResult(ref), "champion v1", p, force=True)
     assert d.decision == "forced" and d.promote
