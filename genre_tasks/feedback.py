@@ -203,18 +203,9 @@ def _rel(path: Path, root: Path) -> str:
 
 def as_datetime(value: str | dt.datetime | dt.date) -> dt.datetime:
     """An aware UTC datetime from an ISO string / datetime / date (naive = UTC)."""
-    if isinstance(value, dt.datetime):
-        moment = value
-    elif isinstance(value, dt.date):
-        moment = dt.datetime(value.year, value.month, value.day)
-    else:
-        try:
-            moment = dt.datetime.fromisoformat(str(value).strip())
-        except ValueError as exc:
-            raise ParamsError(f"logical date {value!r} is not an ISO date/datetime") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.astimezone(dt.timezone.utc)
+    from genre_tasks.ingest import as_utc_datetime
+
+    return as_utc_datetime(value, "logical date")
 
 
 def _iso(ts: int | None) -> str | None:

@@ -118,8 +118,9 @@ class IngestParams:
         return None if self.until is None else iso_timestamp(self.until, "ingest.until")
 
 
-def iso_timestamp(value: str | dt.date | dt.datetime, where: str = "date") -> int:
-    """An ISO date / datetime (naive = UTC) -> unix seconds; ParamsError naming ``where``."""
+def as_utc_datetime(value: str | dt.date | dt.datetime, where: str = "date") -> dt.datetime:
+    """An aware UTC datetime from an ISO string / datetime / date (naive = UTC); ParamsError
+    naming ``where``."""
     if isinstance(value, dt.datetime):
         moment = value
     elif isinstance(value, dt.date):
@@ -132,7 +133,12 @@ def iso_timestamp(value: str | dt.date | dt.datetime, where: str = "date") -> in
                               "(e.g. 1998-03-02)") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    return int(moment.timestamp())
+    return moment.astimezone(dt.timezone.utc)
+
+
+def iso_timestamp(value: str | dt.date | dt.datetime, where: str = "date") -> int:
+    """An ISO date / datetime (naive = UTC) -> unix seconds; ParamsError naming ``where``."""
+    return int(as_utc_datetime(value, where).timestamp())
 
 
 def arrow_schema(df: pd.DataFrame):
