@@ -16,14 +16,35 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sweep_stale(target: Path) -> None:
+    """Remove temporaries a killed writer of ``target`` left behind (``.<name>.*`` siblings).
+
+    A SIGKILL skips the clean-up below; without the sweep they would pile up and be hashed
+    into whole-folder DVC outputs. Concurrent writers of one target are not supported anyway.
+    """
+    for stale in target.parent.glob(f".{target.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared (DVC, workers)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -37,7 +58,9 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``target`` as a whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         old = None
