@@ -41,6 +41,16 @@ def history_matrix(histories: Sequence[np.ndarray], n_items: int) -> sparse.csr_
     return m
 
 
+def score_blocks(histories: Sequence[np.ndarray], n_items: int, fn) -> np.ndarray:
+    """Scores [len(histories), n_items] float32, ``fn(history_matrix block) -> dense scores``
+    applied to blocks of SCORE_BLOCK users (bounds the temporaries)."""
+    out = np.empty((len(histories), n_items), dtype=np.float32)
+    for lo in range(0, len(histories), SCORE_BLOCK):
+        h = history_matrix(histories[lo:lo + SCORE_BLOCK], n_items)
+        out[lo:lo + h.shape[0]] = fn(h)
+    return out
+
+
 def _check(data: FitData, n_items: int | None, name: str) -> None:
     if n_items is None:
         raise RuntimeError(f"{name}: score() before fit()")
@@ -134,11 +144,7 @@ class ItemKNN:
 
     def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
         _check(data, self.n_items, self.name)
-        out = np.empty((len(histories), data.n_items), dtype=np.float32)
-        for lo in range(0, len(histories), SCORE_BLOCK):
-            h = history_matrix(histories[lo:lo + SCORE_BLOCK], data.n_items)
-            out[lo:lo + h.shape[0]] = (h @ self.similarity).toarray()
-        return out
+        return score_blocks(histories, data.n_items, lambda h: (h @ self.similarity).toarray())
 
 
 class EASE:
@@ -177,11 +183,7 @@ class EASE:
 
     def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
         _check(data, self.n_items, self.name)
-        out = np.empty((len(histories), data.n_items), dtype=np.float32)
-        for lo in range(0, len(histories), SCORE_BLOCK):
-            h = history_matrix(histories[lo:lo + SCORE_BLOCK], data.n_items)
-            out[lo:lo + h.shape[0]] = h @ self.weights
-        return out
+        return score_blocks(histories, data.n_items, lambda h: h @ self.weights)
 
 
 class ContentMean:
@@ -206,14 +208,14 @@ class ContentMean:
 
     def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
         _check(data, self.n_items, self.name)
-        out = np.empty((len(histories), data.n_items), dtype=np.float32)
-        for lo in range(0, len(histories), SCORE_BLOCK):
-            h = history_matrix(histories[lo:lo + SCORE_BLOCK], data.n_items)
+
+        def cosine(h):
             user = np.asarray(h @ self.vectors)  # sum of history vectors (the mean, up to scale)
             norm = np.linalg.norm(user, axis=1, keepdims=True)
             user = np.divide(user, norm, out=np.zeros_like(user), where=norm > 0)
-            out[lo:lo + h.shape[0]] = user @ self.vectors.T
-        return out
+            return user @ self.vectors.T
+
+        return score_blocks(histories, data.n_items, cosine)
 
 
 #: params.yaml ``evaluate.baselines`` key -> class
