@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 #: stage name -> module in genre_tasks exposing ``main(params: dict, paths: Paths) -> dict``
@@ -70,6 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(command: str, body: Callable[[], object]) -> int:
+    """Run ``body`` for `genre <command>`: a dict result is printed as JSON (exit 0), an int is
+    the exit code; bad params exit 2 and input a stage refused exits 1, each with its message."""
+    from genre_tasks.config import ParamsError
+    from genre_tasks.errors import StageError
+
+    try:
+        result = body()
+    except ParamsError as exc:
+        print(f"genre {command}: bad params: {exc}", file=sys.stderr)
+        return 2
+    except StageError as exc:
+        print(f"genre {command}: FAILED\n{exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, int):
+        return result
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def run_tool(name: str, args: argparse.Namespace) -> int:
     """Forward a tool command to its module, with the global options."""
     module, function, _ = TOOLS[name]
@@ -80,8 +101,7 @@ def run_tool(name: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from genre_tasks.config import ParamsError, load_params
-    from genre_tasks.errors import StageError
+    from genre_tasks.config import load_params
     from genre_tasks.logs import setup_logging
     from genre_tasks.schema import Paths
 
@@ -98,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(report(Paths(args.root)))
         return 0
-    try:
+
+    def body() -> dict | int:
         params = load_params(args.params, args.override)
         if args.command == "recommend":
             from genre_tasks.recommend import main as recommend_main
@@ -109,15 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return registry_main(params, Paths(args.root))
         options = {"force": args.force, "reason": args.reason} if args.command == "promote" else {}
-        summary = run_stage(args.command, params, args.root, **options)
-    except ParamsError as exc:
-        print(f"genre {args.command}: bad params: {exc}", file=sys.stderr)
-        return 2
-    except StageError as exc:
-        print(f"genre {args.command}: FAILED\n{exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    return 0
+        return run_stage(args.command, params, args.root, **options)
+
+    return exit_code(args.command, body)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ import csv
 import dataclasses
 import datetime as dt
 import fcntl
-import json
 import logging
 import os
 import re
@@ -71,7 +70,6 @@ import pandas as pd
 
 from genre_tasks import config, io, logs
 from genre_tasks import schema as S
-from genre_tasks.config import ParamsError
 from genre_tasks.errors import StageError
 
 log = logging.getLogger("genre.feedback")
@@ -1117,6 +1115,7 @@ def feedback_cli(argv: list[str] | None = None) -> int:
     Prints a JSON summary; exit code 0, 1 (a stage refused: message on stderr) or 2 (params).
     """
     from genre_tasks import replay
+    from genre_tasks.cli import exit_code
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1124,7 +1123,8 @@ def feedback_cli(argv: list[str] | None = None) -> int:
         parser.error("replay: --reset goes with --init, --corrupt with --next")
     logs.setup_logging()
     paths = S.Paths(args.root)
-    try:
+
+    def body() -> dict:
         params = config.load_params(args.params, args.override)
         if args.command == "run":
             moment = (as_datetime(args.logical_date) if args.logical_date
@@ -1145,14 +1145,9 @@ def feedback_cli(argv: list[str] | None = None) -> int:
                 out = replay.next_batch(params, paths, corrupt=args.corrupt)
             else:
                 out = replay.replay_status(params, paths)
-    except ParamsError as exc:
-        print(f"genre feedback {args.command}: bad params: {exc}", file=sys.stderr)
-        return 2
-    except StageError as exc:
-        print(f"genre feedback {args.command}: FAILED\n{exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(out, indent=2, sort_keys=True, default=str))
-    return 0
+        return out
+
+    return exit_code(f"feedback {args.command}", body)
 
 
 __all__ = [
