@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ENV := source scripts/env.sh && export PATH="$(CURDIR)/$(BIN):$$PATH" &&
 
-.PHONY: setup run repro test bench clean airflow-init airflow-train airflow airflow-ui airflow-stop airflow-screenshot
+.PHONY: setup run repro test test-fast bench clean airflow-init airflow-train airflow airflow-ui airflow-stop airflow-screenshot
 CONF ?= {}
 
 setup:
@@ -17,11 +17,15 @@ run: setup
 	$(ENV) genre report
 
 repro: setup
+	$(ENV) genre tracking-init
 	$(ENV) dvc repro
 	$(ENV) genre report
 
 test: setup
 	$(ENV) pytest -q
+
+test-fast: setup  ## unit tier only: the edit-test loop (no slow or end-to-end tests)
+	$(ENV) pytest -q -m "not slow and not e2e"
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(ENV) python $$b || exit 1; done

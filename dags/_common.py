@@ -20,6 +20,10 @@ ROOT_ENV = "GENRE_PROJECT_ROOT"
 RUN_ID_ENV = "GENRE_MLFLOW_RUN_ID"
 #: Who forces a promotion (read by genre_tasks.promote).
 ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
+#: Why a promotion is forced (read by genre_tasks.promote; required with force_promote).
+REASON_ENV = "GENRE_PROMOTE_REASON"
+#: One-slot pool the promote tasks run in: registrations are serialised across workers.
+REGISTRY_POOL = "genre_registry"
 #: Cron expression/preset of the training DAG; "none" = asset-triggered (and manual) only.
 SCHEDULE_ENV = "GENRE_TRAINING_SCHEDULE"
 DEFAULT_SCHEDULE = "@weekly"
@@ -27,7 +31,7 @@ DEFAULT_SCHEDULE = "@weekly"
 #: Values the trigger form offers (kept in sync with genre_tasks by tests/test_dag_integrity.py).
 ADAPTERS = ("movielens-100k", "mind", "tabular")
 SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
-STRATEGIES = ("content", "collaborative", "hybrid")
+STRATEGIES = ("content", "collaborative", "hybrid", "ease")
 
 #: trigger-form param -> path of the params.yaml key it overrides (None = not a params.yaml key)
 PARAM_KEYS: dict[str, tuple[str, ...]] = {

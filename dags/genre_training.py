@@ -58,6 +58,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from _common import (  # noqa: E402
     ACTOR_ENV,
+    REASON_ENV,
+    REGISTRY_POOL,
     ADAPTERS,
     SPLIT_MODES,
     STRATEGIES,
@@ -131,8 +133,14 @@ PARAMS = {
         section="Promotion"),
     "force_promote": Param(
         False, type="boolean", title="Force promotion",
-        description="Make the challenger @champion even if it is not measurably better "
-                    "(recorded as decision=forced with the triggering user).",
+        description="Make the challenger @champion even if it is not measurably better than "
+                    "the champion (recorded as decision=forced with the triggering user and the "
+                    "reason below). Never promotes a model significantly worse than the best "
+                    "baseline of the run.",
+        section="Promotion"),
+    "force_reason": Param(
+        None, type=["null", "string"], title="Reason for forcing",
+        description="Required with 'Force promotion': recorded on the model version.",
         section="Promotion"),
     "overrides": Param(
         {}, type="object", title="Other params.yaml overrides",
@@ -145,7 +153,7 @@ PARAMS = {
 def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: dict | None = None) -> dict:
     """Run ``stages`` in order with this DAG run's params; return their small summaries."""
     from genre_tasks.cli import run_stage
-    from genre_tasks.config import ParamsError, deep_merge, load_params
+    from genre_tasks.config import ParamsError, apply_overrides, load_params
     from genre_tasks.errors import StageError
 
     context = get_current_context()
@@ -154,8 +162,11 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
     stage = "params"
     with stage_environment(root, mlflow_run_id, extra_env):
         try:
-            overrides = overrides_from_params(context["params"])
-            params = deep_merge(load_params(root / "params.yaml"), overrides)
+            form = context["params"]
+            if form.get("force_promote") and not (form.get("force_reason") or "").strip():
+                raise ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
+            overrides = overrides_from_params(form)
+            params = apply_overrides(load_params(root / "params.yaml"), overrides, root, "trigger form")
             log.info("project root %s, MLflow run %s, overrides %s", root, mlflow_run_id, overrides)
             for stage in stages:
                 summaries[stage] = small_summary(run_stage(stage, params, root))
@@ -183,6 +194,7 @@ def start_mlflow_run() -> str:
     root = project_root()
     paths = Paths(root)
     with stage_environment(root, None):
+        log.info("%s", tracking.init_store(paths))  # created once, here: never lazily in a stage
         experiment_id = tracking.configure(paths)
         client = tracking.client(paths)
         found = client.search_runs(
@@ -244,7 +256,7 @@ def evaluate(mlflow_run_id: str) -> dict:
     return _run_stages(("evaluate",), mlflow_run_id)["evaluate"]
 
 
-@task(outlets=[MODEL], multiple_outputs=False, **RETRY)
+@task(outlets=[MODEL], multiple_outputs=False, pool=REGISTRY_POOL, **RETRY)
 def promote(mlflow_run_id: str) -> dict:
     """Register the challenger, promote it if better; skipped on dry_run."""
     context = get_current_context()
@@ -252,7 +264,8 @@ def promote(mlflow_run_id: str) -> dict:
     if params.get("dry_run"):
         raise AirflowSkipException("dry_run: stopping before promote (nothing registered)")
     actor = getattr(context["dag_run"], "triggering_user_name", None) or "airflow"
-    summary = _run_stages(("promote",), mlflow_run_id, {ACTOR_ENV: f"{actor} (airflow)"})["promote"]
+    env = {ACTOR_ENV: f"{actor} (airflow)", REASON_ENV: (params.get("force_reason") or "").strip()}
+    summary = _run_stages(("promote",), mlflow_run_id, env)["promote"]
     context["outlet_events"][MODEL].extra = {
         k: summary.get(k) for k in ("model_name", "version", "decision", "champion_version")}
     context["outlet_events"][MODEL].extra["mlflow_run_id"] = mlflow_run_id

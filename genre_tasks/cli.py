@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(rec)
     sub.add_parser("registry", help="registered model versions, aliases and promotion decisions")
+    sub.add_parser("tracking-init", help="create or upgrade the MLflow tracking store once, atomically "
+                                         "(make setup / the DAG's first task run it)")
     sub.add_parser("report", help="summary of the last pipeline run (split sizes ... registry)")
     for name, (_, _, help_text) in TOOLS.items():
         tool = sub.add_parser(name, help=help_text, add_help=False)
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_tool(args.command, args)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "tracking-init":
+        from genre_tasks.tracking import init_store
+
+        print(init_store(Paths(args.root)))
+        return 0
     if args.command == "report":
         from genre_tasks.report import report
 

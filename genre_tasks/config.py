@@ -37,18 +37,102 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+#: Sections that define the registry gate, the data rules and the reference baselines: they come
+#: from the committed params only (params.yaml and the project's configs/ files), never from a
+#: trigger form, an ad-hoc override file or the environment.
+PROTECTED_SECTIONS = ("promote", "validate", "evaluate")
+#: run-time escape hatches inside protected sections (recorded as forced, with who and why)
+ESCAPE_HATCHES = frozenset({("promote", "force")})
+#: path-like params and the folder they are relative to; run-time values must stay in <root>/data
+PATH_PARAMS: dict[tuple[str, ...], str] = {
+    ("ingest", "mind", "news"): "data/source",
+    ("ingest", "mind", "behaviors"): "data/source",
+    ("ingest", "tabular", "items"): "data/source",
+    ("ingest", "tabular", "interactions"): "data/source",
+    ("feedback", "incoming"): ".",
+    ("feedback", "workdir"): ".",
+    ("embed", "model_path"): ".",
+    ("genre", "model_path"): ".",
+}
+#: the folder of committed override files (configs/tiny.yaml ...), relative to params.yaml
+CONFIGS_DIR = "configs"
+
+
+def _leaves(obj: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(obj, dict) and obj:
+        return [leaf for k, v in obj.items() for leaf in _leaves(v, (*prefix, str(k)))]
+    return [(prefix, obj)]
+
+
+def _get(params: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(params, dict) or key not in params:
+            return _MISSING
+        params = params[key]
+    return params
+
+
+_MISSING = object()
+
+
+def guard_overrides(base: dict, overrides: dict, root: str | Path, source: str) -> None:
+    """Refuse (ParamsError naming every offending key) run-time ``overrides`` that would
+
+    * change a gate / data-rule / baseline setting (:data:`PROTECTED_SECTIONS`) from what
+      ``base`` (the committed params) says, except the :data:`ESCAPE_HATCHES`;
+    * point a path-like param (:data:`PATH_PARAMS`) outside ``<root>/data`` (absolute paths,
+      ``..``, or symlinks that lead out).
+    """
+    root = Path(root).resolve()
+    problems = []
+    for path, value in _leaves(overrides or {}):
+        if not path:
+            continue
+        dotted = ".".join(path)
+        if path[0] in PROTECTED_SECTIONS and path not in ESCAPE_HATCHES:
+            current = _get(base, path)
+            if current is _MISSING or current != value:
+                problems.append(f"{dotted}={value!r}: a {path[0]} setting; it comes from the committed "
+                                f"params.yaml only (change it there, in a reviewed commit)")
+            continue
+        for key, rel_to in PATH_PARAMS.items():
+            if path[:len(key)] == key and value is not None:
+                target = (root / rel_to / str(value)).resolve()
+                data = (root / "data").resolve()
+                if target != data and data not in target.parents:
+                    problems.append(f"{dotted}={value!r}: resolves to {target}, outside {data}")
+    if problems:
+        raise ParamsError(f"{source}: refused:\n- " + "\n- ".join(problems))
+
+
+def apply_overrides(base: dict, overrides: dict, root: str | Path, source: str) -> dict:
+    """``base`` with run-time ``overrides`` (a trigger form, ...) merged in, after
+    :func:`guard_overrides`."""
+    guard_overrides(base, overrides, root, source)
+    return deep_merge(base, overrides or {})
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str | Path] | None = None) -> dict:
-    """Read ``path`` and deep-merge each override file (and $GENRE_PARAMS_OVERRIDE) on top."""
+    """Read ``path`` and deep-merge each override file (and $GENRE_PARAMS_OVERRIDE) on top.
+
+    Override files in the project's ``configs/`` folder are committed configuration (trusted);
+    any other file goes through :func:`guard_overrides` (no gate settings, paths inside data/).
+    """
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found")
     params = yaml.safe_load(path.read_text()) or {}
+    root = path.resolve().parent
+    configs = root / CONFIGS_DIR
     extra = [p for p in os.environ.get(OVERRIDE_ENV, "").split(os.pathsep) if p]
     for ov in [*(overrides or []), *extra]:
         ov = Path(ov)
         if not ov.exists():
             raise ParamsError(f"{ov}: override file not found")
-        params = deep_merge(params, yaml.safe_load(ov.read_text()) or {})
+        doc = yaml.safe_load(ov.read_text()) or {}
+        if configs not in ov.resolve().parents:
+            guard_overrides(params, doc, root, f"override file {ov}")
+        params = deep_merge(params, doc)
     return params
 
 

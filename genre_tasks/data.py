@@ -81,7 +81,7 @@ class Recommender(Protocol):
 def load_items(paths: S.Paths) -> pd.DataFrame:
     """Processed items, with genres filled by the genre classifier where they were missing."""
     items = pd.read_parquet(paths.items)
-    pred = paths.genre_dir / "predictions.parquet"
+    pred = paths.genre_predictions
     if pred.exists():
         filled = pd.read_parquet(pred, columns=[S.ITEM_ID, "genres_filled"])
         mapping = dict(zip(filled[S.ITEM_ID].astype(str), filled["genres_filled"]))

@@ -370,7 +370,7 @@ def run(p: EmbedParams, paths: Paths) -> dict:
     stage); encode_seconds; texts_per_second (n_texts_encoded / encode_seconds; 0.0 when
     everything came from the cache).
     """
-    with logs.stage("embed") as log:
+    with logs.stage("embed", paths) as log:
         items = _read_items(paths.items)
         log.read(paths.items, f"{len(items)} items")
         texts = items[S.TEXT].astype(str).tolist()

@@ -190,7 +190,7 @@ def plot_comparison(models: Mapping[str, Mapping[str, float]], path: Path,
 def run(p: EvaluateParams, paths: S.Paths,
         load_recommender: Callable[[Path], D.Recommender] | None = None) -> dict:
     load_recommender = load_recommender or default_loader
-    with logs.stage("evaluate") as log:
+    with logs.stage("evaluate", paths) as log:
         for f in (paths.items, paths.interactions, paths.histories, paths.vectors):
             if not f.exists():
                 raise StageError(f"{f}: missing; run the preprocess/embed stages first")
@@ -198,6 +198,9 @@ def run(p: EvaluateParams, paths: S.Paths,
         ds = D.Dataset.load(paths)
         log.read(paths.processed_dir, f"split {mode}: {len(ds.items):,} items, {len(ds.interactions):,} interactions")
         log.read(paths.vectors, f"item vectors {ds.vectors.shape}")
+        for path in (paths.vector_index, paths.genre_predictions):
+            if path.exists():
+                log.read(path)
         valid = ds.phase("valid")
         test_fit, test_ev = test = ds.phase("test")
         log.logger.info("test phase: %d users, %d impressions%s", len(test_ev.users), len(test_ev.impressions),

@@ -436,7 +436,7 @@ def run(p: GenreParams, paths: Paths) -> dict:
     import joblib
     import sklearn
 
-    with logs.stage("genre") as log:
+    with logs.stage("genre", paths) as log:
         items = _load_items(paths, log)
         genres: list[list[str]] = items[S.GENRES].tolist()
         labelled = np.flatnonzero([len(g) > 0 for g in genres])

@@ -175,7 +175,7 @@ def run(p: IngestParams, paths: Paths) -> dict:
     """
     from genre_tasks import adapters
 
-    with logs.stage("ingest") as log:
+    with logs.stage("ingest", paths) as log:
         for path in adapters.source_files(p, paths.source):
             log.read(path, f"{p.adapter} source")
         ledger = adapters.read_ledger(paths.source)

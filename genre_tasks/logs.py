@@ -49,8 +49,12 @@ def peak_rss_mb() -> float:
 
 
 @contextlib.contextmanager
-def stage(name: str) -> Iterator[StageLog]:
-    """Context manager every stage runs in; logs a one-line summary at the end."""
+def stage(name: str, paths=None) -> Iterator[StageLog]:
+    """Context manager every stage runs in; logs a one-line summary at the end.
+
+    With ``paths`` (a :class:`genre_tasks.schema.Paths`), a successful stage also records the
+    content hashes of what it logged as read and written (:mod:`genre_tasks.manifests`).
+    """
     setup_logging()
     logger = logging.getLogger(f"genre.{name}")
     log = StageLog(name, logger)
@@ -60,5 +64,9 @@ def stage(name: str) -> Iterator[StageLog]:
     except Exception:
         logger.error("stage %s: FAILED after %.1fs", name, log.seconds)
         raise
+    if paths is not None:
+        from genre_tasks import manifests
+
+        logger.info("recorded %s", manifests.write(paths, name, log.reads, log.writes))
     logger.info("stage %s: done in %.1fs (read %d, wrote %d file(s), peak RSS %.0f MB)",
                 name, log.seconds, len(log.reads), len(log.writes), peak_rss_mb())

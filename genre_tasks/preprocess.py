@@ -224,7 +224,7 @@ def preprocess(items: pd.DataFrame, inter: pd.DataFrame, p: PreprocessParams) ->
 
 
 def run(p: PreprocessParams, paths: S.Paths) -> dict:
-    with logs.stage("preprocess") as log:
+    with logs.stage("preprocess", paths) as log:
         summary_path = paths.validation_summary
         if not summary_path.exists() or not io.read_json(summary_path).get("success", False):
             raise StageError(f"{summary_path}: no successful validation; run the validate stage first")

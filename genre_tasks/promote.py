@@ -1,34 +1,38 @@
-"""promote stage: register the selected model as a challenger and promote it only if it is
-measurably better than the current champion on today's test split.
+"""promote stage: register the selected model as a challenger and promote it to @champion only
+if it is measurably better than the best model of the run, on the same data.
 
-Steps (one MLflow run per pipeline run, see :mod:`genre_tasks.tracking`):
-
-1. log the pipeline run: params, per-epoch training curves (child run per strategy), test
-   metrics, plots/tables, dataset lineage;
-2. log the selected model (data/model/selected.json) as a self-contained pyfunc
-   (:mod:`genre_tasks.serving`), register it as a new version of ``model_name`` stamped with the
-   git commit, params hash and data hashes, and point the ``challenger`` alias at it;
-3. re-score, on the same test split and now, the challenger and the current ``@champion``
-   (loaded from the registry, not its logged numbers). Without a champion the challenger
-   must beat MostPop (fitted on the test-phase fit data) instead;
-4. decide, before touching any alias. Promote only if
+1. **Checks, read-only** (:func:`preconditions`): the last validation passed and is the one the
+   data was preprocessed from; every input train read is on disk unchanged and is what its
+   producing stage recorded writing (:mod:`genre_tasks.manifests`); evaluate judged these same
+   inputs and models. A forced promotion needs a reason. Any failure raises a StageError and
+   changes no MLflow run, tag or alias.
+2. **Judge, read-only**: the challenger's bundle is built in ``.cache/promote/`` and scored on the
+   test split; the current ``@champion`` is loaded from the registry and scored on its *own*
+   bundle (its vectors, item index and params, mapped onto today's catalogue by item id), never
+   on today's files; the baselines come from the evaluate stage's per-user results (same split,
+   same users, same tie-break seed).
+3. **Decide** (:func:`decide`): the reference is the stronger of the champion and the best
+   baseline of the run (EASE, ItemKNN, MostPop, ...). Promote only if
    - gain = challenger - reference on ``primary_metric`` >= ``min_effect``, and
-   - a paired bootstrap over users (``bootstrap_samples`` resamples of the per-user
-     differences, seeded) puts the one-sided lower ``confidence`` bound of the gain above 0, and
-   - against a champion: no guardrail metric (present in both results) drops by more than its
-     tolerance (guardrails guard against regressing from what is in production; against
-     MostPop, with no champion yet, only the first two rules apply);
-   ``force`` promotes regardless and records ``decision=forced`` with who and why;
-5. record the decision on the model version (tags + description), then move ``@champion``
-   (the one it replaces gets ``@previous_champion``, for a one-command rollback), print the
-   decision and write metrics/promote.json.
+   - a paired bootstrap over users (``bootstrap_samples`` resamples, seeded) puts the one-sided
+     lower ``confidence`` bound of the gain above 0, and
+   - against a champion: no guardrail metric drops by more than its tolerance.
+   ``force`` (operator override, with who and why) skips these rules but never the floor: a
+   challenger significantly worse than the best baseline is never promoted.
+4. **Record** under a registry lock: one MLflow run of the pipeline; the version is found by its
+   content key (:func:`genre_tasks.serving.content_key`: weights, serving params, item table,
+   vectors, code) or registered with that key set atomically, so a re-run after a kill or a
+   concurrent promote never makes a second version of one model, and a behaviour change with
+   identical weights makes a new one. Decision tags and description first, then the aliases
+   (``@challenger``; ``@champion`` only if promoted, the outgoing one keeps
+   ``@previous_champion``); metrics/promote.json.
 
-Aliases only, never stages. If anything fails before step 5 the champion alias is untouched
-(the version is tagged ``decision=failed``); a rejected challenger keeps only ``@challenger``.
-Re-running with the same model and data reuses its registered version (idempotent).
+Aliases only, never stages. Gate settings (``promote.*``) come from the committed params only
+(:func:`genre_tasks.config.guard_overrides`).
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from genre_tasks import config, io, logs
+from genre_tasks import config, io, logs, manifests
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
 
@@ -52,6 +56,8 @@ PREVIOUS = "previous_champion"
 ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
 #: why (when no ``reason`` argument / --reason is given)
 REASON_ENV = "GENRE_PROMOTE_REASON"
+#: version tag: sha256 of everything that changes predictions (serving.content_key)
+CONTENT_KEY = "content_key"
 
 
 @dataclass(frozen=True)
@@ -144,12 +150,15 @@ def compare(metric: str, chal, ref, p: PromoteParams) -> Comparison:
 class Decision:
     decision: str  # promoted | rejected | forced | unchanged
     promote: bool
-    reference: str  # "champion v3" | "MostPop"
-    primary: Comparison | None
+    reference: str  # the stronger of the champion and the best baseline: "champion v3" | "EASE (baseline)"
+    primary: Comparison | None  # challenger vs ``reference``
     guardrails: dict[str, dict] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     compared: dict[str, dict[str, float]] = field(default_factory=dict)
     """{"challenger": {metric: mean}, "reference": {...}}: the main metrics of both, as measured."""
+    best_baseline: str = ""  # name of the strongest baseline of the run on the primary metric
+    vs_baseline: Comparison | None = None  # challenger vs the best baseline
+    vs_champion: Comparison | None = None  # challenger vs the current champion (None: no champion)
 
 
 #: metrics recorded side by side on the version (those computed for the split)
@@ -177,32 +186,75 @@ def guardrail_checks(chal: dict, ref: dict, guardrails: dict[str, float]) -> dic
     return out
 
 
-def decide(chal, ref, reference: str, p: PromoteParams, force: bool = False,
-           guardrails: bool = True) -> Decision:
-    """The promotion rule of the module docstring on two EvalResults of the same EvalData.
+def best_of(results: dict, metric: str) -> str:
+    """Name of the result with the highest mean ``metric`` (first on ties, NaN last)."""
+    def key(name):
+        v = float(results[name].metrics.get(metric, float("nan")))
+        return v if np.isfinite(v) else -np.inf
 
-    ``guardrails`` False (the reference is the MostPop baseline, not a champion) skips them.
+    return max(results, key=key)
+
+
+#: the baseline that IS the challenger when a classical strategy is registered: it is left out
+#: of the reference (a model cannot beat itself) but still counts for the floor
+SAME_MODEL_BASELINE = {"ease": "EASE"}
+
+
+def decide(chal, baselines: dict, p: PromoteParams, champion=None, champion_name: str = "",
+           force: bool = False, itself: str | None = None) -> Decision:
+    """The gate, on EvalResults of the same EvalData (the module docstring has the rule).
+
+    ``baselines`` ({name: EvalResult}, at least one) are the baselines the evaluate stage
+    measured on this split; ``champion`` the current champion re-scored on its own artifacts
+    (None: no champion yet). The reference is the stronger of the champion and the best
+    baseline; the challenger must beat it by a significant margin, and against a champion the
+    guardrails hold too. ``force`` skips those rules (recorded as forced) but never the floor:
+    a challenger significantly worse than the best baseline is never promoted.
     """
-    cmp = compare(p.primary_metric, chal, ref, p)
-    guards = guardrail_checks(chal.metrics, ref.metrics, p.guardrails) if guardrails else {}
-    both = compared_metrics(chal.metrics, ref.metrics)
+    if not baselines:
+        raise StageError("no baseline results: the gate compares with the best baseline of the run")
+    metric = p.primary_metric
+    floor_best = best_of(baselines, metric)
+    vs_floor = compare(metric, chal, baselines[floor_best], p)
+    others = {k: v for k, v in baselines.items() if k != itself} or baselines
+    best = best_of(others, metric)
+    vs_base = compare(metric, chal, others[best], p)
+    vs_champ = compare(metric, chal, champion, p) if champion is not None else None
+    base_label = f"{best} (baseline)"
+    if champion is not None and (float(champion.metrics[metric]) >= float(others[best].metrics[metric])
+                                 or not np.isfinite(float(others[best].metrics[metric]))):
+        reference, ref_res, cmp = champion_name, champion, vs_champ
+    else:
+        reference, ref_res, cmp = base_label, others[best], vs_base
+    guards = guardrail_checks(chal.metrics, champion.metrics, p.guardrails) if champion is not None else {}
+    both = compared_metrics(chal.metrics, ref_res.metrics)
     reasons = []
     if not (np.isfinite(cmp.gain) and cmp.gain >= p.min_effect - 1e-12):
-        reasons.append(f"gain {cmp.gain:+.4f} on {cmp.metric} < min_effect {p.min_effect:g}")
+        reasons.append(f"gain {cmp.gain:+.4f} on {metric} vs {reference} < min_effect {p.min_effect:g}")
     if not (np.isfinite(cmp.ci_lower) and cmp.ci_lower > 0):
-        reasons.append(f"{cmp.confidence:.0%} lower bound of the gain {cmp.ci_lower:+.4f} <= 0 "
+        reasons.append(f"{cmp.confidence:.0%} lower bound of the gain vs {reference} {cmp.ci_lower:+.4f} <= 0 "
                        f"(n={cmp.n_units}, p={cmp.p_value:.3f})")
-    for metric, g in guards.items():
+    for m, g in guards.items():
         if not g["ok"]:
-            reasons.append(f"guardrail {metric} dropped {g['drop']:.4f} > {g['tolerance']:g}")
+            reasons.append(f"guardrail {m} dropped {g['drop']:.4f} > {g['tolerance']:g} vs {champion_name}")
+    if reference == base_label and vs_base.challenger < vs_base.reference:
+        reasons.append(f"the best model of this run is a baseline: {best} {metric} {vs_base.reference:.4f} "
+                       f"vs challenger {vs_base.challenger:.4f}")
+    floor = not (np.isfinite(vs_floor.ci_upper) and vs_floor.ci_upper < 0)
+    extra = dict(best_baseline=best, vs_baseline=vs_base, vs_champion=vs_champ)
+    if not floor:
+        reasons.insert(0, f"{'force refused: ' if force else ''}significantly worse than {floor_best} (baseline) "
+                          f"on {metric} (gain {vs_floor.gain:+.4f}, {vs_floor.confidence:.0%} upper bound "
+                          f"{vs_floor.ci_upper:+.4f} < 0)")
+        return Decision("rejected", False, reference, cmp, guards, reasons, both, **extra)
     if force:
         return Decision("forced", True, reference, cmp, guards,
-                        reasons or ["would have passed the rule anyway"], both)
+                        reasons or ["would have passed the rule anyway"], both, **extra)
     if reasons:
-        return Decision("rejected", False, reference, cmp, guards, reasons, both)
+        return Decision("rejected", False, reference, cmp, guards, reasons, both, **extra)
     return Decision("promoted", True, reference, cmp, guards,
-                    [f"gain {cmp.gain:+.4f} >= {p.min_effect:g}, lower bound {cmp.ci_lower:+.4f} > 0, "
-                     "guardrails ok"], both)
+                    [f"gain {cmp.gain:+.4f} vs {reference} >= {p.min_effect:g}, lower bound "
+                     f"{cmp.ci_lower:+.4f} > 0" + (", guardrails ok" if guards else "")], both, **extra)
 
 
 def describe(d: Decision, version: str, strategy: str, split: str, force_by: str = "",
@@ -216,6 +268,10 @@ def describe(d: Decision, version: str, strategy: str, split: str, force_by: str
         text += (f" On the {split} test split ({c.n_units} users), {c.metric} {c.challenger:.4f} vs "
                  f"{d.reference} {c.reference:.4f}: gain {c.gain:+.4f}, {c.confidence:.0%} one-sided "
                  f"bounds [{c.ci_lower:+.4f}, {c.ci_upper:+.4f}], bootstrap p={c.p_value:.3f}.")
+    b = d.vs_baseline
+    if b is not None and d.reference != f"{d.best_baseline} (baseline)":
+        text += (f" Best baseline of the run: {d.best_baseline} {b.reference:.4f} (gain {b.gain:+.4f}, "
+                 f"bounds [{b.ci_lower:+.4f}, {b.ci_upper:+.4f}]).")
     if d.guardrails:
         text += " Guardrails: " + ", ".join(
             f"{m} {g['challenger']:.4f} vs {g['reference']:.4f} ({'ok' if g['ok'] else 'FAILED'})"
@@ -250,9 +306,11 @@ def _ensure_registered_model(cl, name: str) -> None:
             cl.get_registered_model(name)  # created concurrently
 
 
-def _find_version(cl, name: str, model_md5: str, data_hash: str):
+def _find_version(cl, name: str, key: str):
+    """The registered version whose ``content_key`` tag is ``key`` (set atomically with the
+    version by ``register_model``), else None."""
     for mv in cl.search_model_versions(f"name='{name}'"):
-        if mv.tags.get("model_md5") == model_md5 and mv.tags.get("data_hash") == data_hash:
+        if mv.tags.get(CONTENT_KEY) == key:
             return mv
     return None
 
@@ -267,7 +325,8 @@ def _set_version_tags(cl, name: str, version: str, tags: dict[str, Any]) -> None
 #: tags written by a decision (a re-decision on a reused version removes the stale ones)
 DECISION_TAG_PREFIXES = ("decision", "compared_against", "champion_version_before", "reasons",
                          "primary_metric", "challenger.", "reference.", "gain", "ci_lower", "ci_upper",
-                         "confidence", "p_value", "n_users", "guardrail.", "forced_by", "force_reason")
+                         "confidence", "p_value", "n_users", "guardrail.", "forced_by", "force_reason",
+                         "best_baseline", "vs_best_baseline.", "vs_champion.")
 
 
 def _replace_decision_tags(cl, name: str, version: str, tags: dict[str, str]) -> None:
@@ -299,6 +358,12 @@ def decision_tags(d: Decision, champion_before: str | None, force_by: str = "",
     for side, metrics in d.compared.items():
         for m, v in metrics.items():
             tags[f"{side}.{m}"] = str(int(v)) if m.startswith("n_") else _fmt(v)
+    for label, cmp in (("vs_best_baseline", d.vs_baseline), ("vs_champion", d.vs_champion)):
+        if cmp is not None:
+            tags.update({f"{label}.{cmp.metric}": _fmt(cmp.reference), f"{label}.gain": _fmt(cmp.gain),
+                         f"{label}.ci_lower": _fmt(cmp.ci_lower), f"{label}.ci_upper": _fmt(cmp.ci_upper)})
+    if d.best_baseline:
+        tags["best_baseline"] = d.best_baseline
     for m, g in d.guardrails.items():
         tags[f"guardrail.{m}"] = (f"{'ok' if g['ok'] else 'FAILED'} drop={g['drop']:.6f} "
                                   f"tol={g['tolerance']:g}")
@@ -315,7 +380,8 @@ def _selected_model(paths: S.Paths) -> tuple[str, Path]:
         raise StageError(f"{f}: missing; run the train stage first")
     strategy = io.read_json(f).get("strategy")
     model_dir = paths.model_dir / str(strategy)
-    missing = [n for n in ("model.pt", "meta.json") if not (model_dir / n).exists()]
+    weights = "ease_weights.npy" if (model_dir / "ease_weights.npy").exists() else "model.pt"
+    missing = [n for n in (weights, "meta.json") if not (model_dir / n).exists()]
     if not strategy or missing:
         raise StageError(f"{f}: selected strategy {strategy!r} has no trained model in {model_dir} "
                          f"(missing {missing})")
@@ -335,95 +401,228 @@ class _Named:
         return self.rec.score(histories, data)
 
 
+def preconditions(paths: S.Paths) -> list[str]:
+    """Why the model in data/model may not be judged now (empty: it may). Read-only.
+
+    * the last validation passed and it is the one preprocess read (a failed or newer
+      validation means the data the user asked for is not what the model was trained on);
+    * every input train recorded reading is on disk unchanged and is what its producing stage
+      recorded writing (vectors, processed tables, item index, genre predictions);
+    * the evaluate stage judged exactly these inputs and models, and its per-user results on
+      disk are the ones it wrote (the baselines the gate compares with).
+    """
+    problems = []
+    summary = paths.validation_summary
+    if not summary.exists():
+        problems.append(f"{summary}: missing: the last validation failed or never ran "
+                        f"(see {paths.validation_dir / 'failure.json'}); fix the input and re-run the pipeline")
+    elif not io.read_json(summary).get("success"):
+        problems.append(f"{summary}: the last validation did not pass")
+    problems += manifests.check_consumer(paths, "preprocess", prefixes=("data/validation/",))
+    problems += manifests.check_consumer(paths, "train")
+    problems += manifests.check_consumer(paths, "evaluate")
+    written = (manifests.load(paths, "evaluate") or {}).get("writes") or {}
+    per_user = paths.root / "data" / "eval" / "per_user.parquet"
+    rel = manifests.relative(paths, per_user)
+    if per_user.exists() and rel in written and written[rel] != io.file_md5(per_user):
+        problems.append(f"{rel}: not the file the evaluate stage wrote; re-run evaluate")
+    elif rel not in written:
+        problems.append(f"{rel}: no record of the evaluate stage writing it; re-run evaluate")
+    return problems
+
+
+def baseline_results(paths: S.Paths) -> tuple[dict, int]:
+    """The baselines the evaluate stage measured on this split, as EvalResults with their
+    per-unit values ({name: EvalResult}), and the tie-break seed evaluate used."""
+    import pandas as pd
+
+    from genre_tasks import evaluation as E
+
+    doc = io.read_json(paths.metrics("evaluate"))
+    kinds = doc.get("kinds") or {}
+    frame = pd.read_parquet(paths.root / "data" / "eval" / "per_user.parquet")
+    out = {}
+    for name, kind in kinds.items():
+        if kind != "baseline":
+            continue
+        rows = frame[frame["model"] == name]
+        per_user, users = {}, {}
+        for group, (names, _) in E.GROUPS.items():
+            part = rows[rows["group"] == group]
+            for m in names:
+                if m in part.columns and len(part):
+                    per_user[m] = part[m].to_numpy(np.float64)
+                    users[m] = part["user_idx"].to_numpy(np.int64)
+        metrics = {k: float("nan") if v is None else v for k, v in (doc["models"].get(name) or {}).items()}
+        out[name] = E.EvalResult(name, metrics, per_user, users)
+    return out, int(doc.get("seed", 42))
+
+
+def lineage_from_train(paths: S.Paths, params: dict | None) -> dict[str, str]:
+    """Lineage tags of the model: the data hashes are those train recorded reading (what the
+    model was trained on, captured when it ran), never files read later."""
+    from genre_tasks import tracking
+
+    hashes = manifests.reads(paths, "train")
+    return {"git_commit": tracking.git_commit(paths.root),
+            "params_hash": tracking.params_hash(params) if params is not None else "unknown",
+            "data_hash": tracking.combined_hash(hashes), "split_mode": tracking.split_mode(paths),
+            **{f"data.{k}": v for k, v in hashes.items()}}
+
+
+@contextlib.contextmanager
+def registry_lock(paths: S.Paths, name: str, timeout: float = 3600.0):
+    """Serialise promotes of one project: a file lock under .cache/ (one machine / shared
+    disk). On several Airflow workers the promote task also runs in the one-slot pool
+    ``genre_registry``; registration is idempotent on the content key either way."""
+    from filelock import FileLock
+
+    lock = paths.root / ".cache" / f"promote-{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock), timeout=timeout):
+        yield
+
+
+def _work_dir(paths: S.Paths) -> Path:
+    """Scratch space for bundles: .cache/promote/ (swept at every start under the lock, so a
+    promote killed while building a bundle leaves nothing behind for long)."""
+    import shutil
+
+    base = paths.root / ".cache" / "promote"
+    if base.exists():
+        for stale in base.iterdir():
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
 def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | None = None,
         params: dict | None = None) -> dict:
-    """The promote stage (see the module docstring). Returns the metrics/promote.json record."""
+    """The promote stage (see the module docstring). Returns the metrics/promote.json record.
+
+    Everything before the decision is read-only (checks, bundle in .cache/, scoring); a refusal
+    (StageError) changes no run, tag or alias.
+    """
     import mlflow
 
-    from genre_tasks import baselines, evaluation, serving, tracking
+    from genre_tasks import evaluation, serving, tracking
     from genre_tasks import data as D
 
     force = force or p.force
     with logs.stage("promote") as slog:
         strategy, model_dir = _selected_model(paths)
         slog.read(model_dir, f"selected strategy {strategy}")
+        force_by = force_reason = ""
+        if force:
+            force_by = os.environ.get(ACTOR_ENV) or _user()
+            force_reason = (reason or os.environ.get(REASON_ENV) or "").strip()
+            if not force_reason:
+                raise config.ParamsError("a forced promotion needs a reason (--reason / the trigger "
+                                         "form's force_reason); nothing was registered")
+        problems = preconditions(paths)
+        if problems:
+            raise StageError("promote refused; nothing registered, the champion is untouched:\n- "
+                             + "\n- ".join(problems))
+        baselines, seed = baseline_results(paths)
+        if not baselines:
+            raise StageError(f"{paths.metrics('evaluate')}: no baseline was evaluated; the gate compares the "
+                             "challenger with the best baseline of the run (evaluate.baselines)")
         dataset = D.Dataset.load(paths)
         fit, ev = dataset.phase("test")
         slog.read(paths.processed_dir, f"test phase: {len(ev.users)} users")
         split = tracking.split_mode(paths)
         name = p.model_name
-        lineage = tracking.lineage_tags(paths, params)
-        model_md5 = io.file_md5(model_dir / "model.pt")
+        lineage = lineage_from_train(paths, params)
+        tracking.require_store(paths)
 
-        with tracking.pipeline_run(paths, params) as run_id:
-            summary = tracking.log_pipeline(run_id, paths, params)
-            slog.logger.info("MLflow run %s: %d params, %d test metrics, artifacts %s", run_id,
-                             summary.get("params", 0), summary.get("test_metrics", 0),
-                             summary.get("artifacts"))
+        with registry_lock(paths, name):
+            work = Path(tempfile.mkdtemp(prefix="bundle-", dir=_work_dir(paths)))
+            bundle = serving.build_bundle(
+                model_dir, fit, dataset.items[S.TITLE].astype(str).tolist(), work / serving.BUNDLE,
+                info={"git_commit": lineage["git_commit"], "data_hash": lineage["data_hash"],
+                      "params_hash": lineage["params_hash"], "strategy": strategy})
+            key = serving.content_key(bundle)
+            chal_model = serving.load_local(bundle)
+            res_c = evaluation.evaluate_recommender(_Named(chal_model, "challenger"), fit, ev, seed)
+            _same_as_evaluated(paths, strategy, res_c, p.primary_metric)
             cl = tracking.client(paths)
-            _ensure_registered_model(cl, name)
-            existing = _find_version(cl, name, model_md5, lineage["data_hash"])
-            if existing is not None:
-                version = str(existing.version)
-                slog.logger.info("model unchanged since v%s (same model.pt and data): reusing it", version)
-            else:
-                with tempfile.TemporaryDirectory(prefix="genre-bundle-") as work:
-                    info = serving.log_model(
-                        model_dir, fit, dataset.items[S.TITLE].astype(str).tolist(), Path(work),
-                        info={"git_commit": lineage["git_commit"], "data_hash": lineage["data_hash"],
-                              "params_hash": lineage["params_hash"], "strategy": strategy},
-                        tags={**lineage, "model_md5": model_md5, "strategy": strategy})
-                mv = mlflow.register_model(info.model_uri, name, tags={"model_md5": model_md5})
-                version = str(mv.version)
-                slog.logger.info("registered %s v%s from %s", name, version, info.model_uri)
-            _set_version_tags(cl, name, version, {
-                **lineage, "model_md5": model_md5, "strategy": strategy, "run_id": run_id})
-            cl.set_registered_model_alias(name, CHALLENGER, version)
+            existing = _find_version(cl, name, key) if _registered(cl, name) else None
             champion_before = _alias_version(cl, name, CHAMPION)
+            version = str(existing.version) if existing is not None else None
+            if champion_before is not None and champion_before == version:
+                d = Decision("unchanged", False, f"champion v{champion_before}", None, {},
+                             ["this model (same content key) is already the champion"])
+            else:
+                champion = None
+                if champion_before is not None:  # judged on its own bundle: vectors, items, params
+                    champion = evaluation.evaluate_recommender(
+                        _Named(serving.load(f"models:/{name}/{champion_before}"), f"champion v{champion_before}"),
+                        fit, ev, seed)
+                d = decide(res_c, baselines, p, champion, f"champion v{champion_before}", force=force,
+                           itself=SAME_MODEL_BASELINE.get(strategy))
+            slog.logger.info("decision: %s vs %s (%s)", d.decision, d.reference, "; ".join(d.reasons))
 
-            try:
-                record = _decide_and_record(p, paths, cl, name, version, strategy, champion_before,
-                                            fit, ev, split, force, reason, evaluation, baselines,
-                                            serving)
-            except Exception as exc:
-                _set_version_tags(cl, name, version, {"decision": "failed",
-                                                      "reasons": f"{type(exc).__name__}: {exc}"})
-                raise
-            record.update({"run_id": run_id, "git_commit": lineage["git_commit"],
-                           "params_hash": lineage["params_hash"], "data_hash": lineage["data_hash"]})
-            tracking.set_tags(run_id, {"promote.decision": record["decision"],
-                                       "promote.version": version}, paths)
-            tracking.log_metrics(run_id, {k: record[k] for k in ("gain", "ci_lower", "ci_upper", "p_value")
-                                          if k in record}, paths, prefix="promote.")
+            # --- the decision is made: now (and only now) write to MLflow -----------------------
+            with tracking.pipeline_run(paths, params) as run_id:
+                summary = tracking.log_pipeline(run_id, paths, params)
+                slog.logger.info("MLflow run %s: %d params, %d test metrics, artifacts %s", run_id,
+                                 summary.get("params", 0), summary.get("test_metrics", 0),
+                                 summary.get("artifacts"))
+                _ensure_registered_model(cl, name)
+                if version is None:
+                    info = serving.log_model(None, fit, [], work, tags={**lineage, CONTENT_KEY: key,
+                                                                        "strategy": strategy})
+                    # the content key is set with the version, in one transaction: a re-run after a
+                    # kill anywhere below finds this version instead of registering a second one
+                    version = str(mlflow.register_model(info.model_uri, name, tags={CONTENT_KEY: key}).version)
+                    slog.logger.info("registered %s v%s from %s", name, version, info.model_uri)
+                else:
+                    slog.logger.info("model unchanged since v%s (same content key): reusing it", version)
+                _set_version_tags(cl, name, version, {**lineage, CONTENT_KEY: key, "strategy": strategy,
+                                                      "run_id": run_id})
+                cl.set_registered_model_alias(name, CHALLENGER, version)
+                record = _record(p, cl, name, version, strategy, champion_before, d, split, force_by,
+                                 force_reason)
+                record.update({"run_id": run_id, "git_commit": lineage["git_commit"],
+                               "params_hash": lineage["params_hash"], "data_hash": lineage["data_hash"],
+                               "content_key": key})
+                tracking.set_tags(run_id, {"promote.decision": record["decision"],
+                                           "promote.version": version}, paths)
+                tracking.log_metrics(run_id, {k: record[k] for k in ("gain", "ci_lower", "ci_upper", "p_value")
+                                              if k in record}, paths, prefix="promote.")
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
         io.write_json(record, paths.metrics("promote"))
         slog.wrote(paths.metrics("promote"), record["decision"])
         print(record["description"])
         return record
 
 
-def _decide_and_record(p, paths, cl, name, version, strategy, champion_before, fit, ev, split,
-                       force, reason, evaluation, baselines, serving) -> dict:
-    """Re-score, decide, tag, then (and only then) move the champion alias."""
-    force_by = force_reason = ""
-    if force:
-        force_by = os.environ.get(ACTOR_ENV) or _user()
-        force_reason = reason or os.environ.get(REASON_ENV) or "no reason given"
-    if champion_before == version:
-        d = Decision("unchanged", False, f"champion v{champion_before}", None, {},
-                     ["this model version is already the champion"])
-    else:
-        chal = serving.load(f"models:/{name}/{version}").recommender
-        res_c = evaluation.evaluate_recommender(_Named(chal, f"challenger v{version}"), fit, ev, p.seed)
-        if champion_before is None:
-            ref_name, ref = "MostPop", baselines.MostPop().fit(fit)
-        else:
-            ref_name = f"champion v{champion_before}"
-            ref = _Named(serving.load(f"models:/{name}/{champion_before}").recommender, ref_name)
-        res_r = evaluation.evaluate_recommender(ref, fit, ev, p.seed)
-        d = decide(res_c, res_r, ref_name, p, force=force, guardrails=champion_before is not None)
+def _same_as_evaluated(paths: S.Paths, strategy: str, res, metric: str) -> None:
+    """The registered artifact must score what the evaluate stage measured for the strategy."""
+    measured = ((io.read_json(paths.metrics("evaluate")).get("models") or {}).get(strategy) or {}).get(metric)
+    now = float(res.metrics.get(metric, float("nan")))
+    if measured is None or not np.isfinite(now) or abs(float(measured) - now) > 1e-6:
+        raise StageError(f"the bundle of {strategy} scores {metric} {now:.6f} on the test split but the "
+                         f"evaluate stage measured {measured}: what would be registered is not what was "
+                         "evaluated; re-run evaluate (nothing registered)")
 
+
+def _registered(cl, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        cl.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def _record(p, cl, name, version, strategy, champion_before, d: Decision, split, force_by,
+            force_reason) -> dict:
+    """Tag the decision on the version, then (and only then) move the champion alias."""
     text = describe(d, version, strategy, split, force_by, force_reason)
-    # the decision is made: record it on the version, then (and only then) move the alias.
     # "unchanged" keeps the record of the decision that made this version the champion.
     if d.decision != "unchanged":
         _replace_decision_tags(cl, name, version, decision_tags(d, champion_before, force_by, force_reason))
@@ -438,11 +637,14 @@ def _decide_and_record(p, paths, cl, name, version, strategy, champion_before, f
         "champion_version_before": _int(champion_before),
         "champion_version": _int(_alias_version(cl, name, CHAMPION)),
         "compared_against": d.reference, "reasons": d.reasons, "guardrails": d.guardrails,
-        "compared_metrics": d.compared, "description": text}
+        "compared_metrics": d.compared, "description": text, "best_baseline": d.best_baseline}
     if d.primary is not None:
         record.update({k: v for k, v in asdict(d.primary).items() if k != "confidence"})
         record["confidence"] = d.primary.confidence
-    if force:
+    for label, cmp in (("vs_best_baseline", d.vs_baseline), ("vs_champion", d.vs_champion)):
+        if cmp is not None:
+            record[label] = asdict(cmp)
+    if d.decision == "forced":
         record.update({"forced_by": force_by, "force_reason": force_reason})
     return record
 
@@ -514,4 +716,5 @@ def main(params: dict, paths: S.Paths, force: bool = False, reason: str | None =
     record = run(p, paths, force=force, reason=reason, params=params)
     return {k: record.get(k) for k in ("model_name", "version", "decision", "champion_version_before",
                                        "champion_version", "compared_against", "metric", "challenger",
-                                       "reference", "gain", "ci_lower", "p_value", "reasons")}
+                                       "reference", "gain", "ci_lower", "p_value", "best_baseline",
+                                       "reasons")}

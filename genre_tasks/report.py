@@ -73,6 +73,14 @@ def section_registry(paths: S.Paths) -> list[str]:
     if not m:
         return []
     lines = ["## Registry"]
+    desc = m.get("description")
+    if desc:
+        lines.append(f"Last decision: {desc}")
+    vb = m.get("vs_best_baseline") or {}
+    if m.get("best_baseline") and vb and vb.get("reference", 0) > vb.get("challenger", 0):
+        lines.append(f"**A baseline is the best model of this run:** {m['best_baseline']} "
+                     f"{vb.get('metric')} {vb['reference']:.4f} vs the challenger {vb['challenger']:.4f} "
+                     f"(gain {vb['gain']:+.4f}, 95% bounds [{vb['ci_lower']:+.4f}, {vb['ci_upper']:+.4f}]).")
     try:
         from genre_tasks.promote import registry_state
 

@@ -131,6 +131,10 @@ class Paths:
     def genre_dir(self) -> Path:
         return self.root / "data" / "genre"
 
+    @property
+    def genre_predictions(self) -> Path:
+        return self.genre_dir / "predictions.parquet"
+
     # models, metrics, plots
     @property
     def model_dir(self) -> Path:

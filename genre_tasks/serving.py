@@ -168,8 +168,20 @@ class GenreRecommenderModel(PythonModel):
 
     # -- re-scoring (promote)
     def score(self, histories: Sequence[np.ndarray], data: D.FitData) -> np.ndarray:
-        """The wrapped recommender's scores [len(histories), data.n_items] on ``data``'s catalogue."""
-        return self.recommender.score(histories, data)
+        """Scores [len(histories), data.n_items] for histories of ``data``'s item_idx, computed
+        from this model's OWN bundle (its vectors, genres, popularity and item index), never
+        from ``data``'s features: a registered model is judged on the artifacts it was
+        registered with. Items are matched by item id; history items the bundle does not know
+        are dropped and items it does not know score ``-inf`` (ranked last)."""
+        ids = np.asarray(data.item_ids).astype(str)
+        own = np.asarray([self._index.get(i, -1) for i in ids], dtype=np.int64)  # data idx -> bundle idx
+        mapped = [own[np.asarray(h, dtype=np.int64)] for h in histories]
+        mapped = [h[h >= 0] for h in mapped]
+        scores = np.asarray(self.recommender.score(mapped, self.fit), dtype=np.float32)
+        out = np.full((len(histories), len(ids)), -np.inf, dtype=np.float32)
+        known = own >= 0
+        out[:, known] = scores[:, own[known]]
+        return out
 
     # -- serving
     def to_indices(self, history: Any, timestamps: Any = None) -> np.ndarray:
@@ -278,6 +290,38 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return finite[order[:k]]
 
 
+def content_key(bundle: Path) -> str:
+    """sha256 of everything in a bundle that changes predictions: the model folder (weights and
+    meta.json, which holds serving params such as ``no_history_fallback``), the item table,
+    the item vectors, the loader, and the source of the ``genre_tasks`` code shipped with the
+    model. Lineage records (info.json's git commit, params hash) are deliberately left out: a
+    re-run after a commit that changes none of these finds the same registered version."""
+    import hashlib
+
+    bundle = Path(bundle)
+    h = hashlib.sha256()
+    files = sorted(f for f in (bundle / "model").rglob("*") if f.is_file())
+    files += [bundle / "items.parquet", bundle / "vectors.npy"]
+    for f in files:
+        h.update(f"{f.relative_to(bundle).as_posix()}={io.file_md5(f)}\n".encode())
+    info = json.loads((bundle / "info.json").read_text())
+    h.update(f"loader={info.get('loader')}\n".encode())
+    h.update(f"code={code_hash()}\n".encode())
+    return h.hexdigest()
+
+
+def code_hash() -> str:
+    """md5 over the genre_tasks sources (relative path + content), what ``code_paths`` ships."""
+    import hashlib
+
+    root = Path(code_path())
+    h = hashlib.md5()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 # --- logging --------------------------------------------------------------------------------
 def signature():
     from mlflow.models import ModelSignature
@@ -308,18 +352,21 @@ mlflow.models.set_model(GenreRecommenderModel())
 """
 
 
-def log_model(model_dir: Path, fit: D.FitData, titles: Sequence[str], work_dir: Path,
+def log_model(model_dir: Path | None, fit: D.FitData, titles: Sequence[str], work_dir: Path,
               name: str = "model", loader: str = DEFAULT_LOADER, info: dict | None = None,
               tags: dict | None = None, extra_code_paths: Sequence[str] = ()):
     """Log the model in ``model_dir`` as a pyfunc to the active run; return the ModelInfo.
 
-    ``work_dir`` receives the bundle before upload. The input example is a real history
-    (the three most popular items of the catalogue).
+    ``work_dir`` receives the bundle before upload (``model_dir`` None: the bundle already in
+    ``work_dir/bundle`` is logged as it is). The input example is a real history (the three
+    most popular items of the catalogue).
     """
     import mlflow
 
     work_dir = Path(work_dir)
-    bundle = build_bundle(Path(model_dir), fit, titles, work_dir / BUNDLE, loader, info)
+    bundle = work_dir / BUNDLE
+    if model_dir is not None:
+        build_bundle(Path(model_dir), fit, titles, bundle, loader, info)
     top = np.argsort(-np.asarray(fit.popularity), kind="stable")[:3]
     example = pd.DataFrame({"history": [[str(fit.item_ids[i]) for i in top]], "k": [5]})
     # "models from code": the model is this module's class, rebuilt at load time (no pickle)
@@ -338,3 +385,8 @@ def load(uri: str) -> GenreRecommenderModel:
     import mlflow
 
     return mlflow.pyfunc.load_model(uri).unwrap_python_model()
+
+
+def load_local(bundle: Path) -> GenreRecommenderModel:
+    """The GenreRecommenderModel of a bundle folder on disk (before it is logged)."""
+    return GenreRecommenderModel().load_bundle(Path(bundle))

@@ -53,7 +53,10 @@ from genre_tasks import schema as S
 from genre_tasks.config import ParamsError
 from genre_tasks.data import Dataset, EvalData, FitData
 
-STRATEGIES = ("content", "collaborative", "hybrid")
+#: two-tower item towers (genre_tasks.model) + the registrable EASE (genre_tasks.linear)
+TWO_TOWER = ("content", "collaborative", "hybrid")
+STRATEGIES = (*TWO_TOWER, "ease")
+DEFAULT_STRATEGIES = TWO_TOWER
 METRIC = "ndcg@10"
 
 
@@ -61,7 +64,9 @@ METRIC = "ndcg@10"
 class TrainParams:
     """``train`` section of params.yaml.
 
-    strategies           item towers to train: content | collaborative | hybrid
+    strategies           what to train: content | collaborative | hybrid (two-tower item towers)
+                         | ease (EASE, closed form, lambda chosen on valid from ``ease_lambda``)
+    ease_lambda          the validation grid of the ``ease`` strategy's L2 weight
     pooling              user tower pooling: attention (NRMS additive) | mean
     loss                 softmax (sampled softmax) | bpr
     negatives            negatives per positive; 0 = full softmax over the catalogue (softmax only)
@@ -83,7 +88,8 @@ class TrainParams:
                          d = min(ema_decay, (1 + t) / (10 + t)))
     """
 
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    ease_lambda: tuple[float, ...] = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
     pooling: Literal["attention", "mean"] = "attention"
     loss: Literal["softmax", "bpr"] = "softmax"
     negatives: int = 0
@@ -119,12 +125,15 @@ class TrainParams:
             raise ParamsError(f"train.negatives: must be >= 1 for bpr and >= 0 for softmax, got {self.negatives}")
         if not all(0.0 <= v < 1.0 for v in (self.dropout, self.id_dropout, self.ema_decay)):
             raise ParamsError("train.dropout / id_dropout / ema_decay: must be in [0, 1)")
+        if "ease" in self.strategies and (not self.ease_lambda or min(self.ease_lambda) <= 0):
+            raise ParamsError(f"train.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ParamsError("train.lr must be > 0 and train.weight_decay >= 0")
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["strategies"] = list(self.strategies)
+        d["ease_lambda"] = list(self.ease_lambda)
         return d
 
 
@@ -269,10 +278,34 @@ def _untimed(curve: list[dict]) -> list[dict]:
 
 
 def load_recommender(model_dir: str | Path):
-    """The TorchRecommender saved under ``model_dir`` (see genre_tasks.model.load_recommender)."""
+    """The recommender saved under ``model_dir``: an EaseRecommender (genre_tasks.linear) or a
+    TorchRecommender (genre_tasks.model.load_recommender)."""
+    from genre_tasks import linear
+
+    if linear.is_saved(model_dir):
+        return linear.load(model_dir)
     from genre_tasks.model import load_recommender as _load
 
     return _load(model_dir)
+
+
+def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: FitData) -> tuple[Any, list[dict], float, int]:
+    """``ease``: lambda chosen on valid (fit on train) from ``p.ease_lambda``, refit on the
+    test-phase data. Returns (recommender, curve rows (one per grid value), best valid nDCG@10,
+    index of the best value, 1-based)."""
+    from genre_tasks import linear
+
+    curve, best, best_i = [], -math.inf, 1
+    for i, lam in enumerate(p.ease_lambda, 1):
+        t0 = time.perf_counter()
+        ndcg = validation_ndcg(linear.fit_ease(fit_v, lam), fit_v, ev_v, p.seed)
+        curve.append({"epoch": i, "train_loss": None, "valid_ndcg@10": ndcg,
+                      "seconds": time.perf_counter() - t0, "lambda": lam})
+        if ndcg > best:
+            best, best_i = ndcg, i
+    rec = linear.fit_ease(fit_t, p.ease_lambda[best_i - 1])
+    rec.meta["valid_grid"] = [{"lambda": c["lambda"], "valid_ndcg@10": c["valid_ndcg@10"]} for c in curve]
+    return rec, curve, best, best_i
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -305,10 +338,12 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
     _passive_openmp()
     from genre_tasks import model as M
 
-    with logs.stage("train") as log:
+    with logs.stage("train", paths) as log:
         ds = Dataset.load(paths)
-        for path in (paths.items, paths.interactions, paths.histories, paths.vectors):
-            log.read(path)
+        for path in (paths.items, paths.interactions, paths.histories, paths.vectors, paths.vector_index,
+                     paths.genre_predictions):
+            if path.exists():  # genre predictions are optional (items may all have genres)
+                log.read(path)
         fit_v, ev_v = ds.phase("valid")
         fit_t, _ = ds.phase("test")
         cold = ev_v.cold_items is not None
@@ -323,6 +358,19 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
         curves = []
         for strategy in p.strategies:
             t0 = time.perf_counter()
+            if strategy == "ease":
+                rec, curve, best_ndcg, best_i = fit_ease_strategy(p, fit_v, ev_v, fit_t)
+                log.logger.info("ease: lambda %s chosen on valid (%s %.4f; grid %s)", rec.lam, selection_metric,
+                                best_ndcg, ", ".join(f"{c['lambda']:g}: {c['valid_ndcg@10']:.4f}" for c in curve))
+                rec.meta.update({"valid_ndcg@10": _finite(best_ndcg), "selection_metric": selection_metric})
+                finals[strategy] = rec
+                results[strategy] = {"best_epoch": best_i, "valid_ndcg@10": _finite(best_ndcg),
+                                     "lambda": rec.lam, "epochs_run": len(curve),
+                                     "seconds": round(time.perf_counter() - t0, 2),
+                                     "peak_rss_mb": round(logs.peak_rss_mb(), 1)}
+                curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
+                            "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in curve]
+                continue
             res = fit_model(p, strategy, fit_v, ev_v)
             log.logger.info("%s: best epoch %d, valid %s %.4f (%d epochs run, %d examples)", strategy,
                             res.best_epoch, selection_metric, res.best_ndcg, len(res.curve), res.n_examples)
@@ -358,7 +406,12 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
             for strategy, rec in finals.items():
                 d = tmp / strategy
                 d.mkdir(parents=True, exist_ok=True)
-                M.save(rec, d)
+                if strategy == "ease":
+                    from genre_tasks import linear
+
+                    linear.save(rec, d)
+                else:
+                    M.save(rec, d)
                 c = curve_df[curve_df["strategy"] == strategy].drop(columns=["strategy", "seconds"])
                 io.write_text(c.to_csv(index=False), d / "curve.csv")
             io.write_json(selected, tmp / "selected.json")

@@ -625,7 +625,7 @@ def run(p: ValidateParams, paths: Paths) -> dict:
     Raises :class:`DataValidationError` (after writing ``failure.json``) when any rule is broken;
     then no summary, docs or metrics are written and a stale summary.json is gone.
     """
-    with logs.stage(STAGE) as log:
+    with logs.stage(STAGE, paths) as log:
         # A stale summary must never outlive a failed (or crashed) run: preprocess depends on it.
         for stale in (paths.validation_summary, failure_path(paths)):
             stale.unlink(missing_ok=True)

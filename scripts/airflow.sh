@@ -74,6 +74,10 @@ URL="$AIRFLOW__API__BASE_URL"
 
 cmd_init() {
   airflow db migrate >/dev/null
+  # promote tasks run in this one-slot pool: registrations are serialised across workers
+  airflow pools set genre_registry 1 "one promote at a time (MLflow registry)" >/dev/null
+  # the MLflow tracking store is created once, here, never lazily inside a task
+  genre tracking-init
   echo "airflow: metadata DB ready at $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (AIRFLOW_HOME=$AIRFLOW_HOME)"
 }
 

@@ -89,7 +89,10 @@ def mlflow_run_of(project: Path, run_id: str):
 
 def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     project = scratch_project(tmp_path)
-    conf = {"max_users": 40, "strategies": ["content"], "epochs": 2, "force_promote": True}
+    # EASE as the strategy: a forced promotion still has to pass the floor (not significantly
+    # worse than the best baseline), which a 2-epoch neural model on 40 users does not
+    conf = {"max_users": 40, "strategies": ["ease"], "force_promote": True,
+            "force_reason": "e2e test: the first champion"}
     proc, run_id, states = run_dag(project, conf)
     assert states == {t: "success" for t in ("start_mlflow_run", *STAGES, "finish_mlflow_run")}, \
         f"{states}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -104,8 +107,10 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert champion.tags["decision"] == "forced"
     promote = json.loads((project / "metrics" / "promote.json").read_text())
     assert promote["decision"] == "forced" and str(promote["champion_version"]) == str(champion.version)
+    assert champion.tags["force_reason"] == conf["force_reason"]
+    assert promote["best_baseline"] in json.loads((project / "metrics" / "evaluate.json").read_text())["models"]
     train = json.loads((project / "metrics" / "train.json").read_text())
-    assert "content" in json.dumps(train)
+    assert "ease" in json.dumps(train)
 
 
 def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):

@@ -372,6 +372,9 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("GENRE_MLFLOW_ARTIFACTS", str(tmp_path / "mlartifacts"))
     monkeypatch.delenv("GENRE_MLFLOW_RUN_ID", raising=False)
+    from genre_tasks import tracking
+
+    tracking.init_store(S.Paths(tmp_path))  # as `genre tracking-init` does on a real project
     return uri
 
 

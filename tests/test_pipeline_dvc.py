@@ -50,6 +50,7 @@ def repo(tmp_path_factory):
     env.pop(("GENRE_PARAMS_OVERRIDE"), None)
     sh(["git", "init", "-q"], repo, env)
     sh(["dvc", "init", "-q"], repo, env)
+    sh(["genre", "tracking-init"], repo, env)  # as `make repro` does before `dvc repro`
     return repo, env
 
 

@@ -82,7 +82,29 @@ def build_data(root: Path) -> S.Paths:
     io.save_npy(vec, paths.vectors)
     io.write_parquet(items[[S.ITEM_ID]], paths.vector_index)
     io.write_json({"success": True, "tables": {}}, paths.validation_summary)
+    record_stages(paths)
     return paths
+
+
+def record_stages(paths: S.Paths) -> None:
+    """What the preprocess and embed stages record (data/manifests/) for the files above."""
+    from genre_tasks import manifests
+
+    manifests.write(paths, "validate", [], [paths.validation_summary])
+    manifests.write(paths, "preprocess", [paths.validation_summary],
+                    [paths.items, paths.interactions, paths.histories, paths.split_info])
+    manifests.write(paths, "embed", [paths.items], [paths.vectors, paths.vector_index])
+
+
+def retrain_record(paths: S.Paths) -> None:
+    """What a train run followed by an evaluate run leave after data/model/ was changed by
+    hand here (a degraded model standing in for a real retrain): the train record of the
+    current data/model/ and a fresh evaluate."""
+    from genre_tasks import evaluate, manifests
+
+    reads = [paths.root / r for r in manifests.reads(paths, "train")]
+    manifests.write(paths, "train", reads, [paths.model_dir])
+    evaluate.run(evaluate.EvaluateParams(baselines=("random", "mostpop")), paths)
 
 
 def add_bad_model(paths: S.Paths, seed: int, select: bool = True) -> Path:
@@ -100,12 +122,15 @@ def add_bad_model(paths: S.Paths, seed: int, select: bool = True) -> Path:
     io.write_text("epoch,train_loss,valid_ndcg@10,seconds\n", d / "curve.csv")
     if select:
         select_model(paths, d.name)
+    retrain_record(paths)
     return d
 
 
-def select_model(paths: S.Paths, strategy: str) -> None:
+def select_model(paths: S.Paths, strategy: str, record: bool = False) -> None:
     io.write_json({"strategy": strategy, "selection_metric": "ndcg@10", "valid_ndcg@10": {}},
                   paths.model_dir / "selected.json")
+    if record:
+        retrain_record(paths)
 
 
 _BUILT: dict[str, Path] = {}
@@ -143,6 +168,9 @@ def tracking_env(monkeypatch, mlflow_db):
     monkeypatch.delenv("GENRE_PARAMS_OVERRIDE", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from genre_tasks import tracking
+
+    tracking.init_store(S.Paths("."))  # what make setup / the DAG's first task do
     yield mlflow_db
     import mlflow
 
@@ -245,43 +273,72 @@ def test_decide_promotes_only_a_significant_gain_within_guardrails():
     ref = rng.random(400)
     better = np.clip(ref + 0.05, 0, None)
     noisy = ref + rng.normal(0, 0.3, 400)  # mean gain ~0, huge variance
+    weak = {"MostPop": FakeResult(ref * 0.5)}  # a baseline everyone beats
     p = rule_params()
 
-    d = decide(FakeResult(better, {"auc": 0.80}), FakeResult(ref, {"auc": 0.80}), "MostPop", p)
+    d = decide(FakeResult(better, {"auc": 0.80}), {"MostPop": FakeResult(ref, {"auc": 0.80})}, p)
     assert d.decision == "promoted" and d.promote and d.primary.ci_lower > 0
+    assert d.reference == "MostPop (baseline)" and d.vs_champion is None
 
-    d = decide(FakeResult(noisy), FakeResult(ref), "champion v1", p)
-    assert d.decision == "rejected" and not d.promote and d.reasons
+    d = decide(FakeResult(noisy), weak, p, FakeResult(ref), "champion v1")
+    assert d.decision == "rejected" and not d.promote and d.reasons and d.reference == "champion v1"
 
     # tiny but certain gain: below min_effect
-    d = decide(FakeResult(ref + 0.001), FakeResult(ref), "champion v1", p)
+    d = decide(FakeResult(ref + 0.001), weak, p, FakeResult(ref), "champion v1")
     assert d.decision == "rejected" and any("min_effect" in r for r in d.reasons)
 
     # guardrail: auc drops by more than its tolerance; cold_ndcg@10 absent -> not checked
-    d = decide(FakeResult(better, {"auc": 0.70}), FakeResult(ref, {"auc": 0.80}), "champion v1", p)
+    d = decide(FakeResult(better, {"auc": 0.70}), weak, p, FakeResult(ref, {"auc": 0.80}), "champion v1")
     assert d.decision == "rejected" and list(d.guardrails) == ["auc"]
     assert any("guardrail auc" in r for r in d.reasons)
-    # against MostPop (no champion yet) the guardrails do not apply
-    d = decide(FakeResult(better, {"auc": 0.70}), FakeResult(ref, {"auc": 0.80}), "MostPop", p,
-               guardrails=False)
+    # against a baseline (no champion yet) the guardrails do not apply
+    d = decide(FakeResult(better, {"auc": 0.70}), {"MostPop": FakeResult(ref, {"auc": 0.80})}, p)
     assert d.decision == "promoted" and d.guardrails == {}
 
-    d = decide(FakeResult(ref - 0.1), FakeResult(ref), "champion v1", p, force=True)
+    d = decide(FakeResult(ref - 0.1), {"MostPop": FakeResult(ref * 0.2)}, p, FakeResult(ref), "champion v1",
+               force=True)
     assert d.decision == "forced" and d.promote
+
+
+def test_the_reference_is_the_best_of_the_run_and_the_floor_holds_even_when_forced():
+    """A challenger that beats the champion but loses to a baseline of the same run is never
+    promoted (the failure: a model below EASE was promoted because only MostPop was checked)."""
+    from genre_tasks.promote import decide
+
+    rng = np.random.default_rng(2)
+    champ = rng.random(500) * 0.5
+    chal = champ + 0.05  # clearly better than the champion ...
+    baselines = {"MostPop": FakeResult(champ - 0.05), "EASE": FakeResult(chal + 0.05),
+                 "Random": FakeResult(champ * 0.1)}  # ... but clearly below EASE
+    p = rule_params()
+    d = decide(FakeResult(chal), baselines, p, FakeResult(champ), "champion v1")
+    assert d.decision == "rejected" and d.reference == "EASE (baseline)" and d.best_baseline == "EASE"
+    assert d.vs_champion.gain > 0.04 and d.vs_baseline.ci_upper < 0
+    assert any("best model of this run is a baseline: EASE" in r for r in d.reasons)
+    forced = decide(FakeResult(chal), baselines, p, FakeResult(champ), "champion v1", force=True)
+    assert forced.decision == "rejected" and not forced.promote
+    assert forced.reasons[0].startswith("force refused: significantly worse than EASE")
+    # empty registry: same story
+    assert decide(FakeResult(chal), baselines, p).decision == "rejected"
+    # better than every baseline and the champion: promoted, both comparisons recorded
+    d = decide(FakeResult(chal + 0.2), baselines, p, FakeResult(champ), "champion v1")
+    assert d.decision == "promoted" and d.reference == "EASE (baseline)"
+    assert d.vs_champion.gain > 0 and d.vs_baseline.gain > 0
 
 
 # --- the stage on a real (tiny) registry ---------------------------------------------------------
 @pytest.mark.slow
-def test_first_challenger_must_beat_mostpop(project, model_name):
+def test_first_challenger_must_beat_the_best_baseline(project, model_name):
     add_bad_model(project, seed=1)
     bad = promote(project, model_name)
-    assert bad["decision"] == "rejected" and bad["compared_against"] == "MostPop"
+    assert bad["decision"] == "rejected" and bad["compared_against"] == "MostPop (baseline)"
+    assert bad["best_baseline"] == "MostPop"
     cl, aliases = registry(model_name, project)
     assert aliases == {"challenger": bad["version"]}  # no champion
 
-    select_model(project, "content")
+    select_model(project, "content", record=True)
     good = promote(project, model_name)
-    assert good["decision"] == "promoted" and good["compared_against"] == "MostPop"
+    assert good["decision"] == "promoted" and good["compared_against"] == "MostPop (baseline)"
     assert good["gain"] >= 0.002 and good["ci_lower"] > 0
     cl, aliases = registry(model_name, project)
     assert aliases == {"champion": good["version"], "challenger": good["version"]}
@@ -310,11 +367,28 @@ def test_worse_challenger_is_rejected_and_champion_unchanged(project, model_name
     assert "REJECTED" in capsys.readouterr().out
 
 
+def add_variant(paths: S.Paths, name: str = "content_v2", **params) -> Path:
+    """data/model/<name>/: the trained content model with the same weights and other serving
+    params in meta.json (e.g. no_history_fallback), selected and recorded."""
+    d = paths.model_dir / name
+    shutil.copytree(paths.model_dir / "content", d)
+    meta = io.read_json(d / "meta.json")
+    meta["params"] = {**meta["params"], **params}
+    io.write_json(meta, d / "meta.json")
+    select_model(paths, name, record=True)
+    return d
+
+
 @pytest.mark.slow
-def test_force_promotes_and_records_who_and_why(project, model_name, monkeypatch):
+def test_force_needs_a_reason_records_who_and_why_and_never_passes_the_floor(project, model_name, monkeypatch):
+    from genre_tasks import config
+
     champ = promote(project, model_name)
-    add_bad_model(project, seed=3)
+    add_variant(project, no_history_fallback="genre_prior")  # as good as the champion, not better
+    assert promote(project, model_name)["decision"] == "rejected"
     monkeypatch.setenv("GENRE_PROMOTE_ACTOR", "alice")
+    with pytest.raises(config.ParamsError, match="needs a reason"):
+        promote(project, model_name, force=True)
     res = promote(project, model_name, force=True, reason="rollback drill")
     assert res["decision"] == "forced" and res["champion_version"] == res["version"]
     cl, aliases = registry(model_name, project)
@@ -323,33 +397,38 @@ def test_force_promotes_and_records_who_and_why(project, model_name, monkeypatch
     assert mv.tags["decision"] == "forced"
     assert mv.tags["forced_by"] == "alice" and mv.tags["force_reason"] == "rollback drill"
     assert "FORCED" in mv.description and "alice" in mv.description
+    # a model significantly worse than the best baseline is not promoted, even when forced
+    add_bad_model(project, seed=3)
+    bad = promote(project, model_name, force=True, reason="please")
+    assert bad["decision"] == "rejected" and bad["reasons"][0].startswith("force refused")
+    assert registry(model_name, project)[1]["champion"] == res["version"]
 
 
 @pytest.mark.slow
-def test_failure_while_scoring_leaves_the_champion_untouched(project, model_name, monkeypatch):
+def test_failure_while_scoring_leaves_the_registry_untouched(project, model_name, monkeypatch):
     from genre_tasks import evaluation
 
     champ = promote(project, model_name)
     add_bad_model(project, seed=4)
+    cl, before = registry(model_name, project)
+    n_versions = len(cl.search_model_versions(f"name='{model_name}'"))
 
     def boom(*args, **kwargs):
         raise RuntimeError("scoring exploded")
 
     monkeypatch.setattr(evaluation, "evaluate_recommender", boom)
-    with pytest.raises(RuntimeError, match="scoring exploded"):
-        promote(project, model_name, force=True)  # even a forced promotion must not half-happen
+    with pytest.raises(RuntimeError, match="scoring exploded"):  # even a forced promotion must not half-happen
+        promote(project, model_name, force=True, reason="drill")
     cl, aliases = registry(model_name, project)
-    assert aliases["champion"] == champ["version"]
-    failed = aliases["challenger"]
-    assert failed != champ["version"]
-    assert cl.get_model_version(model_name, str(failed)).tags["decision"] == "failed"
+    assert aliases == before and aliases["champion"] == champ["version"]
+    assert len(cl.search_model_versions(f"name='{model_name}'")) == n_versions  # nothing registered
     assert io.read_json(project.metrics("promote"))["version"] == champ["version"]  # not rewritten
 
 
 @pytest.mark.slow
 def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, model_name):
+    from genre_tasks import manifests, tracking
     from genre_tasks import promote as P
-    from genre_tasks import tracking
 
     first = promote(project, model_name)
     again = promote(project, model_name)
@@ -359,19 +438,19 @@ def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, mod
     cl, _ = registry(model_name, project)
     versions = cl.search_model_versions(f"name='{model_name}'")
     assert len(versions) == 2
-    hashes = tracking.data_hashes(project)
+    hashes = manifests.reads(project, "train")
     for mv in versions:
         t = mv.tags
         assert t["git_commit"] and t["params_hash"] == tracking.params_hash(make_params(model_name))
         assert t["data_hash"] == tracking.combined_hash(hashes)
         assert t["data.data/processed/interactions.parquet"] == io.file_md5(project.interactions)
         assert t["data.data/embeddings/vectors.npy"] == io.file_md5(project.vectors)
-        assert t["model_md5"] and t["run_id"] and t["split_mode"] == "user_temporal"
+        assert len(t["content_key"]) == 64 and t["run_id"] and t["split_mode"] == "user_temporal"
     # the first decision record survives the no-op re-run
     assert cl.get_model_version(model_name, first["version"]).tags["decision"] == "promoted"
     table = P.registry_state(model_name, project)
     assert "| 1 | challenger" not in table and "champion" in table and "rejected" in table
-    assert "promoted" in table and "MostPop" in table
+    assert "promoted" in table and "MostPop (baseline)" in table
 
 
 @pytest.mark.slow

@@ -103,7 +103,7 @@ def random_ndcg(fit, ev, seeds=range(5)) -> float:
 @pytest.fixture(scope="module")
 def fitted(synth):
     _, _, fit, ev, _, _ = synth
-    return {s: train.fit_model(P, s, fit, ev, show_progress=False) for s in train.STRATEGIES}
+    return {s: train.fit_model(P, s, fit, ev, show_progress=False) for s in train.TWO_TOWER}
 
 
 def test_params_match_params_yaml():
@@ -134,7 +134,7 @@ def test_training_examples_are_leave_future_out():
     assert [flat[s:p].tolist() for s, p in zip(start, pos)] == [[5], [5, 6], [1]]
 
 
-@pytest.mark.parametrize("strategy", train.STRATEGIES)
+@pytest.mark.parametrize("strategy", train.TWO_TOWER)
 def test_training_reduces_loss_and_beats_random(synth, fitted, strategy):
     _, _, fit, ev, _, _ = synth
     res = fitted[strategy]
@@ -204,7 +204,7 @@ def _extended(fit: FitData) -> FitData:
         positives=None, seen=None, histories=[])
 
 
-@pytest.mark.parametrize("strategy", train.STRATEGIES)
+@pytest.mark.parametrize("strategy", train.TWO_TOWER)
 def test_score_on_another_catalogue(synth, fitted, strategy):
     _, _, fit, _, _, _ = synth
     rec = fitted[strategy].recommender
