@@ -21,6 +21,7 @@ repro: setup
 	$(ENV) genre report
 
 test: setup
+	bash scripts/system-deps.sh
 	$(ENV) pytest -q
 
 bench: setup
