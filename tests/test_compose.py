@@ -162,6 +162,12 @@ def test_no_secret_value_on_a_command_line(config, example):
                 assert not urlsplit(arg.split("=", 1)[-1]).password, f"{name}: {arg}"
 
 
+def test_redis_password_reaches_redis_through_a_private_file(config):
+    line = _words(config["services"]["redis"]["command"])
+    assert "umask 077" in line and "requirepass" in line and "--requirepass" not in line
+    assert "exec docker-entrypoint.sh redis-server /tmp/redis.conf" in line  # drops root
+
+
 def test_secrets_only_where_used(config, example):
     """Each secret value is in the environment of exactly the services allowed to see it."""
     for var, allowed in SECRET_SCOPE.items():
