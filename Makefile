@@ -22,6 +22,7 @@ repro: setup
 	$(ENV) genre report
 
 test: setup
+	bash scripts/system-deps.sh
 	$(ENV) pytest -q
 
 test-fast: setup  ## unit tier only: the edit-test loop (no slow or end-to-end tests)
