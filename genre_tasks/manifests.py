@@ -119,3 +119,26 @@ def reads(paths: S.Paths, stage: str, prefix: str = "data/") -> dict[str, str]:
     """{relative path: md5} ``stage`` recorded reading under ``prefix`` ({} without a record)."""
     doc = load(paths, stage) or {}
     return {k: v for k, v in (doc.get("reads") or {}).items() if k.startswith(prefix)}
+
+
+def lineage(paths: S.Paths, stage: str) -> dict[str, str]:
+    """{relative path: md5} of everything ``stage``'s inputs were made from, as recorded when
+    each stage ran: the files ``stage`` read, then, for each one, what its producing stage read
+    (only while the chain is consistent: the producer wrote exactly the bytes the consumer read),
+    back to the source files ingest read. Files changed after the fact (a feedback batch landing
+    in data/source while a model trains) do not enter: the record is of what was used."""
+    made = producers(paths)
+    out: dict[str, str] = {}
+    todo = list(reads(paths, stage).items())
+    seen_stages: set[str] = set()
+    while todo:
+        rel, md5 = todo.pop()
+        if rel in out:
+            continue
+        out[rel] = md5
+        producer = made.get(rel)
+        if producer is None or producer[1] != md5 or producer[0] in seen_stages:
+            continue
+        seen_stages.add(producer[0])
+        todo.extend(reads(paths, producer[0]).items())
+    return dict(sorted(out.items()))

@@ -458,18 +458,6 @@ def baseline_results(paths: S.Paths) -> tuple[dict, int]:
     return out, int(doc.get("seed", 42))
 
 
-def lineage_from_train(paths: S.Paths, params: dict | None) -> dict[str, str]:
-    """Lineage tags of the model: the data hashes are those train recorded reading (what the
-    model was trained on, captured when it ran), never files read later."""
-    from genre_tasks import tracking
-
-    hashes = manifests.reads(paths, "train")
-    return {"git_commit": tracking.git_commit(paths.root),
-            "params_hash": tracking.params_hash(params) if params is not None else "unknown",
-            "data_hash": tracking.combined_hash(hashes), "split_mode": tracking.split_mode(paths),
-            **{f"data.{k}": v for k, v in hashes.items()}}
-
-
 @contextlib.contextmanager
 def registry_lock(paths: S.Paths, name: str, timeout: float = 3600.0):
     """Serialise promotes of one project: a file lock under .cache/ (one machine / shared
@@ -532,7 +520,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
         slog.read(paths.processed_dir, f"test phase: {len(ev.users)} users")
         split = tracking.split_mode(paths)
         name = p.model_name
-        lineage = lineage_from_train(paths, params)
+        lineage = tracking.lineage_tags(paths, params)  # data hashes: what train read
         tracking.require_store(paths)
 
         with registry_lock(paths, name):

@@ -287,12 +287,23 @@ def dvc_lock_hashes(paths: S.Paths) -> dict[str, str]:
 
 
 def data_hashes(paths: S.Paths) -> dict[str, str]:
-    """Content hashes of the data: ``{relative path: md5}``.
+    """Content hashes of the data a model is trained on: ``{relative path: md5}``.
+
+    With a train record (data/manifests/train.json): the files train read and, back through the
+    stage records, what they were made from (down to the source files ingest read), with the
+    hashes they had when each stage ran (:func:`genre_tasks.manifests.lineage`): what the model
+    was trained on, whatever changed since (e.g. a feedback batch landing before promote).
+    Without one (a run that has not trained):
 
     The outputs recorded in dvc.lock if there is one (DVC's own hashes, ``.dir`` for folders);
     the key data files (processed tables, item vectors) are always hashed from the bytes on
     disk too, so the record is right even when a stage ran outside ``dvc repro``.
     """
+    from genre_tasks import manifests
+
+    trained_on = manifests.lineage(paths, "train")
+    if trained_on:
+        return dict(sorted(trained_on.items()))
     hashes = dvc_lock_hashes(paths)
     for f in key_data_files(paths):
         if f.exists():

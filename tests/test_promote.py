@@ -438,7 +438,7 @@ def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, mod
     cl, _ = registry(model_name, project)
     versions = cl.search_model_versions(f"name='{model_name}'")
     assert len(versions) == 2
-    hashes = manifests.reads(project, "train")
+    hashes = manifests.lineage(project, "train")
     for mv in versions:
         t = mv.tags
         assert t["git_commit"] and t["params_hash"] == tracking.params_hash(make_params(model_name))

@@ -293,3 +293,37 @@ def test_ease_is_a_registrable_strategy_judged_against_the_other_baselines(proje
     again = evaluation.evaluate_recommender(__import__("genre_tasks.promote", fromlist=["_Named"])._Named(served, "c"),
                                             fit, ev, 42)
     assert abs(again.metrics["ndcg@10"] - res["challenger"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_a_model_version_carries_the_data_its_run_trained_on_not_later_files(project, model_name):
+    """Original failure: a feedback run landed between train and promote, and the version was
+    tagged with the store hash that already included the new batch (read from dvc.lock at
+    promote time)."""
+    from genre_tasks import manifests
+
+    store = project.root / "data" / "source" / "feedback" / "store.csv"
+    raw = project.root / "data" / "raw" / "interactions.parquet"
+    store.parent.mkdir(parents=True)
+    store.write_text("user_id,item_id,timestamp,rating\nu1,m1,1,5\n")
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(b"raw interactions as ingested")
+    # the upstream records of the run: ingest read the store up to W11, validate read raw
+    manifests.write(project, "ingest", [store], [raw])
+    manifests.write(project, "validate", [raw], [project.validation_summary])
+    trained_store_md5 = io.file_md5(store)
+    # a feedback run lands (W12) and dvc.lock records the new store, before promote runs
+    with store.open("a") as f:
+        f.write("u2,m2,2,4\n")
+    (project.root / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  source:\n    cmd: genre source\n    outs:\n"
+        f"    - path: data/source\n      hash: md5\n      md5: {io.file_md5(store)}.dir\n      size: 1\n")
+    res = promote(project, model_name)
+    from genre_tasks import tracking
+
+    mv = tracking.client(project).get_model_version(model_name, str(res["version"]))
+    assert mv.tags["data.data/source/feedback/store.csv"] == trained_store_md5 != io.file_md5(store)
+    assert "data.data/source" not in mv.tags  # nothing from dvc.lock written after the run
+    assert mv.tags["data.data/processed/interactions.parquet"] == io.file_md5(project.interactions)
+    run = tracking.client(project).get_run(res["run_id"])
+    assert run.data.tags["data.data/source/feedback/store.csv"] == trained_store_md5

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from genre_tasks import io
@@ -51,6 +52,14 @@ def test_data_hashes_from_files_and_dvc_lock(tmp_path_factory, tmp_path):
     src = trained_project(tmp_path_factory.getbasetemp())
     paths = S.Paths(tmp_path / "p")
     shutil.copytree(src, paths.root)
+    # with a train record: the hashes of what train read, even after the files changed since
+    trained = T.data_hashes(paths)
+    assert trained["data/processed/items.parquet"] == io.file_md5(paths.items)
+    io.save_npy(np.zeros((3, 2), np.float32), paths.vectors)
+    assert T.data_hashes(paths) == trained != {**trained, "data/embeddings/vectors.npy": io.file_md5(paths.vectors)}
+    # without one (nothing trained yet): dvc.lock + the bytes of the key files
+    (paths.root / "data" / "manifests" / "train.json").unlink()
+    shutil.copy(src / "data" / "embeddings" / "vectors.npy", paths.vectors)
     hashes = T.data_hashes(paths)
     assert hashes["data/processed/items.parquet"] == io.file_md5(paths.items)
     assert hashes["data/embeddings/vectors.npy"] == io.file_md5(paths.vectors)
