@@ -491,8 +491,6 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
     Everything before the decision is read-only (checks, bundle in .cache/, scoring); a refusal
     (StageError) changes no run, tag or alias.
     """
-    import mlflow
-
     from genre_tasks import evaluation, serving, tracking
     from genre_tasks import data as D
 
@@ -562,7 +560,10 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
                                                                         "strategy": strategy})
                     # the content key is set with the version, in one transaction: a re-run after a
                     # kill anywhere below finds this version instead of registering a second one
-                    version = str(mlflow.register_model(info.model_uri, name, tags={CONTENT_KEY: key}).version)
+                    # (the client API: mlflow.register_model prints "already exists" to stderr,
+                    # which Airflow shows at error level on every successful promote)
+                    version = str(cl.create_model_version(name, info.model_uri, run_id=run_id,
+                                                          tags={CONTENT_KEY: key}, model_id=info.model_id).version)
                     slog.logger.info("registered %s v%s from %s", name, version, info.model_uri)
                 else:
                     slog.logger.info("model unchanged since v%s (same content key): reusing it", version)

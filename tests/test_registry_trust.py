@@ -160,18 +160,18 @@ def test_a_behaviour_change_with_identical_weights_is_a_new_version(project, mod
 def test_a_kill_right_after_registration_finishes_the_same_version(project, model_name, monkeypatch):
     """Original failure: a kill right after register_model made the re-run register a second
     version (the look-up needed a tag registration had not set yet)."""
-    import mlflow
+    from mlflow import MlflowClient
 
-    real = mlflow.register_model
+    real = MlflowClient.create_model_version
 
     def register_then_die(*args, **kwargs):
         real(*args, **kwargs)
-        raise KeyboardInterrupt("killed right after register_model")
+        raise KeyboardInterrupt("killed right after the version was created")
 
-    monkeypatch.setattr(mlflow, "register_model", register_then_die)
+    monkeypatch.setattr(MlflowClient, "create_model_version", register_then_die)
     with pytest.raises(KeyboardInterrupt):
         promote(project, model_name)
-    monkeypatch.setattr(mlflow, "register_model", real)
+    monkeypatch.setattr(MlflowClient, "create_model_version", real)
     done = promote(project, model_name)
     cl, aliases = registry(model_name, project)
     assert [str(mv.version) for mv in cl.search_model_versions(f"name='{model_name}'")] == ["1"]
