@@ -115,6 +115,7 @@ def build(root: Path, max_users: int, epochs: int) -> dict:
     genre(root, "feedback", "replay", "--init")
     for stage in STAGES[1:-1]:
         genre(root, stage)
+    genre(root, "tracking-init")
     genre(root, "promote", "--force", "--reason", "bench_feedback: first champion")
     champion = json.loads((root / "metrics" / "promote.json").read_text())
     setup["first champion (s)"] = round(time.perf_counter() - t0, 1)

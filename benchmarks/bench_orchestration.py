@@ -103,6 +103,7 @@ def warm_cache(work: Path, params: dict) -> Path:
 
 def run_cli(project: Path) -> dict:
     env = env_for(project)
+    sh(["genre", "tracking-init"], project, env)  # once per project, as make run/repro do
     t0 = time.perf_counter()
     stage_seconds = {}
     for stage in STAGES:
@@ -114,6 +115,7 @@ def run_dvc(project: Path) -> dict:
     env = env_for(project)
     sh(["git", "init", "-q"], project, env)
     sh(["dvc", "init", "-q"], project, env)
+    sh(["genre", "tracking-init"], project, env)
     wall, out = sh(["dvc", "repro"], project, env)
     return {"wall": wall, "ran": out.count("Running stage")}
 
