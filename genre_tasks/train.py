@@ -56,7 +56,7 @@ from genre_tasks.data import Dataset, EvalData, FitData
 #: two-tower item towers (genre_tasks.model) + the registrable EASE (genre_tasks.linear)
 TWO_TOWER = ("content", "collaborative", "hybrid")
 STRATEGIES = (*TWO_TOWER, "ease")
-DEFAULT_STRATEGIES = TWO_TOWER
+DEFAULT_STRATEGIES = STRATEGIES
 METRIC = "ndcg@10"
 
 
