@@ -235,9 +235,9 @@ def main() -> int:
         f = (lambda v: f"{v:.4f}" if isinstance(v, float) else "–")
         print(f"| {r['registry']} | {r['kind']} | {f(r['model ndcg@10'])} | {f(r['EASE'])} | {f(r['MostPop'])} | "
               f"{r['decision']} | {r['why'].split(';')[0][:150]} |")
-    degraded = [r for r in rows if r["kind"] in kinds]
-    degraded_promoted = sum(r["decision"] in ("promoted", "forced") for r in degraded)
-    print(f"\ndegraded challengers promoted: {degraded_promoted} of {len(degraded)}"
+    bad_rows = [r for r in rows if r["kind"] in kinds]
+    bad_promoted = sum(r["decision"] in ("promoted", "forced") for r in bad_rows)
+    print(f"\ndegraded challengers promoted: {bad_promoted} of {len(bad_rows)}"
           f" (default model of the template: {default_strategy})")
     return 0
 
