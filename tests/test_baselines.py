@@ -130,15 +130,17 @@ def test_itemknn_keeps_the_top_k_cosine_neighbours(phases):
     full = B.ItemKNN(k=10_000, block=7).fit(fit).similarity.toarray()
     assert np.allclose(full, cos, atol=1e-6)
     k = 5
-    knn = B.ItemKNN(k=k, block=16).fit(fit).similarity.toarray()
+    knn = B.ItemKNN(k=k, block=16).fit(fit).neighbours.toarray()  # row j: candidate j's neighbours
     assert ((knn > 0).sum(axis=1) <= k).all()
     for i in range(fit.n_items):
         kept = np.flatnonzero(knn[i])
         assert np.allclose(knn[i, kept], cos[i, kept], atol=1e-6)
         if len(kept) == k:  # nothing dropped is more similar than what was kept
             assert np.delete(cos[i], kept).max() <= knn[i, kept].min() + 1e-6
+    # the standard rule: candidate j scores the history items among ITS k nearest neighbours
     s = B.ItemKNN(k=k).fit(fit).score([np.array([2, 9])], fit)
-    assert np.allclose(s[0], knn[2] + knn[9], atol=1e-6)
+    assert np.allclose(s[0], knn[:, 2] + knn[:, 9], atol=1e-6)
+    assert ((s[0] > 0) == ((knn[:, 2] > 0) | (knn[:, 9] > 0))).all()
 
 
 def test_content_mean_is_the_cosine_to_the_mean_history_vector(phases):
