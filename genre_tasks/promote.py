@@ -460,12 +460,17 @@ def baseline_results(paths: S.Paths) -> tuple[dict, int]:
 
 @contextlib.contextmanager
 def registry_lock(paths: S.Paths, name: str, timeout: float = 3600.0):
-    """Serialise promotes of one project: a file lock under .cache/ (one machine / shared
-    disk). On several Airflow workers the promote task also runs in the one-slot pool
-    ``genre_registry``; registration is idempotent on the content key either way."""
+    """Serialise promotes into one registry: a file lock beside the sqlite tracking store (so
+    promotes from different workspaces of one project, e.g. one per DAG run, share it), else
+    under the project's .cache/. On several Airflow workers the promote task also runs in the
+    one-slot pool ``genre_registry``; registration is idempotent on the content key either way."""
     from filelock import FileLock
 
-    lock = paths.root / ".cache" / f"promote-{name}.lock"
+    from genre_tasks import tracking
+
+    db = tracking.sqlite_file(tracking.tracking_uri(paths))
+    lock = (db.parent / f".{db.name}.promote-{name}.lock") if db is not None \
+        else paths.root / ".cache" / f"promote-{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock), timeout=timeout):
         yield
