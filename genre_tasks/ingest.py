@@ -105,6 +105,8 @@ class IngestParams:
     until: str | dt.date | None = None
     mind: MindParams = field(default_factory=MindParams)
     tabular: TabularParams = field(default_factory=TabularParams)
+    #: genre values that mean "no genre" (compared stripped, case-insensitively); removed
+    no_genre_tokens: tuple[str, ...] = ("(no genres listed)",)
 
     def __post_init__(self) -> None:
         if isinstance(self.until, dt.date):  # YAML `until: 1998-03-02` loads as a date
@@ -197,9 +199,10 @@ def run(p: IngestParams, paths: Paths) -> dict:
         for batch_id in sorted(ledger):
             log.read(adapters.part_path(paths.source, batch_id),
                      f"feedback batch {batch_id}, {ledger[batch_id].get('rows')} rows")
+        conventions: dict = {}
         try:
             items, full = adapters.load(p, paths.source, slice_users=False, locations=True,
-                                        report={}, until=False)
+                                        report=conventions, until=False)
         except StageError:
             for out in outputs:  # no stale tables for a later stage to pick up
                 out.unlink(missing_ok=True)
@@ -244,6 +247,8 @@ def run(p: IngestParams, paths: Paths) -> dict:
             "feedback_batches": sorted(ledger),
             "max_timestamp": _max_timestamp(interactions),
             "slice": sliced_report,
+            "text": conventions.get("text"),
+            "placeholder_genre_items": conventions.get("placeholder_genre_items", 0),
         }
         write_json(record, paths.metrics("ingest"))
         log.wrote(paths.metrics("ingest"), "ingest metrics (data cutoff, feedback batches)")

@@ -15,6 +15,29 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def section_ingest(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("ingest"))
+    if not m:
+        return []
+    lines = [f"## Input ({m.get('adapter')}): {m.get('n_items', 0):,} items, "
+             f"{m.get('n_interactions', 0):,} interactions used"]
+    sl = m.get("slice") or {}
+    if sl.get("rows_dropped"):
+        lines.append(f"- slice (until {sl.get('until')}, max_users {sl.get('max_users')}): kept "
+                     f"{sl['rows_kept']:,} of {sl['rows_in']:,} validated interactions, dropped "
+                     f"{sl['rows_dropped']:,}")
+    text = m.get("text") or {}
+    if text:
+        lines.append(f"- item text: {text.get('template')}")
+        if text.get("items") and text.get("title_only_items", 0) * 2 > text["items"]:
+            lines.append(f"- WARNING: the text is only the title for {text['title_only_items']:,}"
+                         f" of {text['items']:,} items")
+    if m.get("placeholder_genre_items"):
+        lines.append(f"- {m['placeholder_genre_items']:,} items had only a placeholder genre "
+                     "(ingest.no_genre_tokens): no genre")
+    return lines
+
+
 def section_validate(paths: S.Paths) -> list[str]:
     m = _load(paths.metrics("validate"))
     if not m:
@@ -82,7 +105,7 @@ def section_registry(paths: S.Paths) -> list[str]:
     return lines
 
 
-SECTIONS = (section_validate, section_preprocess, section_embed, section_genre,
+SECTIONS = (section_ingest, section_validate, section_preprocess, section_embed, section_genre,
             section_comparison, section_registry)
 
 

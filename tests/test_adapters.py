@@ -336,3 +336,26 @@ def test_params_validation(make_ingest_params):
         make_ingest_params(tabular={"columns": {"movie": "x"}})
     p = make_ingest_params()
     assert p.tabular.text_fields == ("title",) and p.tabular.columns.label is None
+
+
+def test_placeholder_genres_and_title_only_text(tmp_path, make_ingest_params, caplog):
+    """Issue 9, item 4 (MovieLens latest-small via tabular): "(no genres listed)" used to
+    become a genre, and the text silently defaulted to the title alone."""
+    items, inter = tabular_frames()
+    items.loc[1, "genres"] = "(no genres listed)"
+    items.loc[2, "genres"] = "Sci-Fi|(No Genres Listed)"
+    write_tabular(tmp_path, items, inter)
+    report: dict = {}
+    got, _ = adapters.load(make_ingest_params(adapter="tabular"), tmp_path, report=report)
+    assert got[schema.GENRES].tolist() == [["Drama", "Comedy"], [], ["Sci-Fi"]]
+    assert report["placeholder_genre_items"] == 2
+    assert report["text"] == {"template": "{title} (ingest.tabular.text_fields; blank parts skipped)",
+                              "items": 3, "title_only_items": 3}
+    assert "the item text is only the title for 3 of 3 item(s)" in caplog.text
+    # the convention is a param: an empty list keeps the token as a genre
+    p = make_ingest_params(adapter="tabular", no_genre_tokens=[],
+                           tabular={"text_fields": ["title", "genres", "year"]})
+    caplog.clear()
+    got, _ = adapters.load(p, tmp_path, report=report)
+    assert got[schema.GENRES][1] == ["(no genres listed)"]
+    assert report["text"]["title_only_items"] == 0 and "only the title" not in caplog.text

@@ -114,3 +114,19 @@ def test_a_refused_source_file_leaves_no_raw_tables(tmp_path, params):
         ingest.main(params, paths)
     assert not any(p.exists() for p in (paths.raw_items, paths.raw_interactions, paths.raw_lines,
                                         paths.raw_manifest))
+
+
+def test_ingest_states_text_and_conventions_in_metrics_and_report(tmp_path, params):
+    from genre_tasks.report import report
+
+    paths = Paths(tmp_path)
+    items, inter = tabular_frames()
+    items.loc[1, "genres"] = "(no genres listed)"
+    write_tabular(paths.source, items, inter)
+    ingest.main({**params, "ingest": {**params["ingest"], "adapter": "tabular"}}, paths)
+    m = io.read_json(paths.metrics("ingest"))
+    assert m["placeholder_genre_items"] == 1 and m["text"]["title_only_items"] == 3
+    text = report(paths)
+    assert "- item text: {title} (ingest.tabular.text_fields" in text
+    assert "WARNING: the text is only the title for 3 of 3 items" in text
+    assert "1 items had only a placeholder genre" in text

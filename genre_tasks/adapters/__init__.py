@@ -498,14 +498,17 @@ class Adapter:
     files: Callable[[IngestParams, Path], list[tuple[Path, str]]]
     #: (params, source_dir) -> (items, interactions); ``max_users`` not applied yet
     read: Callable[[IngestParams, Path], tuple[pd.DataFrame, pd.DataFrame]]
+    #: params -> how the item text the encoder reads is built (stated in the log and report)
+    text_template: Callable[[IngestParams], str]
 
 
 from genre_tasks.adapters import mind, movielens, tabular  # noqa: E402  (use helpers above)
 
 ADAPTERS: dict[str, Adapter] = {
-    "movielens-100k": Adapter("movielens-100k", movielens.files, movielens.read),
-    "mind": Adapter("mind", mind.files, mind.read),
-    "tabular": Adapter("tabular", tabular.files, tabular.read),
+    "movielens-100k": Adapter("movielens-100k", movielens.files, movielens.read,
+                              lambda p: movielens.TEXT_TEMPLATE),
+    "mind": Adapter("mind", mind.files, mind.read, lambda p: mind.TEXT_TEMPLATE),
+    "tabular": Adapter("tabular", tabular.files, tabular.read, tabular.text_template),
 }
 
 
@@ -543,6 +546,8 @@ def load(p: IngestParams, source_dir: Path, *, feedback: bool = True,
     for path, key in files:
         require_file(path, key)
     items, interactions = adapter.read(p, source_dir)
+    report = {} if report is None else report
+    items = apply_conventions(p, adapter, items, report)
     items = _locate(items, files[0][0])
     interactions = _locate(interactions, files[1][0])
     if feedback:
@@ -551,8 +556,8 @@ def load(p: IngestParams, source_dir: Path, *, feedback: bool = True,
             interactions = append_interactions(interactions, extra)
             log.info("feedback store: %d batch(es) added %d interaction(s) (%s .. %s)", len(parts),
                      len(extra), parts[0]["batch_id"], parts[-1]["batch_id"])
-    interactions = slice_view(p, interactions, {} if report is None else report, source_dir,
-                              users=slice_users, until=until)
+    interactions = slice_view(p, interactions, report, source_dir, users=slice_users,
+                              until=until)
     if not locations:
         items = items.drop(columns=[schema.SOURCE_FILE, schema.SOURCE_LINE])
         interactions = interactions.drop(columns=[schema.SOURCE_FILE, schema.SOURCE_LINE],
@@ -598,6 +603,52 @@ def slice_view(p: IngestParams, interactions: pd.DataFrame, report: dict,
                  report["dropped_by_until"], report["dropped_by_max_users"],
                  report["users_kept"], users_in)
     return out
+
+
+def apply_conventions(p: IngestParams, adapter: Adapter, items: pd.DataFrame,
+                      report: dict) -> pd.DataFrame:
+    """Dataset conventions (``ingest.no_genre_tokens``; the text template).
+
+    * a genre equal (case-insensitively, stripped) to one of ``ingest.no_genre_tokens``, e.g.
+      MovieLens' ``(no genres listed)``, is a placeholder for "no genre": it is removed;
+    * the item text template is logged, and a WARNING says when the text of most items is
+      only their title (the encoder then knows nothing else about them).
+
+    ``report`` gets ``placeholder_genre_items`` and ``text`` = ``{template, items,
+    title_only_items}``.
+    """
+    tokens = {t.strip().casefold() for t in getattr(p, "no_genre_tokens", ()) or ()}
+    n_placeholder = 0
+    if tokens and schema.GENRES in items.columns:
+        def strip(genres: object) -> object:
+            nonlocal n_placeholder
+            if not isinstance(genres, list):
+                return genres
+            kept = [g for g in genres if not (isinstance(g, str) and g.strip().casefold() in tokens)]
+            n_placeholder += len(kept) != len(genres)
+            return kept
+
+        items = items.assign(**{schema.GENRES: items[schema.GENRES].map(strip)})
+        if n_placeholder:
+            log.info("%d item(s) had only a placeholder genre %s (ingest.no_genre_tokens): "
+                     "they have no genre now (the genre stage fills it in)", n_placeholder,
+                     sorted(getattr(p, "no_genre_tokens", ())))
+    template = adapter.text_template(p)
+    title_only = 0
+    if schema.TEXT in items.columns and schema.TITLE in items.columns and len(items):
+        text = items[schema.TEXT].astype("string").str.strip().str.rstrip(".")
+        title = items[schema.TITLE].astype("string").str.strip().str.rstrip(".")
+        title_only = int((text == title).fillna(False).sum())
+    log.info("item text (what the encoder reads): %s", template)
+    if len(items) and title_only * 2 > len(items):
+        log.warning("the item text is only the title for %d of %d item(s) (template: %s): the "
+                    "encoder learns nothing else about them; add descriptive columns (e.g. "
+                    "ingest.tabular.text_fields: [title, genres, description])", title_only,
+                    len(items), template)
+    report["placeholder_genre_items"] = n_placeholder
+    report["text"] = {"template": template, "items": int(len(items)),
+                      "title_only_items": title_only}
+    return items
 
 
 def _locate(df: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -37,6 +37,8 @@ MIND_NAMES = {"news_id": "NewsID", "category": "Category", "subcategory": "SubCa
               "impression_id": "ImpressionID", "user_id": "UserID", "time": "Time",
               "history": "History", "impressions": "Impressions"}
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+#: how the item text is built (stated in the ingest log / report)
+TEXT_TEMPLATE = "{Title}. {Abstract} (news.tsv; the abstract skipped when empty)"
 
 
 def files(p: IngestParams, source_dir: Path) -> list[tuple[Path, str]]:

@@ -35,6 +35,9 @@ def files(p: IngestParams, source_dir: Path) -> list[tuple[Path, str]]:
     return [(folder / ITEM_FILE, "ingest.adapter"), (folder / INTER_FILE, "ingest.adapter")]
 
 
+#: how the item text is built (stated in the ingest log / report)
+TEXT_TEMPLATE = "{movie_title} ({release_year}). Genres: {class, comma-separated}."
+
 ITEM_FIELDS = ("item_id", "movie_title", "release_year", "class")
 INTER_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 

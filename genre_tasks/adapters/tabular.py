@@ -103,6 +103,15 @@ def read_items(path: Path, tp: TabularParams) -> pd.DataFrame:
     return finalize_items(cols, lines=raw.index)
 
 
+def text_template(p: IngestParams) -> str:
+    """How the item text is built from your columns (stated in the ingest log / report)."""
+    tp = p.tabular
+    if tp.columns.text is not None:
+        return f"your column {tp.columns.text!r} (ingest.tabular.columns.text)"
+    fields = ". ".join("{" + str(f) + "}" for f in tp.text_fields)
+    return f"{fields} (ingest.tabular.text_fields; blank parts skipped)"
+
+
 def text_from_fields(raw: pd.DataFrame, tp: TabularParams, cmap: dict[str, str | None],
                      path: Path) -> pd.Series | None:
     """``text_fields`` joined with ". " (None, so ``text`` is left out, if one is missing)."""
