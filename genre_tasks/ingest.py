@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from genre_tasks import config, logs, schema
@@ -208,10 +209,14 @@ def run(p: IngestParams, paths: Paths) -> dict:
                 out.unlink(missing_ok=True)
             raise
         sliced_report: dict = {}
+        full[ROW] = np.arange(len(full), dtype=np.int64)
         interactions = adapters.slice_view(p, full, sliced_report, paths.source)
         sliced = sliced_report["rows_dropped"] > 0
-        lines = pd.concat([_lines("items", items, paths.root),
-                           _lines("interactions", full, paths.root)], ignore_index=True)
+        kept = np.full(len(full), -1, dtype=np.int64)  # validated row -> row of the slice
+        kept[interactions[ROW].to_numpy(dtype=np.int64)] = np.arange(len(interactions))
+        full, interactions = full.drop(columns=[ROW]), interactions.drop(columns=[ROW])
+        lines = pd.concat([_lines("items", items, paths.root, np.arange(len(items))),
+                           _lines("interactions", full, paths.root, kept)], ignore_index=True)
         items = items.drop(columns=LOCATION_COLUMNS)
         full = full.drop(columns=LOCATION_COLUMNS)
         interactions = interactions.drop(columns=LOCATION_COLUMNS)
@@ -263,9 +268,13 @@ def run(p: IngestParams, paths: Paths) -> dict:
 LOCATION_COLUMNS = [schema.SOURCE_FILE, schema.SOURCE_LINE]
 
 
-def _lines(table: str, df: pd.DataFrame, root: Path) -> pd.DataFrame:
+ROW = "_validated_row"
+
+
+def _lines(table: str, df: pd.DataFrame, root: Path, kept: np.ndarray) -> pd.DataFrame:
     """The side-table rows of one raw table: (table, row) -> (source_file relative to the
-    project root when inside it, source_line)."""
+    project root when inside it, source_line, kept_row: its row in the table preprocess
+    reads, -1 when slicing dropped it)."""
     files = df[schema.SOURCE_FILE].astype("string")
     names = {f: _rel(Path(f), root) for f in files.dropna().unique()}
     return pd.DataFrame({
@@ -273,6 +282,7 @@ def _lines(table: str, df: pd.DataFrame, root: Path) -> pd.DataFrame:
         "row": pd.Series(range(len(df)), dtype="int64"),
         schema.SOURCE_FILE: files.map(names).astype("string").reset_index(drop=True),
         schema.SOURCE_LINE: df[schema.SOURCE_LINE].astype("int64").reset_index(drop=True),
+        "kept_row": pd.Series(kept, dtype="int64"),
     })
 
 

@@ -46,6 +46,10 @@ def section_validate(paths: S.Paths) -> list[str]:
              f"- {'PASSED' if m['success'] else 'FAILED'}: {m['expectations_successful']}/"
              f"{m['expectations_evaluated']} expectations met on {m['items_rows']:,} items and "
              f"{m['interactions_rows']:,} interactions"]
+    if m.get("quarantined_items") or m.get("quarantined_interactions"):
+        lines.append(f"- on_bad_rows=quarantine: {m.get('quarantined_items', 0):,} items and "
+                     f"{m.get('quarantined_interactions', 0):,} interactions set aside, reasons in "
+                     f"{paths.validation_dir / 'quarantine.csv'}")
     lines.append(f"- Data Docs: {paths.validation_dir / 'docs' / 'index.html'}")
     return lines
 

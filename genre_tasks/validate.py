@@ -31,8 +31,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from genre_tasks import config, io, logs
@@ -100,6 +101,11 @@ class ValidateParams:
     text_max_chars: int = 20000
     genre_vocabulary: tuple[str, ...] | None = None
     sample_rows: int = 5
+    #: reject: any broken rule stops the pipeline; quarantine: rows breaking row-level rules
+    #: go to data/validation/quarantine.csv (with the reasons) and the rest proceeds
+    on_bad_rows: Literal["reject", "quarantine"] = "reject"
+    #: quarantine: more bad rows than this share of a table still rejects it
+    max_bad_rows_fraction: float = 0.01
 
     def validate(self) -> None:
         """Raise :class:`config.ParamsError` on inconsistent values."""
@@ -118,6 +124,9 @@ class ValidateParams:
             raise config.ParamsError(
                 f"validate: need 0 <= text_min_chars ({self.text_min_chars}) <= text_max_chars "
                 f"({self.text_max_chars})")
+        if not 0.0 <= self.max_bad_rows_fraction <= 1.0:
+            raise config.ParamsError("validate.max_bad_rows_fraction: must be in [0, 1], got "
+                                     f"{self.max_bad_rows_fraction}")
         if self.sample_rows < 1:
             raise config.ParamsError(f"validate.sample_rows: must be >= 1, got {self.sample_rows}")
         if self.genre_vocabulary is not None:
@@ -363,7 +372,9 @@ def run_suites(plans: list[SuitePlan], p: ValidateParams,
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = ctx.data_sources.add_pandas("raw")
     run_id = RunIdentifier(run_name=STAGE)
-    result_format = {"result_format": "SUMMARY", "partial_unexpected_count": p.sample_rows}
+    # quarantine needs every offending row (COMPLETE); reject only the samples (SUMMARY)
+    result_format = {"result_format": "COMPLETE" if p.on_bad_rows == "quarantine" else "SUMMARY",
+                     "partial_unexpected_count": p.sample_rows}
     results: dict[str, Any] = {}
     for plan in plans:
         asset = source.add_dataframe_asset(plan.name)
@@ -375,7 +386,8 @@ def run_suites(plans: list[SuitePlan], p: ValidateParams,
             gx.ValidationDefinition(name=plan.name, data=batch, suite=suite))
         results[plan.name] = definition.run(batch_parameters={"dataframe": plan.frame},
                                             result_format=result_format, run_id=run_id)
-    if docs_dir is not None and all(r.success for r in results.values()):
+    if docs_dir is not None and (all(r.success for r in results.values())
+                                 or p.on_bad_rows == "quarantine"):
         ctx.add_data_docs_site(DOCS_SITE, {
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend",
@@ -452,6 +464,8 @@ def _expectation_entry(plan: SuitePlan, check: Check, result: Any, frame: pd.Dat
     for k in ("observed_value", "element_count", "unexpected_count", "missing_count"):
         if k in res:
             entry[k] = _jsonable(res[k])
+    if not result.success and res.get("unexpected_index_list") is not None:
+        entry["bad_rows"] = sorted({int(r) for r in res["unexpected_index_list"]})  # COMPLETE
     error = _exception_message(result.exception_info)
     if error:
         entry["error"] = error
@@ -671,6 +685,100 @@ def _read(path: Path, table: str, root: Path) -> pd.DataFrame:
                                   {"success": False, "table": table, "path": str(path)}) from exc
 
 
+def quarantine_path(paths: Paths) -> Path:
+    """The bad-rows report of ``validate.on_bad_rows: quarantine`` (rows, reasons, source)."""
+    return paths.validation_dir / "quarantine.csv"
+
+
+def bad_rows(report: dict) -> dict[str, dict[int, list[str]]] | None:
+    """``{table: {row: [reasons]}}`` of the broken row-level rules (and pops the full row
+    lists out of the report); None when a broken rule is about a whole table (a missing
+    column, a dtype, the row count...), which no quarantine can fix."""
+    out: dict[str, dict[int, list[str]]] = {name: {} for name in report["tables"]}
+    whole_table = False
+    for name, table in report["tables"].items():
+        for e in table["expectations"]:
+            rows = e.pop("bad_rows", None)
+            if e["success"]:
+                continue
+            if rows is None:
+                whole_table = True
+                continue
+            for r in rows:
+                out[name].setdefault(r, []).append(f"{e['column'] or 'table'}: {e['rule']}")
+    return None if whole_table else out
+
+
+def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
+               lines: dict[str, pd.DataFrame | None], kept: np.ndarray | None,
+               target: Path, root: Path) -> bool:
+    """Apply ``on_bad_rows: quarantine`` to a failed report; True when the rest may proceed.
+
+    Interactions whose item is quarantined are quarantined too. Over
+    ``max_bad_rows_fraction`` of a table, or a whole-table rule broken: False (reject; the
+    report then says why). Else the bad rows go to ``target`` (CSV: table, row, source file
+    and line, reasons, the row's key values) and ``report["quarantine"]`` lists the rows of
+    data/raw/{items,interactions}.parquet that preprocess drops (``kept`` maps validated
+    interaction rows to rows of the slice, -1 = not in it).
+    """
+    bad = bad_rows(report)
+    if bad is None:
+        report["quarantine"] = {"policy": "quarantine", "applied": False,
+                                "reason": "a whole-table rule is broken"}
+        return False
+    items, inter = frames["items"], frames["interactions"]
+    if bad["items"] and ITEM_ID in items.columns and ITEM_ID in inter.columns:
+        gone = set(items[ITEM_ID].iloc[sorted(bad["items"])].dropna())
+        for r in np.flatnonzero(inter[ITEM_ID].isin(gone).to_numpy(dtype=bool)):
+            bad["interactions"].setdefault(int(r), []).append("item_id: its item is quarantined")
+    over = {name: (len(rows), len(frames[name])) for name, rows in bad.items()
+            if len(frames[name]) and len(rows) > p.max_bad_rows_fraction * len(frames[name])}
+    counts = {name: len(rows) for name, rows in bad.items()}
+    if over:
+        for name, (n, total) in over.items():
+            add_failure(report, f"bad rows are at most validate.max_bad_rows_fraction "
+                        f"({p.max_bad_rows_fraction:.2%}) of a table (on_bad_rows: quarantine)",
+                        f"table {name}: {n} of {total} rows ({n / total:.2%}) break a rule")
+        report["quarantine"] = {"policy": "quarantine", "applied": False, "bad_rows": counts,
+                                "reason": "over max_bad_rows_fraction"}
+        return False
+    records = []
+    for name, rows in bad.items():
+        frame, src = frames[name], lines.get(name)
+        show = [c for c in (ITEM_ID, TITLE, USER_ID, TIMESTAMP, RATING, LABEL, IMPRESSION_ID)
+                if c in frame.columns and (name == "interactions" or c in (ITEM_ID, TITLE))]
+        for r in sorted(rows):
+            where = _source(src, r) if src is not None else None
+            records.append({"table": name, "row": r,
+                            "source_file": where["file"] if where else None,
+                            "source_line": where["line"] if where else None,
+                            "reasons": "; ".join(dict.fromkeys(rows[r])),
+                            **{c: _jsonable(frame.at[r, c]) for c in show}})
+    with io.atomic_path(target) as tmp:
+        pd.DataFrame.from_records(records).to_csv(tmp, index=False)
+    inter_rows = sorted(bad["interactions"])
+    if kept is not None:
+        inter_rows = sorted(int(kept[r]) for r in inter_rows if kept[r] >= 0)
+    report["quarantine"] = {"policy": "quarantine", "applied": True, "bad_rows": counts,
+                            "file": _rel(target, root), "items_rows": sorted(bad["items"]),
+                            "interactions_rows": inter_rows}
+    report["success"] = True
+    return True
+
+
+def drop_quarantined(summary: dict, items: pd.DataFrame,
+                     interactions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The raw tables without the rows validation quarantined (``summary.json``'s
+    ``quarantine``; row numbers of data/raw/{items,interactions}.parquet)."""
+    q = summary.get("quarantine") or {}
+    if not q.get("applied"):
+        return items, interactions
+    items = items.drop(index=items.index[q["items_rows"]]).reset_index(drop=True)
+    interactions = interactions.drop(
+        index=interactions.index[q["interactions_rows"]]).reset_index(drop=True)
+    return items, interactions
+
+
 def _metrics(report: dict) -> dict:
     t = report["tables"]
     return {
@@ -679,6 +787,8 @@ def _metrics(report: dict) -> dict:
         "interactions_rows": t["interactions"]["rows"],
         "expectations_evaluated": report["evaluated_expectations"],
         "expectations_successful": report["successful_expectations"],
+        **({"quarantined_" + k: v for k, v in report["quarantine"]["bad_rows"].items()}
+           if (report.get("quarantine") or {}).get("applied") else {}),
         **({"slice_rows_kept": report["slice"].get("rows_kept"),
             "slice_rows_dropped": report["slice"].get("rows_dropped")}
            if report.get("slice") else {}),
@@ -742,6 +852,26 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
                                 "least 1 interaction", f"all {sl['rows_in']} interactions were "
                                 "dropped by the slice; widen ingest.until / ingest.max_users")
             _log_report(report, log)
+            quarantine_path(paths).unlink(missing_ok=True)
+            if not report["success"] and p.on_bad_rows == "quarantine":
+                kept = None
+                if lines is not None and "kept_row" in lines.columns:
+                    part = lines[lines["table"] == "interactions"].sort_values("row")
+                    kept = part["kept_row"].to_numpy() if len(part) == len(interactions) else None
+                frames = {"items": normalize(items, ()), "interactions":
+                          normalize(interactions, ())}
+                located = {t: table_lines(lines, t, len(frames[t])) for t in frames}
+                if quarantine(report, p, frames, located, kept, quarantine_path(paths),
+                              paths.root):
+                    q = report["quarantine"]
+                    log.logger.warning("on_bad_rows=quarantine: %s bad item(s), %s bad "
+                                       "interaction(s) quarantined to %s; the rest proceeds",
+                                       q["bad_rows"]["items"], q["bad_rows"]["interactions"],
+                                       q["file"])
+                    log.wrote(quarantine_path(paths), "quarantined rows with reasons")
+            for table in report["tables"].values():
+                for e in table["expectations"]:
+                    e.pop("bad_rows", None)
             if not report["success"]:
                 report["failure_report"] = _rel(failure_path(paths), paths.root)
                 io.write_json(report, failure_path(paths))

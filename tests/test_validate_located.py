@@ -130,3 +130,77 @@ def test_ingest_states_text_and_conventions_in_metrics_and_report(tmp_path, para
     assert "- item text: {title} (ingest.tabular.text_fields" in text
     assert "WARNING: the text is only the title for 3 of 3 items" in text
     assert "1 items had only a placeholder genre" in text
+
+
+# --- validate.on_bad_rows: quarantine (issue 9, item 3) -----------------------------------------
+def many_rows(n_items: int = 40, n_users: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(n_items)],
+                          "title": [f"Title {k}" for k in range(n_items)],
+                          "genres": ["Drama"] * n_items})
+    inter = pd.DataFrame({"user_id": [f"u{k % n_users}" for k in range(4 * n_items)],
+                          "item_id": [f"i{k % n_items}" for k in range(4 * n_items)],
+                          "timestamp": [str(1_600_000_000 + k) for k in range(4 * n_items)],
+                          "rating": [str(1 + k % 5) for k in range(4 * n_items)]})
+    return items, inter
+
+
+def quarantine_params(params: dict, fraction: float = 0.05) -> dict:
+    return {**params, "validate": {**params["validate"], "on_bad_rows": "quarantine",
+                                   "max_bad_rows_fraction": fraction}}
+
+
+def test_quarantine_sets_bad_rows_aside_with_reasons_and_the_rest_proceeds(tmp_path, params):
+    from genre_tasks import preprocess
+    from genre_tasks.report import report
+
+    paths = Paths(tmp_path)
+    items, inter = many_rows()
+    items.loc[3, "title"] = None  # item i3 and its 4 interactions
+    inter.loc[10, "rating"] = "11"  # one interaction
+    write_tabular(paths.source, items, inter)
+    qp = quarantine_params(params)
+    out = run_ingest_validate(qp, paths, adapter="tabular")
+    assert out["success"] and out["quarantined_items"] == 1
+    assert out["quarantined_interactions"] == 5
+    q = pd.read_csv(validate.quarantine_path(paths))
+    print("\n" + q.to_string())
+    row = q[(q["table"] == "interactions") & (q["rating"] == 11.0)].iloc[0]
+    assert row["source_file"] == "data/source/interactions.csv" and row["source_line"] == 12
+    assert "rating: rating is between 0 and 5" in row["reasons"]
+    item = q[q["table"] == "items"].iloc[0]
+    assert item["item_id"] == "i3" and item["source_line"] == 5 and "title" in item["reasons"]
+    assert (q[q["table"] == "interactions"]["reasons"] == "item_id: its item is quarantined").sum() == 4
+    summary = io.read_json(paths.validation_summary)
+    assert summary["quarantine"]["applied"] and len(summary["quarantine"]["interactions_rows"]) == 5
+    stats = preprocess.main(params, paths)
+    assert stats["n_interactions"] == 160 - 5 and stats["n_items"] == 39
+    text = report(paths)
+    assert "on_bad_rows=quarantine: 1 items and 5 interactions set aside" in text
+
+
+def test_quarantine_maps_bad_rows_into_the_slice(tmp_path, params):
+    paths = Paths(tmp_path)
+    items, inter = many_rows()
+    inter.loc[0, "rating"] = "11"  # user u0: inside the max_users slice
+    inter.loc[9, "rating"] = "-1"  # user u9: outside it
+    write_tabular(paths.source, items, inter)
+    out = run_ingest_validate(quarantine_params(params), paths, adapter="tabular", max_users=5)
+    assert out["quarantined_interactions"] == 2 and out["slice_rows_kept"] == 80
+    rows = io.read_json(paths.validation_summary)["quarantine"]["interactions_rows"]
+    sliced = pd.read_parquet(paths.raw_interactions)
+    assert len(rows) == 1 and sliced.loc[rows[0], "rating"] == 11.0
+
+
+def test_quarantine_has_a_hard_limit_and_never_fixes_a_whole_table_rule(tmp_path, params):
+    paths = Paths(tmp_path)
+    items, inter = many_rows()
+    inter.loc[:20, "rating"] = "11"  # 21 of 160 = 13% > 5%
+    write_tabular(paths.source, items, inter)
+    msg = refused(quarantine_params(params), paths, adapter="tabular")
+    assert "bad rows are at most validate.max_bad_rows_fraction (5.00%)" in msg
+    assert "table interactions: 21 of 160 rows (13.12%) break a rule" in msg
+    items, inter = many_rows()
+    write_tabular(paths.source, items, inter.drop(columns=["timestamp"]))
+    msg = refused(quarantine_params(params, fraction=1.0), paths, adapter="tabular")
+    assert "FAILED column timestamp: column exists" in msg
+    assert io.read_json(validate.failure_path(paths))["quarantine"]["applied"] is False
