@@ -221,8 +221,10 @@ def read_delimited(path: Path, *, sep: str, names: list[str] | None = None,
     text = decode_utf8(data, problems, sep=sep, header=header_guess)
     problems.raise_if_any()
     csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(io_module.StringIO(text, newline=""), delimiter=sep, quoting=quoting,
-                        strict=True)
+    # lines end at "\n" only (a "\r\n" ending is fine; a lone "\r" is not a line break but
+    # broken input, refused at its line): line numbers agree with decode_utf8's and editors'
+    reader = csv.reader(io_module.StringIO(text, newline="\n"), delimiter=sep,
+                        quoting=quoting, strict=True)
     header = list(names) if names is not None else None
     rows: list[list[str]] = []
     lines: list[int] = []
@@ -248,8 +250,10 @@ def read_delimited(path: Path, *, sep: str, names: list[str] | None = None,
             if max_rows is not None and len(rows) > max_rows:
                 raise StageError(f"{file}: more than {max_rows} rows (limit)")
     except csv.Error as exc:
+        why = ("a carriage return (\\r) outside quotes that does not end the line as \\r\\n"
+               if "new-line character" in str(exc) else str(exc))
         problems.add(reader.line_num or 1, None, None, f"the file parses as {_sep_name(sep)}-"
-                     f"separated values ({exc})")
+                     f"separated values ({why})")
     problems.raise_if_any()
     columns = header or []
     index = pd.Index(np.asarray(lines, dtype=np.int64), name=schema.SOURCE_LINE)

@@ -51,7 +51,13 @@ def read_atomic(path: Path, expected: tuple[str, ...]) -> pd.DataFrame:
     df = read_delimited(path, sep="\t", key="ingest.adapter")
     if len(df.columns) == 0:
         return pd.DataFrame({c: pd.Series(dtype="string") for c in expected}, index=df.index)
-    return df.rename(columns=lambda c: str(c).split(":", 1)[0].strip())
+    df = df.rename(columns=lambda c: str(c).split(":", 1)[0].strip())
+    if tuple(df.columns) != expected:  # a fixed format: a wrong header is a wrong file
+        problems = Problems(path)
+        problems.add(1, None, "\t".join(map(str, df.columns)),
+                     f"the header names the RecBole fields {', '.join(expected)} (name:type)")
+        problems.raise_if_any()
+    return df
 
 
 def item_text(title: object, year: object, genres: list[str]) -> str:
