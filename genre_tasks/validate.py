@@ -755,7 +755,7 @@ def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
                             "reasons": "; ".join(dict.fromkeys(rows[r])),
                             **{c: _jsonable(frame.at[r, c]) for c in show}})
     with io.atomic_path(target) as tmp:
-        pd.DataFrame.from_records(records).to_csv(tmp, index=False)
+        pd.DataFrame(records, dtype=object).to_csv(tmp, index=False)  # ints stay ints
     inter_rows = sorted(bad["interactions"])
     if kept is not None:
         inter_rows = sorted(int(kept[r]) for r in inter_rows if kept[r] >= 0)
