@@ -230,13 +230,14 @@ def run(p: PreprocessParams, paths: S.Paths) -> dict:
         if not summary.get("success", False):
             raise StageError(f"{summary_path}: no successful validation; run the validate stage first")
         log.read(summary_path, "validation passed")
+        from genre_tasks.validate import drop_quarantined, require_current
+
+        require_current(summary, paths)  # raw tables changed after validation: refuse
         items = pd.read_parquet(paths.raw_items)
         log.read(paths.raw_items, f"{len(items):,} items")
         inter = pd.read_parquet(paths.raw_interactions)
         log.read(paths.raw_interactions, f"{len(inter):,} interactions")
-        from genre_tasks.validate import drop_quarantined  # validate.on_bad_rows: quarantine
-
-        items, inter = drop_quarantined(summary, items, inter)
+        items, inter = drop_quarantined(summary, items, inter)  # validate.on_bad_rows: quarantine
 
         items, inter, hist, stats = preprocess(items, inter, p)
         for name in S.SPLITS:

@@ -766,6 +766,25 @@ def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
     return True
 
 
+def raw_hashes(paths: Paths) -> dict[str, str]:
+    """md5 of the raw tables a validation vouches for (relative path -> md5)."""
+    files = [paths.raw_items, paths.raw_interactions, paths.raw_input_interactions]
+    return {_rel(f, paths.root): io.file_md5(f) for f in files if f.is_file()}
+
+
+def require_current(summary: dict, paths: Paths) -> None:
+    """Refuse (StageError) raw tables that changed after the validation in ``summary`` (e.g.
+    ingest re-ran, validate did not): the stage reading them says what to re-run."""
+    old = summary.get("raw_md5")
+    if old is None:  # a summary from before raw hashes were recorded
+        return
+    now = raw_hashes(paths)
+    changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    if changed:
+        raise StageError(f"{', '.join(changed)} changed since validation passed on them; re-run "
+                         "`genre validate` (or `dvc repro`) first")
+
+
 def drop_quarantined(summary: dict, items: pd.DataFrame,
                      interactions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The raw tables without the rows validation quarantined (``summary.json``'s
@@ -880,6 +899,7 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
             if not (tmp_docs / "index.html").exists():
                 raise StageError(f"GX built no Data Docs (no index.html in {tmp_docs})")
         log.wrote(docs, "Data Docs")
+        report["raw_md5"] = raw_hashes(paths)  # what the next stages check (require_current)
         io.write_json(report, paths.validation_summary)
         log.wrote(paths.validation_summary, "validation summary")
         io.write_json(_metrics(report), paths.metrics(STAGE))

@@ -204,3 +204,19 @@ def test_quarantine_has_a_hard_limit_and_never_fixes_a_whole_table_rule(tmp_path
     msg = refused(quarantine_params(params, fraction=1.0), paths, adapter="tabular")
     assert "FAILED column timestamp: column exists" in msg
     assert io.read_json(validate.failure_path(paths))["quarantine"]["applied"] is False
+
+
+def test_preprocess_refuses_raw_tables_changed_after_validation(tmp_path, params):
+    from genre_tasks import preprocess
+
+    paths = Paths(tmp_path)
+    write_movielens(paths.source)
+    run_ingest_validate(params, paths)
+    inter = paths.source / "ml-100k" / "ml-100k.inter"
+    inter.write_text(inter.read_text() + "4\t1\t5\t881250999\n")
+    ingest.main(params, paths)  # re-ingested, not re-validated
+    with pytest.raises(StageError, match=r"data/raw/interactions.parquet changed since validation "
+                                         r"passed on them; re-run `genre validate`"):
+        preprocess.main(params, paths)
+    validate.main(params, paths)
+    assert preprocess.main(params, paths)["n_interactions"] == 13
