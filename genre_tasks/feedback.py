@@ -345,7 +345,7 @@ def refuse_entries(fp: FeedbackPaths) -> dict[str, str]:
 
 def batch_files(fp: FeedbackPaths, batch_id: str) -> list[Path]:
     """The landing-folder file(s) of ``batch_id`` (two when both a .csv and a .parquet exist)."""
-    return [b.path for b in list_batches(fp) if b.batch_id == batch_id]
+    return [b.path for b in scan_incoming(fp)[0] if b.batch_id == batch_id]  # (no re-warning)
 
 
 class BatchLimitError(BatchReadError):
