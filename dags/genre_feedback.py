@@ -9,7 +9,7 @@ Each task is a thin wrapper around `genre_tasks.feedback` (the same code as
 
 | task | what it does | retries |
 |---|---|---|
-| `list_batches` | batch ids in the landing folder | no |
+| `list_batches` | batch ids in the landing folder (symlinks / fifos refused into quarantine, other entries reported) | no |
 | `validate_batch` (mapped, one per batch) | the Great Expectations `interactions` suite of the validate stage (same rules as the main data, items must be known unless `allow_new_items`) plus the batch rules: no timestamp after this run's logical date, no event already in the store. A bad batch moves to `quarantine/<batch_id>/` with `report.json` + `message.txt`: the task **succeeds** and reports it (the rest of the run goes on) | no (deterministic) |
 | `prequential` | the registered `@champion` is scored on each good batch *before* anything is trained on it: nDCG@10, Recall@10, MRR, AUC and user counts -> `data/feedback/prequential/<batch_id>.json` and an MLflow run tagged with the batch | yes |
 | `apply_batches` | each good batch becomes one store part `data/source/feedback/<batch_id>.parquet` (atomic write), then the ledger entry (the commit point); the same batch id is applied once; a crash leaves the store without the batch or with all of it | yes (idempotent) |
@@ -116,6 +116,8 @@ def list_batches() -> list[str]:
     with stage_environment(root, None):
         params, _, _ = _run_context()
         fp = feedback.FeedbackPaths(Paths(root), feedback.settings(params).feedback)
+        for name, reason in feedback.refuse_entries(fp).items():  # symlinks, fifos: never read
+            log.error("%s REFUSED: %s", name, reason)
         ids = sorted({b.batch_id for b in feedback.list_batches(fp)})
     log.info("%d batch(es) in %s: %s", len(ids), fp.incoming, ids)
     return ids

@@ -1,7 +1,10 @@
 """Feedback loop: new interaction batches -> validated -> champion scored on them -> the store.
 
 New interactions arrive as batch files in a landing folder; the batch id is the file stem
-(``2026-W12.parquet``, ``1998-W10.csv``), the content the canonical interactions schema of
+(``2026-W12.parquet``, ``1998-W10.csv``; only regular files are read, never through a symlink,
+each at most ``feedback.max_batch_bytes`` / ``max_batch_rows``; symlinks, fifos, devices and
+folders are refused into quarantine unread; hidden and other files are reported, never skipped
+silently), the content the canonical interactions schema of
 :mod:`genre_tasks.schema` (``user_id``, ``item_id``, ``timestamp`` unix seconds, ``rating`` and/or
 ``label``, optional ``impression_id``; CSV values are parsed as the adapters do). Each batch goes
 through, in batch-id order:
@@ -41,6 +44,7 @@ Layout (``feedback.incoming`` / ``feedback.workdir`` relative to the project roo
     data/feedback/recorded.json                       batches whose store version DVC recorded
     data/source/feedback/<batch_id>.parquet           the store (DVC output of stage source)
     data/source/feedback/applied.json                 the store's ledger
+    data/.feedback-store.lock                         the store's lock (taken before it is read)
 
 Params: an optional ``feedback`` section (:class:`FeedbackParams`), plus ``ingest`` (the
 store), ``validate`` (the rules), ``preprocess.positive_threshold``, ``promote.model_name`` and
@@ -104,6 +108,9 @@ class FeedbackParams:
     prequential      score the @champion on each good batch before it is applied
     dvc              record the store's new version with DVC (commit + push) after applying
     dvc_push         push the recorded version to the default DVC remote
+    max_batch_bytes  a batch file larger than this is quarantined unread (limit: bytes)
+    max_batch_rows   a batch with more rows than this is quarantined before it is loaded
+                     (parquet: from its footer; CSV: counted while parsing)
     """
 
     incoming: str = "data/feedback/incoming"
@@ -112,6 +119,13 @@ class FeedbackParams:
     prequential: bool = True
     dvc: bool = True
     dvc_push: bool = True
+    max_batch_bytes: int = 64 * 1024 * 1024
+    max_batch_rows: int = 1_000_000
+
+    def validate(self) -> None:
+        for name in ("max_batch_bytes", "max_batch_rows"):
+            if getattr(self, name) < 1:
+                raise config.ParamsError(f"feedback.{name}: must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +195,10 @@ class FeedbackPaths:
 
     @property
     def lock(self) -> Path:
-        return self.dir / ".store.lock"
+        """The store's lock: beside the store (``data/.feedback-store.lock``), not in the
+        workdir, so runs with different landing folders / workdirs still exclude each other;
+        outside ``data/source`` so DVC never hashes it."""
+        return self.source.parent / ".feedback-store.lock"
 
     def rel(self, path: Path) -> str:
         return _rel(path, self.root)
@@ -214,7 +231,8 @@ def _iso(ts: int | None) -> str | None:
 
 @contextlib.contextmanager
 def store_lock(fp: FeedbackPaths) -> Iterator[None]:
-    """Exclusive lock of the store while a batch is applied (CLI and DAG may both run)."""
+    """Exclusive lock of the store (CLI and DAG may both run). Whoever checks the store and
+    then writes it must read it AFTER taking this lock (:func:`apply_batches`)."""
     fp.lock.parent.mkdir(parents=True, exist_ok=True)
     with open(fp.lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -248,54 +266,198 @@ def safe_batch_id(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip("._-")[:128] or "unnamed"
 
 
-def list_batches(fp: FeedbackPaths) -> list[Batch]:
-    """Batch files in the landing folder, in batch-id order (hidden / temp files ignored)."""
+def scan_incoming(fp: FeedbackPaths) -> tuple[list[Batch], list[dict]]:
+    """Every entry of the landing folder: ``(batches, others)``.
+
+    ``batches``: regular files (not symlinks) with a batch suffix, in batch-id order.
+    ``others``: every other entry, each ``{"name", "kind", "reason", "refuse"}`` - nothing in
+    the folder is skipped silently. ``refuse`` is True for entries that must never be read
+    (symlinks, fifos, devices, sockets, folders): :func:`refuse_entries` moves them (the link
+    itself, never its target) to quarantine. Hidden files (``.name``, ``_name``: e.g. an upload
+    still being written) and files of another type are reported and left where they are.
+    The checks use ``lstat``: a symlink is never followed.
+    """
+    import stat
+
     if not fp.incoming.is_dir():
-        return []
-    out = []
+        return [], []
+    batches, others = [], []
     for path in sorted(fp.incoming.iterdir()):
-        if not path.is_file() or path.name.startswith((".", "_")):
-            continue
-        if path.suffix.lower() not in BATCH_SUFFIXES:
-            log.warning("%s: not a batch file (%s): ignored", path, "/".join(BATCH_SUFFIXES))
-            continue
-        out.append(Batch(safe_batch_id(path.stem), path))
-    return sorted(out, key=lambda b: (b.batch_id, b.path.name))
+        mode = path.lstat().st_mode
+        kind = ("symlink" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else
+                "folder" if stat.S_ISDIR(mode) else "fifo" if stat.S_ISFIFO(mode) else
+                "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else
+                "socket" if stat.S_ISSOCK(mode) else "special file")
+        if kind != "file":
+            others.append({"name": path.name, "kind": kind, "refuse": True,
+                           "reason": f"not a regular file ({kind}): batches must be regular files "
+                                     "inside the landing folder; it is never read"})
+        elif path.name.startswith((".", "_")):
+            others.append({"name": path.name, "kind": "hidden", "refuse": False,
+                           "reason": "hidden file (name starts with '.' or '_', e.g. an upload in "
+                                     "progress): not processed; rename it to submit it as a batch"})
+        elif path.suffix.lower() not in BATCH_SUFFIXES:
+            others.append({"name": path.name, "kind": "other type", "refuse": False,
+                           "reason": f"not a batch file type ({'/'.join(BATCH_SUFFIXES)}): "
+                                     "not processed"})
+        else:
+            batches.append(Batch(safe_batch_id(path.stem), path))
+    return sorted(batches, key=lambda b: (b.batch_id, b.path.name)), others
+
+
+def list_batches(fp: FeedbackPaths) -> list[Batch]:
+    """Batch files in the landing folder, in batch-id order; every other entry is reported
+    (a warning each, see :func:`scan_incoming`)."""
+    batches, others = scan_incoming(fp)
+    for o in others:
+        log.warning("%s: %s", fp.rel(fp.incoming / o["name"]), o["reason"])
+    return batches
+
+
+def refuse_entries(fp: FeedbackPaths) -> dict[str, str]:
+    """Move the landing-folder entries that must never be read (symlinks, fifos, devices,
+    folders) to ``quarantine/<name>/`` with a message; ``{name: reason}``.
+
+    The entry itself is renamed (a symlink stays a link, its target is not touched or read).
+    When it cannot be moved (another file system) it is left in place and still reported.
+    """
+    _, others = scan_incoming(fp)
+    out = {}
+    for o in (o for o in others if o["refuse"]):
+        src = fp.incoming / o["name"]
+        qid = safe_batch_id(o["name"])
+        target = fp.quarantine / qid
+        report = failure_report(fp.rel(src), "a batch is a regular file in the landing folder",
+                                o["reason"])
+        report["failure_report"] = fp.rel(target / "report.json")
+        message = f"entry {o['name']} refused\n" + o["reason"]
+        try:
+            with io.atomic_dir(target) as tmp:
+                io.write_json(report, tmp / "report.json")
+                (tmp / "message.txt").write_text(message + "\n")
+                os.rename(src, tmp / o["name"])  # the entry itself; a link is not followed
+        except OSError as exc:
+            message += f" (left in place: {exc})"
+        log.error("%s REFUSED: %s", fp.rel(src), message)
+        out[o["name"]] = o["reason"]
+    return out
 
 
 def batch_files(fp: FeedbackPaths, batch_id: str) -> list[Path]:
     """The landing-folder file(s) of ``batch_id`` (two when both a .csv and a .parquet exist)."""
-    return [b.path for b in list_batches(fp) if b.batch_id == batch_id]
+    return [b.path for b in scan_incoming(fp)[0] if b.batch_id == batch_id]  # (no re-warning)
 
 
-def read_batch(path: Path) -> tuple[pd.DataFrame, dict]:
+class BatchLimitError(BatchReadError):
+    """A batch over ``feedback.max_batch_bytes`` / ``feedback.max_batch_rows``."""
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (never through a symlink: ``O_NOFOLLOW``;
+    a fifo is not waited on: ``O_NONBLOCK``) of at most ``max_bytes`` bytes. The checks use the
+    opened descriptor, so swapping the file for a link after listing does not help.
+    Raises :class:`BatchReadError` / :class:`BatchLimitError`."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BatchReadError(f"{path}: cannot be opened as a regular file (symlinks are not "
+                             f"followed): {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BatchReadError(f"{path}: not a regular file; it is not read")
+        if st.st_size > max_bytes:
+            raise BatchLimitError(f"{path}: {st.st_size:,} bytes is over the per-batch limit "
+                                  f"feedback.max_batch_bytes = {max_bytes:,}; split the batch")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while being read
+        raise BatchLimitError(f"{path}: over the per-batch limit feedback.max_batch_bytes = "
+                              f"{max_bytes:,}; split the batch")
+    return data
+
+
+def read_batch(path: Path, p: FeedbackParams | None = None,
+               label: str | None = None) -> tuple[pd.DataFrame, dict]:
     """A batch file -> (canonical interactions, notes).
 
-    Parquet keeps its types, CSV values are all read as text; both are then coerced to the
-    canonical dtypes as the adapters do (unparseable values become nulls, which validation
-    reports). ``notes``: ``ignored_columns`` (not canonical), ``missing_columns``.
-    Raises :class:`BatchReadError` when the file is not a readable table.
+    Read once through :func:`read_regular_file` (regular files only, at most
+    ``feedback.max_batch_bytes``); a parquet file's row count is taken from its footer and a
+    batch over ``feedback.max_batch_rows`` is refused before it is loaded. CSV is parsed
+    strictly by :func:`adapters.read_delimited` (invalid UTF-8, U+FFFD, ragged rows: refused
+    naming the line and column); both are then coerced to the canonical dtypes, and a
+    timestamp / rating / label that does not parse is refused with its line (CSV) or row
+    (parquet). ``notes``: ``ignored_columns`` (not canonical), ``missing_columns``, ``lines``
+    (the 1-based line / row of each batch row, not JSON: popped by the caller).
+    Raises :class:`BatchReadError` (with the located problems) when the batch is refused.
     """
     from genre_tasks import adapters
 
+    p = p or FeedbackParams()
+    label = label or str(path)
     suffix = path.suffix.lower()
+    data = read_regular_file(path, p.max_batch_bytes)
     try:
         if suffix == ".parquet":
-            raw = pd.read_parquet(path) if path.stat().st_size else pd.DataFrame()
+            raw = _read_parquet_bytes(data, label, p.max_batch_rows)
         elif suffix == ".csv":
-            raw = adapters.read_delimited(path, sep=",", quoting=csv.QUOTE_MINIMAL,
-                                          key="feedback batch")
+            raw = adapters.read_delimited(path, sep=",", quoting=csv.QUOTE_MINIMAL, data=data,
+                                          key="feedback batch", max_rows=p.max_batch_rows,
+                                          label=label)
         else:
             raise BatchReadError(f"{path}: unsupported batch file type (use {BATCH_SUFFIXES})")
+        batch, lines = _parse_batch(raw, label)
     except BatchReadError:
         raise
+    except adapters.InputError as exc:
+        raise BatchReadError(str(exc)) from exc
+    except StageError as exc:  # the row limit while parsing
+        raise BatchLimitError(f"{exc}: over the per-batch limit feedback.max_batch_rows = "
+                              f"{p.max_batch_rows:,}; split the batch") from exc
     except Exception as exc:  # noqa: BLE001 - any reader error: the file is not a table
-        raise BatchReadError(f"{path}: not a readable {suffix} table: {exc}") from exc
+        raise BatchReadError(f"{label}: not a readable {suffix} table: {exc}") from exc
     notes = {
         "ignored_columns": [str(c) for c in raw.columns if c not in S.INTERACTION_COLUMNS],
         "missing_columns": [c for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP) if c not in raw.columns],
+        "lines": lines,
     }
-    return adapters.canonical_interactions(raw), notes
+    return batch, notes
+
+
+def _read_parquet_bytes(data: bytes, label: str, max_rows: int) -> pd.DataFrame:
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    if not data:
+        return pd.DataFrame()
+    pf = pq.ParquetFile(_io.BytesIO(data))
+    n = pf.metadata.num_rows
+    if n > max_rows:
+        raise BatchLimitError(f"{label}: {n:,} rows is over the per-batch limit "
+                              f"feedback.max_batch_rows = {max_rows:,}; split the batch")
+    raw = pf.read().to_pandas()
+    raw.index = pd.RangeIndex(1, len(raw) + 1, name=S.SOURCE_LINE)
+    return raw
+
+
+def _parse_batch(raw: pd.DataFrame, label: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Canonical interactions of a raw batch; a value that does not parse is refused."""
+    from genre_tasks import adapters
+    from genre_tasks.adapters.tabular import PARSERS
+
+    lines = (raw.index.to_numpy(dtype=np.int64) if raw.index.name == S.SOURCE_LINE
+             else np.arange(1, len(raw) + 1, dtype=np.int64))
+    problems = adapters.Problems(label)
+    cols = {c: raw[c] for c in S.INTERACTION_COLUMNS if c in raw.columns}
+    for name, (parse, rule) in PARSERS.items():
+        if name in cols and not (name == S.TIMESTAMP and cols[name].dtype == "int64"):
+            parsed = parse(cols[name])
+            problems.unparsed(cols[name], parsed, name, rule)
+            cols[name] = parsed
+    problems.raise_if_any()
+    return adapters.canonical_interactions(pd.DataFrame(cols)), lines
 
 
 def event_keys(df: pd.DataFrame) -> pd.MultiIndex:
@@ -326,7 +488,8 @@ def in_store(batch: pd.DataFrame, store: pd.DataFrame) -> pd.Series:
 # validation
 # --------------------------------------------------------------------------------------
 def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s: Settings,
-                logical_date: dt.datetime, path: str = "batch") -> dict:
+                logical_date: dt.datetime, path: str = "batch",
+                lines: np.ndarray | None = None) -> dict:
     """Validate a canonical batch; return the GX report (``report["success"]``), never raise.
 
     The ``interactions`` suite of :mod:`genre_tasks.validate` (built by its
@@ -358,8 +521,12 @@ def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s
              columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP], requires=(IN_STORE,), column=IN_STORE,
              value_set=[False])
     results = V.run_suites(plans, s.validate)
-    report = V.build_report({"interactions": {"path": path, "frame": frame}}, plans, results,
-                            s.validate)
+    located = None
+    if lines is not None and len(lines) == len(frame):
+        located = pd.DataFrame({S.SOURCE_FILE: pd.Series([path] * len(frame), dtype="string"),
+                                S.SOURCE_LINE: np.asarray(lines, dtype=np.int64)})
+    report = V.build_report({"interactions": {"path": path, "frame": frame, "lines": located}},
+                            plans, results, s.validate)
     for entry in report["tables"]["interactions"]["expectations"]:
         if entry.get("kwargs", {}).get("column") == IN_STORE:
             entry.pop("unexpected_values", None)  # True/False says nothing; samples show rows
@@ -387,18 +554,6 @@ def failure_report(path: str, rule: str, detail: str, rows: int = 0,
                               "expectation": "batch_rule", "kwargs": {}, "success": False,
                               "unit": "rows", "error": detail}]}},
     }
-
-
-def add_failure(report: dict, rule: str, detail: str) -> dict:
-    """Append a failed batch-level rule to a GX report (e.g. found at apply time)."""
-    table = report["tables"]["interactions"]
-    table["expectations"].append({"suite": "batch", "rule": rule, "column": None,
-                                  "expectation": "batch_rule", "kwargs": {}, "success": False,
-                                  "unit": "rows", "error": detail})
-    table["evaluated_expectations"] += 1
-    table["unsuccessful_expectations"] += 1
-    table["success"] = report["success"] = False
-    return report
 
 
 def quarantine(fp: FeedbackPaths, batch_id: str, files: Sequence[Path], report: dict,
@@ -474,9 +629,12 @@ def validate_batch(params: dict, paths: S.Paths, batch_id: str,
         path = files[0]
         rel = fp.rel(path)
         try:
-            batch, notes = read_batch(path)
+            batch, notes = read_batch(path, s.feedback, label=rel)
         except BatchReadError as exc:
-            report = failure_report(rel, "the batch file is a readable table", str(exc))
+            rule = ("a batch is within feedback.max_batch_bytes / max_batch_rows"
+                    if isinstance(exc, BatchLimitError) else
+                    "the batch file is a readable table of well-formed values")
+            report = failure_report(rel, rule, str(exc))
             where = fp.quarantine / batch_id
             target = quarantine(fp, batch_id, files, report, _message(report, batch_id, where, fp))
             return _summary(batch_id, "quarantined", fp, rows=0, file=path.name,
@@ -501,7 +659,7 @@ def validate_batch(params: dict, paths: S.Paths, batch_id: str,
 
         items, inter = store if store is not None else load_store(s, fp)
         slog.read(fp.source, f"store: {len(items)} items, {len(inter)} interactions")
-        report = check_batch(batch, items, inter, s, moment, rel)
+        report = check_batch(batch, items, inter, s, moment, rel, lines=notes.pop("lines"))
         report["batch"].update({"batch_id": batch_id, "file": path.name, "sha1": sha1, **notes,
                                 **_time_range(batch)})
         if not report["success"]:
@@ -570,99 +728,113 @@ def archive(fp: FeedbackPaths, batch_id: str, path: Path, record: dict | None) -
     return target
 
 
-def apply_batch(params: dict, paths: S.Paths, batch_id: str, logical_date: str | dt.datetime,
-                store: pd.DataFrame | None = None) -> dict:
-    """Append validated batch ``batch_id`` to the store, exactly once.
+def apply_batch(params: dict, paths: S.Paths, batch_id: str,
+                logical_date: str | dt.datetime) -> dict:
+    """Append validated batch ``batch_id`` to the store, exactly once (see :func:`_apply_locked`).
+
+    The store lock is taken BEFORE the store is read: the "already in the store" check always
+    sees every batch another process applied (two runs at once used to apply the same events
+    twice, each checking a copy of the store read before the other's apply).
+    """
+    s = settings(params)
+    fp = FeedbackPaths(paths, s.feedback)
+    with logs.stage("feedback-apply") as slog, store_lock(fp):
+        store = load_store(s, fp)[1]
+        return _apply_locked(s, fp, batch_id, as_datetime(logical_date), store, slog)
+
+
+def _apply_locked(s: Settings, fp: FeedbackPaths, batch_id: str, moment: dt.datetime,
+                  store: pd.DataFrame, slog: logs.StageLog) -> dict:
+    """Apply one batch; the caller holds :func:`store_lock` and read ``store`` under it.
 
     1. the batch must carry a validation record of the same content (else StageError);
     2. its events are checked again against the store as it is now (a batch applied earlier in
-       the same run may hold the same events): duplicates quarantine it;
+       the same run, or by another process, may hold the same events): duplicates quarantine it;
     3. the part ``data/source/feedback/<batch_id>.parquet`` is written atomically, unless an
        identical part is already there (an interrupted earlier apply);
     4. the ledger entry is written (atomically) - the commit point;
     5. the file is archived in ``applied/<batch_id>/``.
 
     Returns ``{batch_id, status: applied | already_applied | quarantined, rows, ...}``.
-    ``store`` = the current store interactions, preloaded (:func:`apply_batches`).
     """
     from genre_tasks import adapters
     from genre_tasks.ingest import write_table
 
-    s = settings(params)
-    fp = FeedbackPaths(paths, s.feedback)
-    moment = as_datetime(logical_date)
-    with logs.stage("feedback-apply") as slog, store_lock(fp):
-        files = batch_files(fp, batch_id)
-        ledger = adapters.read_ledger(fp.source)
-        if not files:
-            if batch_id in ledger:
-                return _summary(batch_id, "already_applied", fp, rows=int(ledger[batch_id]["rows"]))
-            raise StageError(f"batch {batch_id}: no file in {fp.rel(fp.incoming)} and not in the "
-                             "store ledger")
-        path = files[0]
-        batch, _ = read_batch(path)
-        sha1 = adapters.content_hash(batch)
-        record_path = fp.validated / f"{batch_id}.json"
-        record = io.read_json(record_path) if record_path.exists() else None
+    files = batch_files(fp, batch_id)
+    ledger = adapters.read_ledger(fp.source)
+    if not files:
         if batch_id in ledger:
-            if ledger[batch_id].get("sha1") == sha1:
-                archive(fp, batch_id, path, record)
-                slog.logger.info("batch %s: already in the store; archived the file", batch_id)
-                return _summary(batch_id, "already_applied", fp, rows=int(len(batch)))
-            raise StageError(f"batch {batch_id}: id already applied with other content (validate "
-                             "quarantines such a batch; was the file replaced after validation?)")
-        if not record or not record.get("success") or record.get("sha1") != sha1:
-            raise StageError(f"batch {batch_id}: {fp.rel(path)} has no validation record of this "
-                             f"content in {fp.rel(fp.validated)}; validate it first")
+            return _summary(batch_id, "already_applied", fp, rows=int(ledger[batch_id]["rows"]))
+        raise StageError(f"batch {batch_id}: no file in {fp.rel(fp.incoming)} and not in the "
+                         "store ledger")
+    path = files[0]
+    batch, _ = read_batch(path, s.feedback)
+    sha1 = adapters.content_hash(batch)
+    record_path = fp.validated / f"{batch_id}.json"
+    record = io.read_json(record_path) if record_path.exists() else None
+    if batch_id in ledger:
+        if ledger[batch_id].get("sha1") == sha1:
+            archive(fp, batch_id, path, record)
+            slog.logger.info("batch %s: already in the store; archived the file", batch_id)
+            return _summary(batch_id, "already_applied", fp, rows=int(len(batch)))
+        raise StageError(f"batch {batch_id}: id already applied with other content (validate "
+                         "quarantines such a batch; was the file replaced after validation?)")
+    if not record or not record.get("success") or record.get("sha1") != sha1:
+        raise StageError(f"batch {batch_id}: {fp.rel(path)} has no validation record of this "
+                         f"content in {fp.rel(fp.validated)}; validate it first")
 
-        if store is None:
-            store = load_store(s, fp)[1]
-        dups = in_store(batch, store).fillna(False).to_numpy(dtype=bool)
-        if dups.any():
-            report = add_failure(record["report"], "event is not already in the interaction store "
-                                 "(checked again at apply time)",
-                                 f"{int(dups.sum())} of {len(batch)} events were added to the store "
-                                 "after this batch was validated (by another batch)")
-            where = fp.quarantine / batch_id
-            target = quarantine(fp, batch_id, [path], report, _message(report, batch_id, where, fp))
-            return _summary(batch_id, "quarantined", fp, rows=int(len(batch)),
-                            quarantine=fp.rel(target), message=report_short(report))
+    dups = in_store(batch, store).fillna(False).to_numpy(dtype=bool)
+    if dups.any():
+        from genre_tasks.validate import add_failure
 
-        part = adapters.part_path(fp.source, batch_id)
-        if part.exists() and adapters.content_hash(adapters.read_part(part)) == sha1:
-            slog.logger.warning("batch %s: the identical part %s of an interrupted apply is already "
-                                "in place: reusing it", batch_id, fp.rel(part))
-        else:
-            write_table(batch, part)
-            slog.wrote(part, f"store part, {len(batch)} rows")
-        entry = {"rows": int(len(batch)), "sha1": sha1, "file": path.name,
-                 "users": int(batch[S.USER_ID].nunique()),
-                 "applied_at": _iso(int(moment.timestamp())),
-                 "part": fp.rel(part), **_time_range(batch)}
-        _write_ledger(fp, {**ledger, batch_id: entry})
-        slog.wrote(adapters.ledger_path(fp.source), f"ledger: + {batch_id}")
-        archive(fp, batch_id, path, record)
-        slog.logger.info("batch %s APPLIED: %d rows (store: %d batches)", batch_id, len(batch),
-                         len(ledger) + 1)
-        return _summary(batch_id, "applied", fp, rows=int(len(batch)), part=fp.rel(part))
+        report = add_failure(record["report"], "event is not already in the interaction store "
+                             "(checked again at apply time)",
+                             f"{int(dups.sum())} of {len(batch)} events were added to the store "
+                             "after this batch was validated (by another batch)")
+        where = fp.quarantine / batch_id
+        target = quarantine(fp, batch_id, [path], report, _message(report, batch_id, where, fp))
+        return _summary(batch_id, "quarantined", fp, rows=int(len(batch)),
+                        quarantine=fp.rel(target), message=report_short(report))
+
+    part = adapters.part_path(fp.source, batch_id)
+    if part.exists() and adapters.content_hash(adapters.read_part(part)) == sha1:
+        slog.logger.warning("batch %s: the identical part %s of an interrupted apply is already "
+                            "in place: reusing it", batch_id, fp.rel(part))
+    else:
+        write_table(batch, part)
+        slog.wrote(part, f"store part, {len(batch)} rows")
+    entry = {"rows": int(len(batch)), "sha1": sha1, "file": path.name,
+             "users": int(batch[S.USER_ID].nunique()),
+             "applied_at": _iso(int(moment.timestamp())),
+             "part": fp.rel(part), **_time_range(batch)}
+    _write_ledger(fp, {**ledger, batch_id: entry})
+    slog.wrote(adapters.ledger_path(fp.source), f"ledger: + {batch_id}")
+    archive(fp, batch_id, path, record)
+    slog.logger.info("batch %s APPLIED: %d rows (store: %d batches)", batch_id, len(batch),
+                     len(ledger) + 1)
+    return _summary(batch_id, "applied", fp, rows=int(len(batch)), part=fp.rel(part))
 
 
 def apply_batches(params: dict, paths: S.Paths, batch_ids: Sequence[str],
                   logical_date: str | dt.datetime) -> dict:
-    """Apply ``batch_ids`` in batch-id order; return ``{"batches": [...summaries], "applied":
-    [ids newly applied], "unrecorded": [ledger ids DVC has not recorded yet]}``."""
+    """Apply ``batch_ids`` in batch-id order under ONE hold of the store lock, the store read
+    after the lock is taken; return ``{"batches": [...summaries], "applied": [ids newly
+    applied], "unrecorded": [ledger ids DVC has not recorded yet]}``."""
     from genre_tasks import adapters
 
     s = settings(params)
     fp = FeedbackPaths(paths, s.feedback)
-    store = load_store(s, fp)[1] if batch_ids else None
+    moment = as_datetime(logical_date)
     results = []
-    for batch_id in sorted(set(batch_ids)):
-        res = apply_batch(params, paths, batch_id, logical_date, store=store)
-        results.append(res)
-        if res["status"] == "applied":
-            part = adapters.read_part(adapters.part_path(fp.source, batch_id))
-            store = adapters.append_interactions(store, part)
+    if batch_ids:
+        with logs.stage("feedback-apply") as slog, store_lock(fp):
+            store = load_store(s, fp)[1]
+            for batch_id in sorted(set(batch_ids)):
+                res = _apply_locked(s, fp, batch_id, moment, store, slog)
+                results.append(res)
+                if res["status"] == "applied":
+                    part = adapters.read_part(adapters.part_path(fp.source, batch_id))
+                    store = adapters.append_interactions(store, part)
     return {"batches": results, "applied": [r["batch_id"] for r in results if r["status"] == "applied"],
             "unrecorded": unrecorded(fp)}
 
@@ -853,7 +1025,7 @@ def prequential(params: dict, paths: S.Paths, batch_ids: Sequence[str],
             if not files:
                 out[batch_id] = {"status": "skipped", "reason": "no batch file"}
                 continue
-            batch, _ = read_batch(files[0])
+            batch, _ = read_batch(files[0], s.feedback)
             sha1 = adapters.content_hash(batch)
             target = fp.prequential / f"{batch_id}.json"
             old = io.read_json(target) if target.exists() else None
@@ -1015,14 +1187,23 @@ def run(params: dict, paths: S.Paths, logical_date: str | dt.datetime, *,
 
     What the Airflow DAG ``genre_feedback`` does task by task, in one call (``genre feedback
     run``). Returns ``{"batches": {id: status}, "quarantined": [...], "applied": [...],
-    "prequential": {...}, "record": {...}}``.
+    "prequential": {...}, "record": {...}, "refused": {entry: reason}, "not_processed":
+    {file: reason}}``: every entry of the landing folder is either processed or reported
+    (symlinks, fifos, devices and folders are refused and moved to quarantine unread; hidden
+    files and other file types are reported and left in place).
     """
     s = settings(params, allow_new_items=allow_new_items)
     fp = FeedbackPaths(paths, s.feedback)
-    batches = list_batches(fp)
+    refused = refuse_entries(fp)
+    batches, others = scan_incoming(fp)
+    not_processed = {o["name"]: o["reason"] for o in others if not o["refuse"]}
+    for name, reason in not_processed.items():
+        log.warning("%s: %s", fp.rel(fp.incoming / name), reason)
     ids = sorted({b.batch_id for b in batches})
     if not ids:
-        log.info("no batch in %s", fp.rel(fp.incoming))
+        log.info("no batch file in %s%s", fp.rel(fp.incoming),
+                 f"; {len(refused) + len(not_processed)} other entr(ies) reported above"
+                 if refused or not_processed else "")
     store = load_store(s, fp) if ids else None
     validated = [validate_batch(params, paths, b, logical_date, allow_new_items=allow_new_items,
                                 store=store) for b in ids]
@@ -1038,7 +1219,8 @@ def run(params: dict, paths: S.Paths, logical_date: str | dt.datetime, *,
     return {"batches": status,
             "quarantined": sorted(b for b, st in status.items() if st == "quarantined"),
             "applied": applied["applied"], "prequential": scores, "record": record,
-            "messages": {v["batch_id"]: v["message"] for v in validated if v.get("message")}}
+            "messages": {v["batch_id"]: v["message"] for v in validated if v.get("message")},
+            "refused": refused, "not_processed": not_processed}
 
 
 def status(params: dict, paths: S.Paths) -> dict:
@@ -1134,6 +1316,8 @@ def feedback_cli(argv: list[str] | None = None) -> int:
                       allow_new_items=args.allow_new_items)
             for batch_id, msg in out.get("messages", {}).items():
                 print(f"batch {batch_id} quarantined: {msg}", file=sys.stderr)
+            for name, msg in {**out.get("refused", {}), **out.get("not_processed", {})}.items():
+                print(f"{name}: {msg}", file=sys.stderr)
         elif args.command == "status":
             out = status(params, paths)
         elif args.command == "record":

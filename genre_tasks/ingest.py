@@ -21,14 +21,17 @@ The outputs are deterministic: the same input gives byte-identical parquet files
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from genre_tasks import config, logs, schema
 from genre_tasks.config import ParamsError
+from genre_tasks.errors import StageError
 from genre_tasks.io import atomic_path, write_json
 from genre_tasks.schema import Paths
 
@@ -103,6 +106,8 @@ class IngestParams:
     until: str | dt.date | None = None
     mind: MindParams = field(default_factory=MindParams)
     tabular: TabularParams = field(default_factory=TabularParams)
+    #: genre values that mean "no genre" (compared stripped, case-insensitively); removed
+    no_genre_tokens: tuple[str, ...] = ("(no genres listed)",)
 
     def __post_init__(self) -> None:
         if isinstance(self.until, dt.date):  # YAML `until: 1998-03-02` loads as a date
@@ -167,26 +172,72 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
 
 def run(p: IngestParams, paths: Paths) -> dict:
     """Read the source files with adapter ``p.adapter`` (+ the feedback store) and write the
-    canonical raw tables and ``metrics/ingest.json``.
+    canonical raw tables, the provenance side table, the manifest and ``metrics/ingest.json``.
+
+    * ``data/raw/items.parquet``, ``data/raw/interactions.parquet``: canonical; the
+      interactions after ``ingest.until`` / ``ingest.max_users`` (what preprocess trains on);
+    * ``data/raw/input_interactions.parquet``: every interaction the user gave, written only
+      when slicing dropped rows (validate checks everything the user gave, then the slice);
+    * ``data/raw/lines.parquet``: ``table, row, source_file, source_line`` - where each row of
+      items / the validated interactions table is in the user's files (validate's messages);
+    * ``data/raw/manifest.json``: the source files read (path, bytes, md5), the ingest params
+      and the slicing report (rows kept / dropped); validate uses it to notice stale inputs.
 
     Returns ``{adapter, n_items, n_interactions, n_users, items, interactions, until,
-    n_feedback_batches, n_feedback_rows, feedback_batches, max_timestamp, seconds}``.
-    Raises :class:`~genre_tasks.errors.StageError` for an unknown adapter or a missing file.
+    n_feedback_batches, n_feedback_rows, feedback_batches, max_timestamp, slice, seconds}``.
+    Raises :class:`~genre_tasks.errors.StageError` for an unknown adapter, a missing file or a
+    malformed one (:class:`~genre_tasks.adapters.InputError`: file, line, column, value, rule);
+    then nothing is written and the previous outputs are removed.
     """
     from genre_tasks import adapters
 
     with logs.stage("ingest", paths) as log:
+        outputs = (paths.raw_items, paths.raw_interactions, paths.raw_input_interactions,
+                   paths.raw_lines, paths.raw_manifest)
         for path in adapters.source_files(p, paths.source):
             log.read(path, f"{p.adapter} source")
         ledger = adapters.read_ledger(paths.source)
         for batch_id in sorted(ledger):
             log.read(adapters.part_path(paths.source, batch_id),
                      f"feedback batch {batch_id}, {ledger[batch_id].get('rows')} rows")
-        items, interactions = adapters.load(p, paths.source)
+        conventions: dict = {}
+        try:
+            items, full = adapters.load(p, paths.source, slice_users=False, locations=True,
+                                        report=conventions, until=False)
+        except StageError:
+            for out in outputs:  # no stale tables for a later stage to pick up
+                out.unlink(missing_ok=True)
+            raise
+        sliced_report: dict = {}
+        full[ROW] = np.arange(len(full), dtype=np.int64)
+        interactions = adapters.slice_view(p, full, sliced_report, paths.source)
+        sliced = sliced_report["rows_dropped"] > 0
+        kept = np.full(len(full), -1, dtype=np.int64)  # validated row -> row of the slice
+        kept[interactions[ROW].to_numpy(dtype=np.int64)] = np.arange(len(interactions))
+        full, interactions = full.drop(columns=[ROW]), interactions.drop(columns=[ROW])
+        lines = pd.concat([_lines("items", items, paths.root, np.arange(len(items))),
+                           _lines("interactions", full, paths.root, kept)], ignore_index=True)
+        items = items.drop(columns=LOCATION_COLUMNS)
+        full = full.drop(columns=LOCATION_COLUMNS)
+        interactions = interactions.drop(columns=LOCATION_COLUMNS)
         write_table(items, paths.raw_items)
         log.wrote(paths.raw_items, f"{len(items)} items")
         write_table(interactions, paths.raw_interactions)
         log.wrote(paths.raw_interactions, f"{len(interactions)} interactions")
+        if sliced:
+            write_table(full, paths.raw_input_interactions)
+            log.wrote(paths.raw_input_interactions,
+                      f"all {len(full)} interactions given (before slicing)")
+        else:
+            paths.raw_input_interactions.unlink(missing_ok=True)
+        write_table(lines, paths.raw_lines)
+        log.wrote(paths.raw_lines, "source file + line of every raw row")
+        manifest = {"adapter": p.adapter, "params": _jsonable_params(p),
+                    "files": source_manifest(p, paths), "slice": sliced_report,
+                    "validated_table": _rel(paths.raw_input_interactions if sliced
+                                            else paths.raw_interactions, paths.root)}
+        write_json(manifest, paths.raw_manifest)
+        log.wrote(paths.raw_manifest, "inputs (md5) and slicing report")
         n_users = (int(interactions[schema.USER_ID].nunique())
                    if schema.USER_ID in interactions.columns else 0)
         n_feedback = sum(int(e.get("rows", 0)) for e in ledger.values())
@@ -200,6 +251,9 @@ def run(p: IngestParams, paths: Paths) -> dict:
             "n_feedback_rows": n_feedback,
             "feedback_batches": sorted(ledger),
             "max_timestamp": _max_timestamp(interactions),
+            "slice": sliced_report,
+            "text": conventions.get("text"),
+            "placeholder_genre_items": conventions.get("placeholder_genre_items", 0),
         }
         write_json(record, paths.metrics("ingest"))
         log.wrote(paths.metrics("ingest"), "ingest metrics (data cutoff, feedback batches)")
@@ -209,6 +263,91 @@ def run(p: IngestParams, paths: Paths) -> dict:
             "interactions": str(paths.raw_interactions),
             "seconds": round(log.seconds, 3),
         }
+
+
+LOCATION_COLUMNS = [schema.SOURCE_FILE, schema.SOURCE_LINE]
+
+
+ROW = "_validated_row"
+
+
+def _lines(table: str, df: pd.DataFrame, root: Path, kept: np.ndarray) -> pd.DataFrame:
+    """The side-table rows of one raw table: (table, row) -> (source_file relative to the
+    project root when inside it, source_line, kept_row: its row in the table preprocess
+    reads, -1 when slicing dropped it)."""
+    files = df[schema.SOURCE_FILE].astype("string")
+    names = {f: _rel(Path(f), root) for f in files.dropna().unique()}
+    return pd.DataFrame({
+        "table": pd.Series([table] * len(df), dtype="string"),
+        "row": pd.Series(range(len(df)), dtype="int64"),
+        schema.SOURCE_FILE: files.map(names).astype("string").reset_index(drop=True),
+        schema.SOURCE_LINE: df[schema.SOURCE_LINE].astype("int64").reset_index(drop=True),
+        "kept_row": pd.Series(kept, dtype="int64"),
+    })
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _jsonable_params(p: IngestParams) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(p), default=str))
+
+
+def source_manifest(p: IngestParams, paths: Paths) -> list[dict]:
+    """``[{path, bytes, md5}]`` of every file ingest reads: the adapter's source files and the
+    feedback store's ledger (its parts are pinned by the ledger's content hashes)."""
+    from genre_tasks import adapters
+    from genre_tasks.io import file_md5
+
+    files = [*adapters.source_files(p, paths.source)]
+    ledger = adapters.ledger_path(paths.source)
+    if ledger.is_file():
+        files.append(ledger)
+    return [{"path": _rel(f, paths.root), "bytes": f.stat().st_size, "md5": file_md5(f)}
+            for f in files if f.is_file()]
+
+
+def stale_inputs(paths: Paths, p: IngestParams | None = None) -> list[str]:
+    """Why ``data/raw`` no longer matches its inputs (empty: it is current).
+
+    Compares ``data/raw/manifest.json`` (written by the last ingest) with the source files as
+    they are now (size, then md5) and, when ``p`` is given, with the ``ingest`` params. A raw
+    folder without a manifest (written before manifests existed) is not judged.
+    """
+    if not paths.raw_manifest.is_file():
+        return []
+    from genre_tasks.io import read_json
+
+    manifest = read_json(paths.raw_manifest)
+    reasons = []
+    if p is not None and manifest.get("params") != _jsonable_params(p):
+        old, new = manifest.get("params") or {}, _jsonable_params(p)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        reasons.append(f"params ingest.{{{', '.join(keys)}}} changed since ingest ran")
+    now = {f["path"]: f for f in (source_manifest(p, paths) if p is not None else [])}
+    for f in manifest.get("files", []):
+        path = paths.root / f["path"] if not Path(f["path"]).is_absolute() else Path(f["path"])
+        if not path.is_file():
+            reasons.append(f"{f['path']} is gone since ingest read it")
+            continue
+        cur = now.get(f["path"])
+        if cur is None:
+            from genre_tasks.io import file_md5
+
+            cur = {"bytes": path.stat().st_size, "md5": file_md5(path)}
+        if cur["md5"] != f["md5"]:
+            reasons.append(f"{f['path']} changed since ingest read it (md5 {f['md5'][:8]} -> "
+                           f"{cur['md5'][:8]}, {f['bytes']} -> {cur['bytes']} bytes)")
+    if p is not None:
+        known = {f["path"] for f in manifest.get("files", [])}
+        reasons += [f"{k} is new since ingest ran" for k in sorted(set(now) - known)]
+    return reasons
 
 
 def _max_timestamp(interactions: pd.DataFrame) -> int | None:

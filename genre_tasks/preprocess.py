@@ -226,13 +226,18 @@ def preprocess(items: pd.DataFrame, inter: pd.DataFrame, p: PreprocessParams) ->
 def run(p: PreprocessParams, paths: S.Paths) -> dict:
     with logs.stage("preprocess", paths) as log:
         summary_path = paths.validation_summary
-        if not summary_path.exists() or not io.read_json(summary_path).get("success", False):
+        summary = io.read_json(summary_path) if summary_path.exists() else {}
+        if not summary.get("success", False):
             raise StageError(f"{summary_path}: no successful validation; run the validate stage first")
         log.read(summary_path, "validation passed")
+        from genre_tasks.validate import drop_quarantined, require_current
+
+        require_current(summary, paths)  # raw tables changed after validation: refuse
         items = pd.read_parquet(paths.raw_items)
         log.read(paths.raw_items, f"{len(items):,} items")
         inter = pd.read_parquet(paths.raw_interactions)
         log.read(paths.raw_interactions, f"{len(inter):,} interactions")
+        items, inter = drop_quarantined(summary, items, inter)  # validate.on_bad_rows: quarantine
 
         items, inter, hist, stats = preprocess(items, inter, p)
         for name in S.SPLITS:

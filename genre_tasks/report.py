@@ -15,6 +15,29 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def section_ingest(paths: S.Paths) -> list[str]:
+    m = _load(paths.metrics("ingest"))
+    if not m:
+        return []
+    lines = [f"## Input ({m.get('adapter')}): {m.get('n_items', 0):,} items, "
+             f"{m.get('n_interactions', 0):,} interactions used"]
+    sl = m.get("slice") or {}
+    if sl.get("rows_dropped"):
+        lines.append(f"- slice (until {sl.get('until')}, max_users {sl.get('max_users')}): kept "
+                     f"{sl['rows_kept']:,} of {sl['rows_in']:,} validated interactions, dropped "
+                     f"{sl['rows_dropped']:,}")
+    text = m.get("text") or {}
+    if text:
+        lines.append(f"- item text: {text.get('template')}")
+        if text.get("items") and text.get("title_only_items", 0) * 2 > text["items"]:
+            lines.append(f"- WARNING: the text is only the title for {text['title_only_items']:,}"
+                         f" of {text['items']:,} items")
+    if m.get("placeholder_genre_items"):
+        lines.append(f"- {m['placeholder_genre_items']:,} items had only a placeholder genre "
+                     "(ingest.no_genre_tokens): no genre")
+    return lines
+
+
 def section_validate(paths: S.Paths) -> list[str]:
     m = _load(paths.metrics("validate"))
     if not m:
@@ -23,6 +46,10 @@ def section_validate(paths: S.Paths) -> list[str]:
              f"- {'PASSED' if m['success'] else 'FAILED'}: {m['expectations_successful']}/"
              f"{m['expectations_evaluated']} expectations met on {m['items_rows']:,} items and "
              f"{m['interactions_rows']:,} interactions"]
+    if m.get("quarantined_items") or m.get("quarantined_interactions"):
+        lines.append(f"- on_bad_rows=quarantine: {m.get('quarantined_items', 0):,} items and "
+                     f"{m.get('quarantined_interactions', 0):,} interactions set aside, reasons in "
+                     f"{paths.validation_dir / 'quarantine.csv'}")
     lines.append(f"- Data Docs: {paths.validation_dir / 'docs' / 'index.html'}")
     return lines
 
@@ -90,7 +117,7 @@ def section_registry(paths: S.Paths) -> list[str]:
     return lines
 
 
-SECTIONS = (section_validate, section_preprocess, section_embed, section_genre,
+SECTIONS = (section_ingest, section_validate, section_preprocess, section_embed, section_genre,
             section_comparison, section_registry)
 
 

@@ -53,6 +53,10 @@ POSITIVE = "positive"  # bool: implicit positive label
 COLD = "cold"  # bool on items: part of a cold set (cold_items split)
 ROW = "row"  # original row order, the tie-breaker of temporal sorting
 
+# --- provenance of raw rows (ingest -> validate): where each row is in the USER's files ------
+SOURCE_FILE = "source_file"  # the file a raw row was read from (as the adapter opened it)
+SOURCE_LINE = "source_line"  # its 1-based line (text files) or row (parquet files)
+
 SPLITS = ("train", "valid", "test")
 SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
 
@@ -78,6 +82,22 @@ class Paths:
     @property
     def raw_interactions(self) -> Path:
         return self.root / "data" / "raw" / "interactions.parquet"
+
+    @property
+    def raw_lines(self) -> Path:
+        """Side table of ingest: (table, row) of a raw table -> (source_file, source_line)."""
+        return self.root / "data" / "raw" / "lines.parquet"
+
+    @property
+    def raw_input_interactions(self) -> Path:
+        """Every interaction the user gave, before ``ingest.max_users`` / ``ingest.until``
+        (written only when one of them slices; validate checks this table then)."""
+        return self.root / "data" / "raw" / "input_interactions.parquet"
+
+    @property
+    def raw_manifest(self) -> Path:
+        """What ingest read (source files with their md5, params) and what slicing kept."""
+        return self.root / "data" / "raw" / "manifest.json"
 
     # validate
     @property

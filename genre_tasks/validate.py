@@ -31,8 +31,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from genre_tasks import config, io, logs
@@ -41,6 +42,8 @@ from genre_tasks.schema import (
     GENRES,
     IMPRESSION_ID,
     INTERACTION_DTYPES,
+    SOURCE_FILE,
+    SOURCE_LINE,
     ITEM_COLUMNS,
     ITEM_ID,
     LABEL,
@@ -98,6 +101,11 @@ class ValidateParams:
     text_max_chars: int = 20000
     genre_vocabulary: tuple[str, ...] | None = None
     sample_rows: int = 5
+    #: reject: any broken rule stops the pipeline; quarantine: rows breaking row-level rules
+    #: go to data/validation/quarantine.csv (with the reasons) and the rest proceeds
+    on_bad_rows: Literal["reject", "quarantine"] = "reject"
+    #: quarantine: more bad rows than this share of a table still rejects it
+    max_bad_rows_fraction: float = 0.01
 
     def validate(self) -> None:
         """Raise :class:`config.ParamsError` on inconsistent values."""
@@ -116,6 +124,9 @@ class ValidateParams:
             raise config.ParamsError(
                 f"validate: need 0 <= text_min_chars ({self.text_min_chars}) <= text_max_chars "
                 f"({self.text_max_chars})")
+        if not 0.0 <= self.max_bad_rows_fraction <= 1.0:
+            raise config.ParamsError("validate.max_bad_rows_fraction: must be in [0, 1], got "
+                                     f"{self.max_bad_rows_fraction}")
         if self.sample_rows < 1:
             raise config.ParamsError(f"validate.sample_rows: must be >= 1, got {self.sample_rows}")
         if self.genre_vocabulary is not None:
@@ -247,6 +258,9 @@ def plan_items(items: pd.DataFrame, p: ValidateParams) -> list[SuitePlan]:
     # reported against the items column ``genres``; GX checks the exploded ``genre`` column
     genres.add("genre is a string", "ExpectColumnValuesToBeInTypeList", columns=[GENRES],
                requires=[GENRE], column=GENRE, type_list=["str"])
+    genres.add("genre is valid UTF-8 (no U+FFFD replacement character)",
+               "ExpectColumnValuesToNotMatchRegex", columns=[GENRES], requires=[GENRE],
+               column=GENRE, regex=REPLACEMENT_CHAR)
     if vocab_rule:
         genres.add(vocab_rule, "ExpectColumnValuesToBeInSet", columns=[GENRES], requires=[GENRE],
                    column=GENRE, value_set=list(p.genre_vocabulary))
@@ -299,6 +313,11 @@ def plan_interactions(interactions: pd.DataFrame, item_ids: pd.Series | None,
     for col in (USER_ID, ITEM_ID, TIMESTAMP):
         plan.add("value is not null", "ExpectColumnValuesToNotBeNull", columns=[col], column=col)
 
+    for col in (USER_ID, ITEM_ID, IMPRESSION_ID):
+        if col in frame.columns or col != IMPRESSION_ID:  # impression_id is optional
+            plan.add(f"{col} is valid UTF-8 (no U+FFFD replacement character)",
+                     "ExpectColumnValuesToNotMatchRegex", columns=[col], column=col,
+                     regex=REPLACEMENT_CHAR)
     lo, hi = p.timestamp_bounds()
     plan.add(f"timestamp is between {p.timestamp_min} and {p.timestamp_max} (unix {lo}..{hi})",
              "ExpectColumnValuesToBeBetween", columns=[TIMESTAMP], column=TIMESTAMP,
@@ -353,7 +372,9 @@ def run_suites(plans: list[SuitePlan], p: ValidateParams,
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = ctx.data_sources.add_pandas("raw")
     run_id = RunIdentifier(run_name=STAGE)
-    result_format = {"result_format": "SUMMARY", "partial_unexpected_count": p.sample_rows}
+    # quarantine needs every offending row (COMPLETE); reject only the samples (SUMMARY)
+    result_format = {"result_format": "COMPLETE" if p.on_bad_rows == "quarantine" else "SUMMARY",
+                     "partial_unexpected_count": p.sample_rows}
     results: dict[str, Any] = {}
     for plan in plans:
         asset = source.add_dataframe_asset(plan.name)
@@ -365,7 +386,8 @@ def run_suites(plans: list[SuitePlan], p: ValidateParams,
             gx.ValidationDefinition(name=plan.name, data=batch, suite=suite))
         results[plan.name] = definition.run(batch_parameters={"dataframe": plan.frame},
                                             result_format=result_format, run_id=run_id)
-    if docs_dir is not None and all(r.success for r in results.values()):
+    if docs_dir is not None and (all(r.success for r in results.values())
+                                 or p.on_bad_rows == "quarantine"):
         ctx.add_data_docs_site(DOCS_SITE, {
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend",
@@ -392,6 +414,8 @@ def build_report(tables: dict[str, dict], plans: list[SuitePlan], results: dict[
             "evaluated_expectations": 0, "successful_expectations": 0,
             "unsuccessful_expectations": 0, "expectations": [], "skipped": [],
         }
+        if info.get("lines") is not None:
+            entry["source_files"] = sorted(set(info["lines"][SOURCE_FILE].dropna().astype(str)))
         for plan in (pl for pl in plans if pl.table == name):
             result = results[plan.name]
             stats = result.statistics
@@ -400,7 +424,8 @@ def build_report(tables: dict[str, dict], plans: list[SuitePlan], results: dict[
             by_key = {r.expectation_config.meta.get("check"): r for r in result.results}
             for check in plan.checks:
                 entry["expectations"].append(
-                    _expectation_entry(plan, check, by_key[check.key], frame, p.sample_rows))
+                    _expectation_entry(plan, check, by_key[check.key], frame, p.sample_rows,
+                                       info.get("lines")))
             entry["skipped"].extend(plan.skipped)
         entry["success"] = all(e["success"] for e in entry["expectations"])
         report["tables"][name] = entry
@@ -411,8 +436,20 @@ def build_report(tables: dict[str, dict], plans: list[SuitePlan], results: dict[
     return report
 
 
+def add_failure(report: dict, rule: str, detail: str) -> dict:
+    """Append a failed batch-level rule to a GX report (e.g. found at apply time, or a whole-table rule)."""
+    table = report["tables"]["interactions"]
+    table["expectations"].append({"suite": "batch", "rule": rule, "column": None,
+                                  "expectation": "batch_rule", "kwargs": {}, "success": False,
+                                  "unit": "rows", "error": detail})
+    table["evaluated_expectations"] += 1
+    table["unsuccessful_expectations"] += 1
+    table["success"] = report["success"] = False
+    return report
+
+
 def _expectation_entry(plan: SuitePlan, check: Check, result: Any, frame: pd.DataFrame,
-                       sample_rows: int) -> dict:
+                       sample_rows: int, lines: pd.DataFrame | None = None) -> dict:
     config_ = result.expectation_config
     res = dict(result.result or {})
     entry: dict[str, Any] = {
@@ -427,6 +464,8 @@ def _expectation_entry(plan: SuitePlan, check: Check, result: Any, frame: pd.Dat
     for k in ("observed_value", "element_count", "unexpected_count", "missing_count"):
         if k in res:
             entry[k] = _jsonable(res[k])
+    if not result.success and res.get("unexpected_index_list") is not None:
+        entry["bad_rows"] = sorted({int(r) for r in res["unexpected_index_list"]})  # COMPLETE
     error = _exception_message(result.exception_info)
     if error:
         entry["error"] = error
@@ -440,10 +479,33 @@ def _expectation_entry(plan: SuitePlan, check: Check, result: Any, frame: pd.Dat
         show = [c for c in (*plan.context_columns, *check.columns) if c in frame.columns]
         show = list(dict.fromkeys(show))
         entry["samples"] = [
-            {"row": int(r), "values": {c: _jsonable(frame.at[r, c]) for c in show}}
+            {"row": int(r), "values": {c: _jsonable(frame.at[r, c]) for c in show},
+             **({"source": _source(lines, int(r))} if lines is not None else {})}
             for r in rows if r in frame.index
         ]
     return entry
+
+
+def _source(lines: pd.DataFrame, row: int) -> dict | None:
+    """``{"file", "line"}`` of raw row ``row`` in the user's files (None when unknown)."""
+    if row < 0 or row >= len(lines):
+        return None
+    file, line = lines.iat[row, 0], lines.iat[row, 1]
+    if file is None or file is pd.NA or pd.isna(line):
+        return None
+    unit = "row" if str(file).lower().endswith((".parquet", ".pq")) else "line"
+    return {"file": str(file), "line": int(line), "unit": unit}
+
+
+def table_lines(lines: pd.DataFrame | None, table: str, n_rows: int) -> pd.DataFrame | None:
+    """The part of ingest's side table for ``table``: row -> (source_file, source_line)
+    (None when there is none, or it does not match the table's length)."""
+    if lines is None or not len(lines):
+        return None
+    part = lines[lines["table"] == table].sort_values("row")
+    if len(part) != n_rows:
+        return None
+    return part[[SOURCE_FILE, SOURCE_LINE]].reset_index(drop=True)
 
 
 def _exception_message(info: Any) -> str | None:
@@ -500,11 +562,18 @@ def _show(value: Any, column: str = "") -> str:
 def format_failure(report: dict) -> str:
     """Human-readable failure message: per table (and file) each broken rule with samples."""
     failed = [e for t in report["tables"].values() for e in t["expectations"] if not e["success"]]
+    samples = [s for e in failed for s in e.get("samples", [])]
+    located = all(s.get("source") for s in samples)
     lines = [f"data validation failed: {len(failed)} expectation(s) broken "
-             "(row = 0-based row number in the file)"]
+             + ("(each row: your file and its 1-based line, or row of a parquet file)" if located
+                else "(row = 0-based row number in the file)")]
     for name, table in report["tables"].items():
         bad = [e for e in table["expectations"] if not e["success"]]
-        head = f"table {name} ({table['path']}, {table['rows']} rows)"
+        if table.get("source_files"):
+            head = (f"table {name} (from {', '.join(table['source_files'])}; {table['rows']} rows,"
+                    f" checked as {table['path']})")
+        else:
+            head = f"table {name} ({table['path']}, {table['rows']} rows)"
         if not bad:
             lines.append(f"{head}: all {table['evaluated_expectations']} expectations passed")
             continue
@@ -512,7 +581,9 @@ def format_failure(report: dict) -> str:
         for e in bad:
             where = f"column {e['column']}" if e["column"] else "table"
             lines.append(f"  - FAILED {where}: {e['rule']} [{e['expectation']}]")
-            if e.get("error"):
+            if e.get("error") and e["expectation"] == "batch_rule":
+                lines += [f"      {line.strip()}" for line in e["error"].splitlines()]
+            elif e.get("error"):
                 lines.append(f"      could not be evaluated: {e['error']}")
             if "unexpected_count" in e:
                 total = e.get("element_count", "?")
@@ -527,7 +598,10 @@ def format_failure(report: dict) -> str:
                 lines.append(f"      unexpected values (sample): {vals}")
             for s in e.get("samples", []):
                 vals = ", ".join(f"{k}={_show(v, k)}" for k, v in s["values"].items())
-                lines.append(f"      row {s['row']}: {vals}")
+                src = s.get("source")
+                where = (f"{src['file']} {src['unit']} {src['line']}" if src
+                         else f"row {s['row']}")
+                lines.append(f"      {where}: {vals}")
         for s in table["skipped"]:
             lines.append(f"  - skipped: {s['rule']}"
                          + (f" (column {s['column']})" if s["column"] else "") + f": {s['reason']}")
@@ -563,19 +637,22 @@ def _log_report(report: dict, log: logs.StageLog) -> None:
 # --------------------------------------------------------------------------------------
 def validate_tables(items: pd.DataFrame, interactions: pd.DataFrame, p: ValidateParams, *,
                     items_path: str = "items", interactions_path: str = "interactions",
-                    docs_dir: Path | None = None) -> dict:
+                    docs_dir: Path | None = None, lines: pd.DataFrame | None = None) -> dict:
     """Validate two raw tables (canonical schema); return the report (never raises on bad data).
 
     ``report["success"]`` says whether every expectation passed; Data Docs are built into
-    ``docs_dir`` only then. Row numbers in samples are positions in the given frames.
+    ``docs_dir`` only then. Row numbers in samples are positions in the given frames; with
+    ``lines`` (ingest's side table) each sample also names its source file and line.
     """
     items = normalize(items, (ITEM_ID, TITLE, TEXT))
     interactions = normalize(interactions, (USER_ID, ITEM_ID, IMPRESSION_ID))
     item_ids = items[ITEM_ID] if ITEM_ID in items.columns else None
     plans = plan_items(items, p) + plan_interactions(interactions, item_ids, p)
     results = run_suites(plans, p, docs_dir)
-    tables = {"items": {"path": items_path, "frame": items},
-              "interactions": {"path": interactions_path, "frame": interactions}}
+    tables = {"items": {"path": items_path, "frame": items,
+                        "lines": table_lines(lines, "items", len(items))},
+              "interactions": {"path": interactions_path, "frame": interactions,
+                               "lines": table_lines(lines, "interactions", len(interactions))}}
     return build_report(tables, plans, results, p)
 
 
@@ -608,6 +685,119 @@ def _read(path: Path, table: str, root: Path) -> pd.DataFrame:
                                   {"success": False, "table": table, "path": str(path)}) from exc
 
 
+def quarantine_path(paths: Paths) -> Path:
+    """The bad-rows report of ``validate.on_bad_rows: quarantine`` (rows, reasons, source)."""
+    return paths.validation_dir / "quarantine.csv"
+
+
+def bad_rows(report: dict) -> dict[str, dict[int, list[str]]] | None:
+    """``{table: {row: [reasons]}}`` of the broken row-level rules (and pops the full row
+    lists out of the report); None when a broken rule is about a whole table (a missing
+    column, a dtype, the row count...), which no quarantine can fix."""
+    out: dict[str, dict[int, list[str]]] = {name: {} for name in report["tables"]}
+    whole_table = False
+    for name, table in report["tables"].items():
+        for e in table["expectations"]:
+            rows = e.pop("bad_rows", None)
+            if e["success"]:
+                continue
+            if rows is None:
+                whole_table = True
+                continue
+            for r in rows:
+                out[name].setdefault(r, []).append(f"{e['column'] or 'table'}: {e['rule']}")
+    return None if whole_table else out
+
+
+def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
+               lines: dict[str, pd.DataFrame | None], kept: np.ndarray | None,
+               target: Path, root: Path) -> bool:
+    """Apply ``on_bad_rows: quarantine`` to a failed report; True when the rest may proceed.
+
+    Interactions whose item is quarantined are quarantined too. Over
+    ``max_bad_rows_fraction`` of a table, or a whole-table rule broken: False (reject; the
+    report then says why). Else the bad rows go to ``target`` (CSV: table, row, source file
+    and line, reasons, the row's key values) and ``report["quarantine"]`` lists the rows of
+    data/raw/{items,interactions}.parquet that preprocess drops (``kept`` maps validated
+    interaction rows to rows of the slice, -1 = not in it).
+    """
+    bad = bad_rows(report)
+    if bad is None:
+        report["quarantine"] = {"policy": "quarantine", "applied": False,
+                                "reason": "a whole-table rule is broken"}
+        return False
+    items, inter = frames["items"], frames["interactions"]
+    if bad["items"] and ITEM_ID in items.columns and ITEM_ID in inter.columns:
+        gone = set(items[ITEM_ID].iloc[sorted(bad["items"])].dropna())
+        for r in np.flatnonzero(inter[ITEM_ID].isin(gone).to_numpy(dtype=bool)):
+            bad["interactions"].setdefault(int(r), []).append("item_id: its item is quarantined")
+    over = {name: (len(rows), len(frames[name])) for name, rows in bad.items()
+            if len(frames[name]) and len(rows) > p.max_bad_rows_fraction * len(frames[name])}
+    counts = {name: len(rows) for name, rows in bad.items()}
+    if over:
+        for name, (n, total) in over.items():
+            add_failure(report, f"bad rows are at most validate.max_bad_rows_fraction "
+                        f"({p.max_bad_rows_fraction:.2%}) of a table (on_bad_rows: quarantine)",
+                        f"table {name}: {n} of {total} rows ({n / total:.2%}) break a rule")
+        report["quarantine"] = {"policy": "quarantine", "applied": False, "bad_rows": counts,
+                                "reason": "over max_bad_rows_fraction"}
+        return False
+    records = []
+    for name, rows in bad.items():
+        frame, src = frames[name], lines.get(name)
+        show = [c for c in (ITEM_ID, TITLE, USER_ID, TIMESTAMP, RATING, LABEL, IMPRESSION_ID)
+                if c in frame.columns and (name == "interactions" or c in (ITEM_ID, TITLE))]
+        for r in sorted(rows):
+            where = _source(src, r) if src is not None else None
+            records.append({"table": name, "row": r,
+                            "source_file": where["file"] if where else None,
+                            "source_line": where["line"] if where else None,
+                            "reasons": "; ".join(dict.fromkeys(rows[r])),
+                            **{c: _jsonable(frame.at[r, c]) for c in show}})
+    with io.atomic_path(target) as tmp:
+        pd.DataFrame(records, dtype=object).to_csv(tmp, index=False)  # ints stay ints
+    inter_rows = sorted(bad["interactions"])
+    if kept is not None:
+        inter_rows = sorted(int(kept[r]) for r in inter_rows if kept[r] >= 0)
+    report["quarantine"] = {"policy": "quarantine", "applied": True, "bad_rows": counts,
+                            "file": _rel(target, root), "items_rows": sorted(bad["items"]),
+                            "interactions_rows": inter_rows}
+    report["success"] = True
+    return True
+
+
+def raw_hashes(paths: Paths) -> dict[str, str]:
+    """md5 of the raw tables a validation vouches for (relative path -> md5)."""
+    files = [paths.raw_items, paths.raw_interactions, paths.raw_input_interactions]
+    return {_rel(f, paths.root): io.file_md5(f) for f in files if f.is_file()}
+
+
+def require_current(summary: dict, paths: Paths) -> None:
+    """Refuse (StageError) raw tables that changed after the validation in ``summary`` (e.g.
+    ingest re-ran, validate did not): the stage reading them says what to re-run."""
+    old = summary.get("raw_md5")
+    if old is None:  # a summary from before raw hashes were recorded
+        return
+    now = raw_hashes(paths)
+    changed = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    if changed:
+        raise StageError(f"{', '.join(changed)} changed since validation passed on them; re-run "
+                         "`genre validate` (or `dvc repro`) first")
+
+
+def drop_quarantined(summary: dict, items: pd.DataFrame,
+                     interactions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The raw tables without the rows validation quarantined (``summary.json``'s
+    ``quarantine``; row numbers of data/raw/{items,interactions}.parquet)."""
+    q = summary.get("quarantine") or {}
+    if not q.get("applied"):
+        return items, interactions
+    items = items.drop(index=items.index[q["items_rows"]]).reset_index(drop=True)
+    interactions = interactions.drop(
+        index=interactions.index[q["interactions_rows"]]).reset_index(drop=True)
+    return items, interactions
+
+
 def _metrics(report: dict) -> dict:
     t = report["tables"]
     return {
@@ -616,32 +806,91 @@ def _metrics(report: dict) -> dict:
         "interactions_rows": t["interactions"]["rows"],
         "expectations_evaluated": report["evaluated_expectations"],
         "expectations_successful": report["successful_expectations"],
+        **({"quarantined_" + k: v for k, v in report["quarantine"]["bad_rows"].items()}
+           if (report.get("quarantine") or {}).get("applied") else {}),
+        **({"slice_rows_kept": report["slice"].get("rows_kept"),
+            "slice_rows_dropped": report["slice"].get("rows_dropped")}
+           if report.get("slice") else {}),
     }
 
 
-def run(p: ValidateParams, paths: Paths) -> dict:
-    """Validate data/raw/{items,interactions}.parquet; write summary, Data Docs and metrics.
+def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
+    """Validate everything ingest read; write summary, Data Docs and metrics.
+
+    The interactions checked are ALL the interactions the user gave: ingest's
+    ``input_interactions.parquet`` when ``ingest.max_users`` / ``ingest.until`` sliced them
+    (the slice in ``interactions.parquet`` is a subset of rows validated here; the summary
+    reports its kept / dropped counts and an empty slice is refused), else
+    ``interactions.parquet``. Samples in messages name the user's file and line (ingest's
+    ``lines.parquet``). Refuses (StageError) raw tables that are stale with respect to the
+    source files or the ``ingest`` params (``ingest_params``): re-run ``genre ingest``.
 
     Raises :class:`DataValidationError` (after writing ``failure.json``) when any rule is broken;
     then no summary, docs or metrics are written and a stale summary.json is gone.
     """
+    from genre_tasks import ingest
+
     with logs.stage(STAGE, paths) as log:
         # A stale summary must never outlive a failed (or crashed) run: preprocess depends on it.
         for stale in (paths.validation_summary, failure_path(paths)):
             stale.unlink(missing_ok=True)
-        items_file, inter_file = paths.raw_items, paths.raw_interactions
+        reasons = ingest.stale_inputs(paths, ingest_params)
+        if reasons:
+            raise StageError("data/raw is stale: " + "; ".join(reasons) + ". Re-run `genre "
+                             "ingest` (or `dvc repro validate`, which re-runs source and ingest "
+                             "first), then validate.")
+        manifest = io.read_json(paths.raw_manifest) if paths.raw_manifest.is_file() else {}
+        sliced = paths.raw_input_interactions.is_file()
+        items_file = paths.raw_items
+        inter_file = paths.raw_input_interactions if sliced else paths.raw_interactions
         items = _read(items_file, "items", paths.root)
         log.read(items_file, f"{len(items)} items")
         interactions = _read(inter_file, "interactions", paths.root)
-        log.read(inter_file, f"{len(interactions)} interactions")
+        log.read(inter_file, f"{len(interactions)} interactions"
+                 + (" (all given, before slicing)" if sliced else ""))
+        lines = None
+        if paths.raw_lines.is_file():
+            lines = pd.read_parquet(paths.raw_lines)
+            log.read(paths.raw_lines, "source file + line of each raw row")
 
         docs = docs_path(paths)
         with io.atomic_dir(docs) as tmp_docs:  # replaces docs/ only if the block completes
             report = validate_tables(items, interactions, p,
                                      items_path=_rel(items_file, paths.root),
                                      interactions_path=_rel(inter_file, paths.root),
-                                     docs_dir=tmp_docs)
+                                     docs_dir=tmp_docs, lines=lines)
+            sl = manifest.get("slice")
+            if sl:
+                report["slice"] = sl
+                log.logger.info("slice (ingest.until=%s, ingest.max_users=%s) of the validated "
+                                "interactions: kept %s, dropped %s (%s users kept)", sl.get("until"),
+                                sl.get("max_users"), sl.get("rows_kept"), sl.get("rows_dropped"),
+                                sl.get("users_kept"))
+                if report["success"] and sl.get("rows_in") and not sl.get("rows_kept"):
+                    add_failure(report, "the slice (ingest.until / ingest.max_users) keeps at "
+                                "least 1 interaction", f"all {sl['rows_in']} interactions were "
+                                "dropped by the slice; widen ingest.until / ingest.max_users")
             _log_report(report, log)
+            quarantine_path(paths).unlink(missing_ok=True)
+            if not report["success"] and p.on_bad_rows == "quarantine":
+                kept = None
+                if lines is not None and "kept_row" in lines.columns:
+                    part = lines[lines["table"] == "interactions"].sort_values("row")
+                    kept = part["kept_row"].to_numpy() if len(part) == len(interactions) else None
+                frames = {"items": normalize(items, ()), "interactions":
+                          normalize(interactions, ())}
+                located = {t: table_lines(lines, t, len(frames[t])) for t in frames}
+                if quarantine(report, p, frames, located, kept, quarantine_path(paths),
+                              paths.root):
+                    q = report["quarantine"]
+                    log.logger.warning("on_bad_rows=quarantine: %s bad item(s), %s bad "
+                                       "interaction(s) quarantined to %s; the rest proceeds",
+                                       q["bad_rows"]["items"], q["bad_rows"]["interactions"],
+                                       q["file"])
+                    log.wrote(quarantine_path(paths), "quarantined rows with reasons")
+            for table in report["tables"].values():
+                for e in table["expectations"]:
+                    e.pop("bad_rows", None)
             if not report["success"]:
                 report["failure_report"] = _rel(failure_path(paths), paths.root)
                 io.write_json(report, failure_path(paths))
@@ -650,6 +899,7 @@ def run(p: ValidateParams, paths: Paths) -> dict:
             if not (tmp_docs / "index.html").exists():
                 raise StageError(f"GX built no Data Docs (no index.html in {tmp_docs})")
         log.wrote(docs, "Data Docs")
+        report["raw_md5"] = raw_hashes(paths)  # what the next stages check (require_current)
         io.write_json(report, paths.validation_summary)
         log.wrote(paths.validation_summary, "validation summary")
         io.write_json(_metrics(report), paths.metrics(STAGE))
@@ -660,8 +910,14 @@ def run(p: ValidateParams, paths: Paths) -> dict:
 
 
 def main(params: dict, paths: Paths) -> dict:
-    """CLI / Airflow entry: validate with the ``validate`` section of ``params``."""
-    return run(config.section(ValidateParams, STAGE, params), paths)
+    """CLI / Airflow entry: validate with the ``validate`` section of ``params`` (the ``ingest``
+    section, when present, is compared with what the raw tables were made with)."""
+    ingest_params = None
+    if "ingest" in params:
+        from genre_tasks.ingest import IngestParams
+
+        ingest_params = config.section(IngestParams, "ingest", params)
+    return run(config.section(ValidateParams, STAGE, params), paths, ingest_params)
 
 
 __all__: list[str] = [

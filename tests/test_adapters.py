@@ -198,56 +198,114 @@ def test_missing_mapped_column_is_left_out(tmp_path, make_ingest_params):
     assert got_items[schema.GENRES].tolist() == [[], [], []]
 
 
-def test_non_utf8_bytes_are_replaced(tmp_path, make_ingest_params):
+def refusal(load, match: str) -> str:
+    """The message of the InputError ``load()`` raises; it must contain ``match``."""
+    with pytest.raises(adapters.InputError) as info:
+        load()
+    message = str(info.value)
+    assert match in message, message
+    return message
+
+
+def test_non_utf8_bytes_are_refused_with_file_line_and_column(tmp_path, make_ingest_params):
+    """Issue 9: an undecodable byte is refused where it is, in every adapter (it used to become
+    U+FFFD and flow on)."""
     item = ML_ITEM.encode().replace(b"Four Rooms", b"Four R\xf6oms")
     folder = write_movielens(tmp_path) / "ml-100k"
     (folder / "ml-100k.item").write_bytes(item)
-    items, _ = adapters.load(make_ingest_params(), tmp_path)
-    assert items[schema.TITLE][2] == "Four R\ufffdoms"
-    assert items[schema.TEXT][2].startswith("Four R\ufffdoms (1995)")
-    # same for MIND and tabular
+    msg = refusal(lambda: adapters.load(make_ingest_params(), tmp_path),
+                  "ml-100k.item line 4, column movie_title:token_seq: b'Four R\\xf6oms'")
+    assert "valid UTF-8" in msg
     write_mind(tmp_path / "m")
     news = (tmp_path / "m" / "news.tsv").read_bytes().replace(b"Cake", b"C\xe9ke")
     (tmp_path / "m" / "news.tsv").write_bytes(news)
-    items, _ = adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m")
-    assert items[schema.TEXT][3] == "C\ufffdke. Sweet; with cream"
+    refusal(lambda: adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m"),
+            "news.tsv line 4, column Title: b'C\\xe9ke'")
     write_tabular(tmp_path / "t", *tabular_frames())
     raw = (tmp_path / "t" / "items.csv").read_bytes().replace(b"Alpha", b"Al\x80pha")
     (tmp_path / "t" / "items.csv").write_bytes(raw)
-    items, _ = adapters.load(make_ingest_params(adapter="tabular"), tmp_path / "t")
-    assert items[schema.TITLE][0] == "Al\ufffdpha"
+    refusal(lambda: adapters.load(make_ingest_params(adapter="tabular"), tmp_path / "t"),
+            "items.csv line 2, column title: b'Al\\x80pha'")
+    # a replacement character that is already in (valid UTF-8) text is refused too
+    (tmp_path / "t" / "items.csv").write_bytes(raw.replace(b"Al\x80pha", "Al\ufffdpha".encode()))
+    refusal(lambda: adapters.load(make_ingest_params(adapter="tabular"), tmp_path / "t"),
+            "items.csv line 2, column title: b'Al\\xef\\xbf\\xbdpha' - rule: no U+FFFD")
 
 
-def test_bad_values_become_null(tmp_path, make_ingest_params):
+def test_unparseable_values_are_refused_with_their_line(tmp_path, make_ingest_params):
+    """Issue 9: 'five' as a rating, a bad time, a short row: refused, not nulls."""
     inter = ML_INTER.replace("\t4\t881250949", "\tfour\t881250949").replace("881250950", "soon")
-    write_movielens(tmp_path, inter=inter + "7\t1\n")  # short row: padded with nulls
-    _, got = adapters.load(make_ingest_params(), tmp_path)
-    assert len(got) == ML_N_INTERACTIONS + 1
-    assert pd.isna(got[schema.RATING][0]) and got[schema.RATING][1] == 3.0
-    assert got[schema.TIMESTAMP].dtype == "Int64"  # nullable: validate reports the rows
-    assert got[schema.TIMESTAMP].isna().tolist()[:3] == [False, True, False]
-    assert pd.isna(got[schema.TIMESTAMP].iloc[-1]) and pd.isna(got[schema.RATING].iloc[-1])
-    # MIND: bad time, bad label, entry without a label, a row with too many fields
-    behaviors = [*MIND_BEHAVIORS, ("4", "U3", "yesterday", "N9", "N1-x N2"),
-                 ("5", "U4", "11/15/2019 9:00:00 AM", "", "N1-1", "extra")]
-    write_mind(tmp_path / "m", behaviors=behaviors)
-    _, got = adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m")
-    u3 = got[got[schema.USER_ID] == "U3"]
-    assert u3[schema.ITEM_ID].tolist() == ["N9", "N1", "N2"]
-    assert u3[schema.TIMESTAMP].isna().all()
-    assert u3[schema.LABEL].isna().tolist() == [False, True, True]
-    u4 = got[got[schema.USER_ID] == "U4"]
-    assert u4[schema.ITEM_ID].tolist() == ["N1", "extra"]  # extra field joined into Impressions
+    write_movielens(tmp_path, inter=inter)
+    msg = refusal(lambda: adapters.load(make_ingest_params(), tmp_path),
+                  "ml-100k.inter line 2, column rating:float: 'four' - rule: rating is a number")
+    assert "ml-100k.inter line 3, column timestamp:float: 'soon'" in msg and "2 problem(s)" in msg
+    write_movielens(tmp_path, inter=ML_INTER + "7\t1\n")
+    refusal(lambda: adapters.load(make_ingest_params(), tmp_path),
+            "ml-100k.inter line 14: '7\\t1' - rule: a row has 4 tab-separated fields")
+    # tabular CSV: the user's column name and line
+    items, inter = tabular_frames()
+    inter.loc[2, "rating"] = "five"
+    write_tabular(tmp_path / "t", items, inter)
+    refusal(lambda: adapters.load(make_ingest_params(adapter="tabular"), tmp_path / "t"),
+            "interactions.csv line 4, column rating: 'five' - rule: rating is a number")
+    inter = tabular_frames()[1].rename(columns={"rating": "stars"})
+    inter.loc[0, "timestamp"] = "next tuesday"
+    write_tabular(tmp_path / "t", items, inter, interactions_name="interactions.parquet")
+    p = make_ingest_params(adapter="tabular", tabular={"interactions": "interactions.parquet",
+                                                       "columns": {"rating": "stars"}})
+    refusal(lambda: adapters.load(p, tmp_path / "t"),
+            "interactions.parquet row 1, column timestamp: 'next tuesday' - rule: timestamp is")
+
+
+def test_mind_short_rows_bad_times_and_entries_are_refused(tmp_path, make_ingest_params):
+    """Issue 9: a behaviors row without its impressions column used to be padded with nulls
+    (its interactions vanished); a news row missing its last field too."""
+    p = make_ingest_params(adapter="mind")
+    behaviors = [*MIND_BEHAVIORS, ("4", "U3", "11/15/2019 9:00:00 AM", "N1 N2")]
+    write_mind(tmp_path, behaviors=behaviors)
+    refusal(lambda: adapters.load(p, tmp_path),
+            "behaviors.tsv line 4: '4\\tU3\\t11/15/2019 9:00:00 AM\\tN1 N2' - rule: a row has 5 "
+            "tab-separated fields (ImpressionID, UserID, Time, History, Impressions); this one has 4")
+    write_mind(tmp_path, news=[*MIND_NEWS, ("N5", "news", "x", "T", "A", "u", "[]")])
+    refusal(lambda: adapters.load(p, tmp_path), "news.tsv line 5: ")
+    behaviors = [*MIND_BEHAVIORS, ("4", "U3", "13/45/2019 8:55:22 AM", "N1", "N1-x N2 N3-1")]
+    write_mind(tmp_path, behaviors=behaviors)
+    msg = refusal(lambda: adapters.load(p, tmp_path),
+                  "behaviors.tsv line 4, column Time: '13/45/2019 8:55:22 AM' - rule: Time is a")
+    assert "behaviors.tsv line 4, column Impressions: 'N1-x'" in msg
+    assert "behaviors.tsv line 4, column Impressions: 'N2'" in msg and "3 problem(s)" in msg
+    write_mind(tmp_path, behaviors=[*MIND_BEHAVIORS, ("4", "U3", "11/15/2019 9:00:00 AM", "N1", "")])
+    refusal(lambda: adapters.load(p, tmp_path), "behaviors.tsv line 4, column Impressions: - rule")
 
 
 def test_ragged_and_broken_csv(tmp_path, make_ingest_params):
     (tmp_path / "items.csv").write_text("item_id,title,genres\na,Alpha,Drama,extra\nb,Beta\n")
     (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp,rating\n")
-    items, _ = adapters.load(make_ingest_params(adapter="tabular"), tmp_path)
-    assert items[schema.GENRES].tolist() == [["Drama,extra"], []]  # nothing silently dropped
+    msg = refusal(lambda: adapters.load(make_ingest_params(adapter="tabular"), tmp_path),
+                  "items.csv line 2: 'a,Alpha,Drama,extra' - rule: a row has 3 comma-separated")
+    assert "items.csv line 3: 'b,Beta'" in msg
     (tmp_path / "items.csv").write_text('item_id,title\na,"Alpha\n')  # unclosed quote
-    with pytest.raises(StageError, match=r"items\.csv: cannot be parsed"):
-        adapters.load(make_ingest_params(adapter="tabular"), tmp_path)
+    refusal(lambda: adapters.load(make_ingest_params(adapter="tabular"), tmp_path),
+            "items.csv line 2: - rule: the file parses as comma-separated values")
+    (tmp_path / "items.csv").write_text('item_id,title,title\na,b,c\n')
+    refusal(lambda: adapters.load(make_ingest_params(adapter="tabular"), tmp_path),
+            "items.csv line 1, column title: 'title' - rule: column names in the header are unique")
+
+
+def test_locations_point_into_the_users_files(tmp_path, make_ingest_params):
+    """load(locations=True) keeps, per row, the user's file and 1-based line (blank lines and
+    MIND's exploded entries included)."""
+    write_mind(tmp_path)
+    text = (tmp_path / "behaviors.tsv").read_text()
+    (tmp_path / "behaviors.tsv").write_text("\n" + text)  # a blank first line
+    items, inter = adapters.load(make_ingest_params(adapter="mind"), tmp_path, locations=True)
+    assert items[schema.SOURCE_LINE].tolist() == [1, 2, 3, 4]
+    assert set(items[schema.SOURCE_FILE]) == {str(tmp_path / "news.tsv")}
+    u2 = inter[inter[schema.USER_ID] == "U2"]
+    assert set(u2[schema.SOURCE_LINE]) == {3}
+    assert inter[schema.SOURCE_LINE].tolist() == sorted(inter[schema.SOURCE_LINE])
+    plain = adapters.load(make_ingest_params(adapter="mind"), tmp_path)[1]
+    assert list(plain.columns) == list(schema.INTERACTION_COLUMNS)
 
 
 def test_to_timestamp():
@@ -278,3 +336,26 @@ def test_params_validation(make_ingest_params):
         make_ingest_params(tabular={"columns": {"movie": "x"}})
     p = make_ingest_params()
     assert p.tabular.text_fields == ("title",) and p.tabular.columns.label is None
+
+
+def test_placeholder_genres_and_title_only_text(tmp_path, make_ingest_params, caplog):
+    """Issue 9, item 4 (MovieLens latest-small via tabular): "(no genres listed)" used to
+    become a genre, and the text silently defaulted to the title alone."""
+    items, inter = tabular_frames()
+    items.loc[1, "genres"] = "(no genres listed)"
+    items.loc[2, "genres"] = "Sci-Fi|(No Genres Listed)"
+    write_tabular(tmp_path, items, inter)
+    report: dict = {}
+    got, _ = adapters.load(make_ingest_params(adapter="tabular"), tmp_path, report=report)
+    assert got[schema.GENRES].tolist() == [["Drama", "Comedy"], [], ["Sci-Fi"]]
+    assert report["placeholder_genre_items"] == 2
+    assert report["text"] == {"template": "{title} (ingest.tabular.text_fields; blank parts skipped)",
+                              "items": 3, "title_only_items": 3}
+    assert "the item text is only the title for 3 of 3 item(s)" in caplog.text
+    # the convention is a param: an empty list keeps the token as a genre
+    p = make_ingest_params(adapter="tabular", no_genre_tokens=[],
+                           tabular={"text_fields": ["title", "genres", "year"]})
+    caplog.clear()
+    got, _ = adapters.load(p, tmp_path, report=report)
+    assert got[schema.GENRES][1] == ["(no genres listed)"]
+    assert report["text"]["title_only_items"] == 0 and "only the title" not in caplog.text

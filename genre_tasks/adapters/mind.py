@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from genre_tasks import schema
-from genre_tasks.adapters import (finalize_interactions, finalize_items, join_text, null_column,
-                                  read_delimited, to_label, to_timestamp)
+from genre_tasks.adapters import (Problems, finalize_interactions, finalize_items, join_text,
+                                  null_column, read_delimited, to_label, to_timestamp)
 
 if TYPE_CHECKING:
     from genre_tasks.ingest import IngestParams
@@ -30,7 +30,15 @@ if TYPE_CHECKING:
 NEWS_COLUMNS = ["news_id", "category", "subcategory", "title", "abstract", "url",
                 "title_entities", "abstract_entities"]
 BEHAVIOR_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
+#: MIND's own column names, used in messages (the files have no header)
+MIND_NAMES = {"news_id": "NewsID", "category": "Category", "subcategory": "SubCategory",
+              "title": "Title", "abstract": "Abstract", "url": "URL",
+              "title_entities": "TitleEntities", "abstract_entities": "AbstractEntities",
+              "impression_id": "ImpressionID", "user_id": "UserID", "time": "Time",
+              "history": "History", "impressions": "Impressions"}
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+#: how the item text is built (stated in the ingest log / report)
+TEXT_TEMPLATE = "{Title}. {Abstract} (news.tsv; the abstract skipped when empty)"
 
 
 def files(p: IngestParams, source_dir: Path) -> list[tuple[Path, str]]:
@@ -41,7 +49,9 @@ def files(p: IngestParams, source_dir: Path) -> list[tuple[Path, str]]:
 
 def read_news(path: Path) -> pd.DataFrame:
     """news.tsv -> canonical items (+ category, subcategory, abstract)."""
-    raw = read_delimited(path, sep="\t", names=NEWS_COLUMNS, key="ingest.mind.news")
+    raw = read_delimited(path, sep="\t", names=[MIND_NAMES[c] for c in NEWS_COLUMNS],
+                         key="ingest.mind.news")
+    raw.columns = NEWS_COLUMNS
     genres = pd.Series([[c.strip()] if isinstance(c, str) and c.strip() else []
                         for c in raw["category"].astype(object)], index=raw.index, dtype=object)
     return finalize_items({
@@ -52,7 +62,7 @@ def read_news(path: Path) -> pd.DataFrame:
         "category": raw["category"],
         "subcategory": raw["subcategory"],
         "abstract": raw["abstract"],
-    })
+    }, lines=raw.index)
 
 
 def parse_time(s: pd.Series) -> pd.Series:
@@ -91,17 +101,39 @@ def impression_labels(labels: list[str | None]) -> pd.Series:
 
 
 def read_behaviors(path: Path, history_timestamp: str) -> pd.DataFrame:
-    """behaviors.tsv -> canonical interactions (see module docstring for the row order)."""
-    raw = read_delimited(path, sep="\t", names=BEHAVIOR_COLUMNS, key="ingest.mind.behaviors")
-    times = parse_time(raw["time"]).to_numpy(dtype="float64", na_value=np.nan)
+    """behaviors.tsv -> canonical interactions (see module docstring for the row order).
+
+    Refused (:class:`InputError`, with the file line): a line without exactly 5 fields, a Time
+    that does not parse, an empty Impressions field, an impression entry that is not
+    ``<NewsID>-<0|1>``.
+    """
+    raw = read_delimited(path, sep="\t", names=[MIND_NAMES[c] for c in BEHAVIOR_COLUMNS],
+                         key="ingest.mind.behaviors")
+    raw.columns = BEHAVIOR_COLUMNS
+    problems = Problems(path)
+    parsed_time = parse_time(raw["time"])
+    problems.unparsed(raw["time"], parsed_time, "Time",
+                      "Time is a date-time like 11/15/2019 8:55:22 AM")
+    for line in raw.index[raw["impressions"].isna().to_numpy()]:
+        problems.add(line, "Impressions", None, "Impressions holds at least one <NewsID>-<0|1> "
+                                                "entry (it is empty)")
+    times = parsed_time.to_numpy(dtype="float64", na_value=np.nan)
     users = raw["user_id"].to_numpy(dtype=object, na_value=None)
     impression_ids = raw["impression_id"].to_numpy(dtype=object, na_value=None)
 
-    # impressions: "N1-0" -> item N1, label 0 (an entry without "-" keeps a null label)
+    # impressions: "N1-0" -> item N1, label 0
     i_line, i_pos, entries = explode_entries(raw["impressions"])
     parts = [e.rpartition("-") for e in entries]
     i_item = np.array([head if sep else tail for head, sep, tail in parts], dtype=object)
     i_label = impression_labels([tail if sep else None for _, sep, tail in parts])
+    bad = np.array([not (sep and head) for head, sep, _ in parts], dtype=bool) | \
+        ~i_label.isin([0, 1]).fillna(False).to_numpy(dtype=bool)
+    lines = raw.index.to_numpy()
+    for k in np.flatnonzero(bad)[:1000]:
+        problems.add(lines[i_line[k]], "Impressions", entries[k],
+                     "an impression entry is <NewsID>-<label> with label 0 or 1")
+    problems.total += max(0, int(bad.sum()) - 1000)
+    problems.raise_if_any()
 
     # history: the same user's history repeats on each of their lines: keep first occurrences
     h_line, h_pos, h_item = explode_entries(raw["history"])
@@ -129,7 +161,7 @@ def read_behaviors(path: Path, history_timestamp: str) -> pd.DataFrame:
         schema.RATING: null_column(n, "float64"),
         schema.LABEL: label.iloc[order].reset_index(drop=True),
         schema.IMPRESSION_ID: pd.Series(impression[order], dtype="string"),
-    })
+    }, lines=lines[line[order]])
 
 
 def read(p: IngestParams, source_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from genre_tasks import schema
-from genre_tasks.adapters import (finalize_interactions, finalize_items, null_column,
-                                  read_delimited, split_list)
+from genre_tasks.adapters import (Problems, finalize_interactions, finalize_items, null_column,
+                                  read_delimited, split_list, to_float, to_timestamp)
 
 if TYPE_CHECKING:
     from genre_tasks.ingest import IngestParams
@@ -35,6 +35,9 @@ def files(p: IngestParams, source_dir: Path) -> list[tuple[Path, str]]:
     return [(folder / ITEM_FILE, "ingest.adapter"), (folder / INTER_FILE, "ingest.adapter")]
 
 
+#: how the item text is built (stated in the ingest log / report)
+TEXT_TEMPLATE = "{movie_title} ({release_year}). Genres: {class, comma-separated}."
+
 ITEM_FIELDS = ("item_id", "movie_title", "release_year", "class")
 INTER_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 
@@ -43,11 +46,18 @@ def read_atomic(path: Path, expected: tuple[str, ...]) -> pd.DataFrame:
     """Read a RecBole atomic file; ``name:type`` headers become plain ``name`` (all string).
 
     A 0-byte file (no header at all) gives an empty frame with the ``expected`` columns.
+    The index is the 1-based line of each row (see :func:`read_delimited`).
     """
     df = read_delimited(path, sep="\t", key="ingest.adapter")
     if len(df.columns) == 0:
-        return pd.DataFrame({c: pd.Series(dtype="string") for c in expected})
-    return df.rename(columns=lambda c: str(c).split(":", 1)[0].strip())
+        return pd.DataFrame({c: pd.Series(dtype="string") for c in expected}, index=df.index)
+    df = df.rename(columns=lambda c: str(c).split(":", 1)[0].strip())
+    if tuple(df.columns) != expected:  # a fixed format: a wrong header is a wrong file
+        problems = Problems(path)
+        problems.add(1, None, "\t".join(map(str, df.columns)),
+                     f"the header names the RecBole fields {', '.join(expected)} (name:type)")
+        problems.raise_if_any()
+    return df
 
 
 def item_text(title: object, year: object, genres: list[str]) -> str:
@@ -79,20 +89,34 @@ def read_items(path: Path) -> pd.DataFrame:
         cols[schema.GENRES] = split_list(raw["class"], None)
     if "release_year" in raw:
         cols["year"] = raw["release_year"]
-    return finalize_items(cols)
+    return finalize_items(cols, lines=raw.index)
 
 
 def read_interactions(path: Path) -> pd.DataFrame:
-    """``ml-100k.inter`` -> canonical interactions (rating, no label / impression)."""
+    """``ml-100k.inter`` -> canonical interactions (rating, no label / impression).
+
+    Refused (:class:`InputError`): a rating that is not a number, a timestamp that is not a
+    number of seconds, with their file line.
+    """
     raw = read_atomic(path, INTER_FIELDS)
     n = len(raw)
+    problems = Problems(path)
     cols: dict[str, pd.Series] = {}
     for name in (schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.RATING):
         if name in raw:
             cols[name] = raw[name]
+    if schema.RATING in raw:
+        cols[schema.RATING] = to_float(raw[schema.RATING])
+        problems.unparsed(raw[schema.RATING], cols[schema.RATING], "rating:float",
+                          "rating is a number")
+    if schema.TIMESTAMP in raw:
+        cols[schema.TIMESTAMP] = to_timestamp(raw[schema.TIMESTAMP])
+        problems.unparsed(raw[schema.TIMESTAMP], cols[schema.TIMESTAMP], "timestamp:float",
+                          "timestamp is a number of unix seconds")
+    problems.raise_if_any()
     cols[schema.LABEL] = null_column(n, "Int8")
     cols[schema.IMPRESSION_ID] = null_column(n, "string")
-    return finalize_interactions(cols)
+    return finalize_interactions(cols, lines=raw.index)
 
 
 def read(p: IngestParams, source_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from genre_tasks import schema
-from genre_tasks.adapters import (finalize_interactions, finalize_items, join_text, log,
-                                  null_column, read_table, split_list)
+from genre_tasks.adapters import (Problems, finalize_interactions, finalize_items, join_text,
+                                  log, null_column, read_table, split_list, to_float, to_label,
+                                  to_timestamp)
 
 if TYPE_CHECKING:
     from genre_tasks.ingest import IngestParams, TabularParams
@@ -50,7 +51,8 @@ def _fill_empty(raw: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """A 0-byte file has no header: treat it as an empty table with the expected columns."""
     if len(raw.columns):
         return raw
-    return pd.DataFrame({c: pd.Series(dtype="string") for c in dict.fromkeys(names)})
+    return pd.DataFrame({c: pd.Series(dtype="string") for c in dict.fromkeys(names)},
+                        index=pd.Index([], dtype="int64", name=schema.SOURCE_LINE))
 
 
 def read_items(path: Path, tp: TabularParams) -> pd.DataFrame:
@@ -98,7 +100,16 @@ def read_items(path: Path, tp: TabularParams) -> pd.DataFrame:
             log.warning("%s: column %r is not the one mapped to it; ignored", path, c)
             continue
         cols[str(c)] = raw[c]
-    return finalize_items(cols)
+    return finalize_items(cols, lines=raw.index)
+
+
+def text_template(p: IngestParams) -> str:
+    """How the item text is built from your columns (stated in the ingest log / report)."""
+    tp = p.tabular
+    if tp.columns.text is not None:
+        return f"your column {tp.columns.text!r} (ingest.tabular.columns.text)"
+    fields = ". ".join("{" + str(f) + "}" for f in tp.text_fields)
+    return f"{fields} (ingest.tabular.text_fields; blank parts skipped)"
 
 
 def text_from_fields(raw: pd.DataFrame, tp: TabularParams, cmap: dict[str, str | None],
@@ -115,22 +126,40 @@ def text_from_fields(raw: pd.DataFrame, tp: TabularParams, cmap: dict[str, str |
     return join_text(*parts)
 
 
+#: how each typed interaction column is parsed, and the rule a value that does not parse breaks
+PARSERS = {
+    schema.TIMESTAMP: (to_timestamp, "timestamp is unix seconds or an ISO date-time"),
+    schema.RATING: (to_float, "rating is a number"),
+    schema.LABEL: (to_label, "label is an integer (0 or 1)"),
+}
+
+
 def read_interactions(path: Path, tp: TabularParams) -> pd.DataFrame:
-    """Your interactions file -> canonical interactions (other columns dropped)."""
+    """Your interactions file -> canonical interactions (other columns dropped).
+
+    Refused (:class:`InputError`, naming your column and the file line / parquet row): a
+    timestamp, rating or label value that does not parse (e.g. a rating ``five``).
+    """
     cmap = mapping(tp, INTERACTION_MAPPED)
     raw = read_table(path, "ingest.tabular.interactions")
     raw = _fill_empty(raw, [c for c in cmap.values() if c])
+    problems = Problems(path)
     cols: dict[str, pd.Series] = {}
     for name, source in cmap.items():
         if source is None:
             if name in NULLABLE:
                 cols[name] = null_column(len(raw), schema.INTERACTION_DTYPES[name])
         elif source in raw.columns:
-            cols[name] = raw[source].reset_index(drop=True)
+            cols[name] = raw[source]
+            if name in PARSERS:
+                parse, rule = PARSERS[name]
+                cols[name] = parse(raw[source])
+                problems.unparsed(raw[source], cols[name], source, rule)
         else:
             log.warning("%s: mapped column %r (ingest.tabular.columns.%s) not found; "
                         "%r left out", path, source, name, name)
-    return finalize_interactions(cols)
+    problems.raise_if_any()
+    return finalize_interactions(cols, lines=raw.index)
 
 
 def read(p: IngestParams, source_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
