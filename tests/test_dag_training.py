@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "genre_training"
-COPY = ("dvc.yaml", "params.yaml", "configs", "genre_tasks", "dags", "scripts")
+COPY = ("dvc.yaml", "params.yaml", "configs", "genre_tasks", "dags", "scripts", ".dvc", ".dvcignore")
 STAGES = ("ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -38,6 +39,8 @@ def scratch_project(tmp_path: Path) -> Path:
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, project / name)
+    (project / ".dvc" / "config.local").unlink(missing_ok=True)  # the default local remote only
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
     return project
 
 
@@ -70,8 +73,8 @@ def run_dag(project: Path, conf: dict) -> tuple[subprocess.CompletedProcess, str
     assert init.returncode == 0, init.stderr[-3000:]
     proc = airflow(project, "dags", "test", DAG_ID, "--conf", json.dumps(conf))
     runs = json_output(airflow(project, "dags", "list-runs", DAG_ID, "-o", "json"))
-    assert len(runs) == 1, runs
-    run_id = runs[0]["run_id"]
+    runs.sort(key=lambda r: r.get("run_after") or r.get("start_date") or "")
+    run_id = runs[-1]["run_id"]
     states = json_output(airflow(project, "tasks", "states-for-dag-run", DAG_ID, run_id, "-o", "json"))
     return proc, run_id, {row["task_id"]: row["state"] for row in states}
 
@@ -91,7 +94,8 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     project = scratch_project(tmp_path)
     conf = {"max_users": 40, "strategies": ["content"], "epochs": 2, "force_promote": True}
     proc, run_id, states = run_dag(project, conf)
-    assert states == {t: "success" for t in ("start_mlflow_run", *STAGES, "finish_mlflow_run")}, \
+    assert states == {t: "success" for t in ("start_mlflow_run", "snapshot_params", *STAGES,
+                                             "finish_mlflow_run")}, \
         f"{states}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
     client, run = mlflow_run_of(project, run_id)
@@ -106,6 +110,33 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert promote["decision"] == "forced" and str(promote["champion_version"]) == str(champion.version)
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert "content" in json.dumps(train)
+
+    # the run ran through DVC in its own workspace: clean `dvc status` there, its params
+    # snapshot and dvc.lock in the MLflow run, per-stage records logged as it went
+    workspace = Path(run.data.tags["genre.workspace"])
+    assert workspace.parent == project / "runs"
+    status = subprocess.run(["dvc", "status"], cwd=workspace, capture_output=True, text=True,
+                            env=airflow_env(project))
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    snapshot = yaml.safe_load((workspace / "params.yaml").read_text())
+    assert snapshot["train"]["epochs"] == 2 and snapshot["ingest"]["max_users"] == 40
+    assert snapshot["embed"]["batch_size"] == 32  # configs/tiny.yaml ($GENRE_PARAMS_OVERRIDE)
+    assert run.data.params["train.epochs"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "run")}
+    assert artifacts == {"run/params.yaml", "run/dvc.lock"}
+    assert run.data.tags["genre.last_stage"] == "promote"
+    assert all(run.data.tags[f"genre.stage.{s}"] == "computed" for s in ("ingest", "train", "evaluate"))
+    history = client.get_metric_history(run.info.run_id, "live.content.valid.valid_ndcg_at_10")
+    assert [m.step for m in history] == [1, 2]  # logged per epoch while training
+    # ... and published into the project: dvc.lock + outputs, promote's metrics at the root
+    assert (project / "dvc.lock").exists() and (project / "data" / "model" / "content").is_dir()
+
+    # the same trigger again: every stage is skipped or restored from the DVC run-cache
+    proc2, run_id2, states2 = run_dag(project, conf)
+    assert run_id2 != run_id and set(states2.values()) == {"success"}, states2
+    out = proc2.stdout + proc2.stderr
+    assert "Running stage" not in out, out[-3000:]
+    assert out.count(": run-cache in ") == len(STAGES)  # ingest..promote; source is pulled
 
 
 def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):
