@@ -1,15 +1,20 @@
 """
 ### genre_training: (re)train, evaluate and promote the GENRE recommender
 
-The same pipeline as `dvc repro` (see `dvc.yaml`), one Airflow task per stage. Every task is a
-thin wrapper around `genre_tasks.cli.run_stage(stage, params, root)`: `params` is
-`<root>/params.yaml` (plus `$GENRE_PARAMS_OVERRIDE` files) deep-merged with the trigger-form
-values; `root` is `$GENRE_PROJECT_ROOT` (default: the folder above `dags/`). XComs carry only
-small stage summaries; the data stays in `<root>/data`.
+The same pipeline as `dvc repro` (see `dvc.yaml`), one Airflow task per stage, and every stage
+runs **through DVC** in this DAG run's own workspace `runs/<run id>/` (`genre_tasks.workspace`):
+`dvc repro --single-item --pull <stage>` (an unchanged stage is restored from the DVC run-cache:
+nothing computed), then `dvc push <stage> --run-cache`. The workspace's `params.yaml` is this
+run's params snapshot: `<root>/params.yaml` + `$GENRE_PARAMS_OVERRIDE` files + the trigger form,
+written once by `snapshot_params`. The run's `dvc.lock` and snapshot live in its MLflow run, so a
+task can start on a worker with an empty workspace. `root` is `$GENRE_PROJECT_ROOT` (default: the
+folder above `dags/`). XComs carry only small stage summaries (how the stage ran, its headline
+numbers); the data travels through the DVC cache/remote.
 
 | task | what it does | retries |
 |---|---|---|
 | `start_mlflow_run` | setup: finds (by tags `airflow.dag_id` + `airflow.run_id`) or creates the MLflow run of this DAG run, tags it with a link to this run's grid, returns its id | yes |
+| `snapshot_params` | the run's effective params -> the workspace's `params.yaml`, MLflow params + artifact `run/params.yaml`, XCom (hash, overrides, workspace); bad params fail here | yes |
 | `ingest` | `source` (copy/check the raw files in `data/source`) then `ingest` (-> `data/raw`) | yes |
 | `validate` | Great Expectations suites on `data/raw`; a broken rule fails the run, the GX summary is in the task log, nothing downstream runs | no |
 | `preprocess` | clean, label positives, split (`split_mode`) -> `data/processed` | no (deterministic) |
@@ -18,7 +23,7 @@ small stage summaries; the data stays in `<root>/data`.
 | `train` | one model per strategy, best on validation nDCG@10 -> `data/model` | yes, backoff |
 | `evaluate` | test metrics vs baselines -> `data/eval`, `metrics/evaluate.json` | yes, backoff |
 | `promote` | register the challenger in the MLflow registry, move `@champion` only if it is measurably better (`force_promote` overrides); skipped when `dry_run`; emits the asset `genre://models/genre-recommender` | yes, backoff |
-| `finish_mlflow_run` | teardown (runs even after a failure): marks the MLflow run FINISHED/FAILED | yes |
+| `finish_mlflow_run` | teardown (runs even after a failure): marks the MLflow run FINISHED/FAILED; a successful run is published into the project folder (its dvc.lock + outputs) | yes |
 
 Every stage task exports `GENRE_MLFLOW_RUN_ID` (the id `start_mlflow_run` returned), so the
 promote stage logs into this DAG run's MLflow run. A stage that refuses its input (`StageError`,
@@ -257,6 +262,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
             raise AirflowFailException(f"bad params: {exc}") from exc
         W.create(ws, params)
         logged = tracking.log_params_snapshot(mlflow_run_id, params, ws.params_file, paths)
+        tracking.log_artifact(mlflow_run_id, ws.path / "dvc.yaml", paths, "run")  # the pipeline as run
         tracking.set_tags(mlflow_run_id, {W.WORKSPACE_TAG: str(ws.path)}, paths)
     out = {"params_hash": logged["params_hash"], "overrides": overrides,
            "override_files": os.environ.get("GENRE_PARAMS_OVERRIDE", ""), "workspace": str(ws.path),

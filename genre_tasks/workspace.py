@@ -156,6 +156,8 @@ def _remote_config(project: Path) -> tuple[str | None, dict]:
     ``$GENRE_DVC_REMOTE_URL`` replacing the url. Relative folder urls come back absolute."""
     from dvc.config import Config
 
+    if not (project / ".dvc").is_dir():  # a project folder that is no DVC repo: no remote
+        return None, {}
     conf = Config(dvc_dir=str(project / ".dvc"))
     name = conf["core"].get("remote")
     settings = dict(conf["remote"].get(name, {})) if name else {}

@@ -123,7 +123,7 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert snapshot["embed"]["batch_size"] == 32  # configs/tiny.yaml ($GENRE_PARAMS_OVERRIDE)
     assert run.data.params["train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "run")}
-    assert artifacts == {"run/params.yaml", "run/dvc.lock"}
+    assert artifacts == {"run/params.yaml", "run/dvc.lock", "run/dvc.yaml"}
     assert run.data.tags["genre.last_stage"] == "promote"
     assert all(run.data.tags[f"genre.stage.{s}"] == "computed" for s in ("ingest", "train", "evaluate"))
     history = client.get_metric_history(run.info.run_id, "live.content.valid.valid_ndcg_at_10")
@@ -137,6 +137,24 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     out = proc2.stdout + proc2.stderr
     assert "Running stage" not in out, out[-3000:]
     assert out.count(": run-cache in ") == len(STAGES)  # ingest..promote; source is pulled
+
+    # the version trained through Airflow: its lineage, and its data + model restored elsewhere
+    genre = [str(Path(sys.executable).parent / "genre"), "--root", str(project)]
+    lineage = subprocess.run([*genre, "lineage", str(champion.version)], cwd=project, capture_output=True,
+                             text=True, env=airflow_env(project))
+    assert lineage.returncode == 0, lineage.stderr[-3000:]
+    record = json.loads(lineage.stdout)
+    assert record["params"] == snapshot and record["problems"] == []
+    assert record["gx"]["expectations_evaluated"] == record["gx"]["expectations_successful"] > 0
+    assert record["dvc_lock"]["train"]["data/model"].endswith(".dir") and "test.ndcg_at_10" in record["metrics"]
+    restored = tmp_path / "restored"
+    checkout = subprocess.run([*genre, "checkout", str(champion.version), "--dir", str(restored)], cwd=project,
+                              capture_output=True, text=True, env=airflow_env(project))
+    assert checkout.returncode == 0, checkout.stdout[-3000:] + checkout.stderr[-3000:]
+    result = json.loads(checkout.stdout)
+    assert result["ok"] and result["model_md5"] == record["dvc_lock"]["train"]["data/model"]
+    model_files = sorted(p.relative_to(workspace) for p in (workspace / "data" / "model").rglob("*") if p.is_file())
+    assert model_files and all((restored / f).read_bytes() == (workspace / f).read_bytes() for f in model_files)
 
 
 def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):
