@@ -185,3 +185,7 @@ def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):
     _, run = mlflow_run_of(project, run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["airflow.outcome"].startswith("failed: validate (not run: ")
+    # ... and says how far it got: ingest done (and logged), validate failed
+    assert run.data.tags["genre.last_stage"] == "ingest"
+    assert run.data.tags["genre.stage.validate"] == "failed"
+    assert run.data.metrics["ingest.n_interactions"] == 4
