@@ -31,7 +31,7 @@ at least weekly even when no feedback arrives (code or params changed, a failed 
 `catchup=False`, one active run at a time (batches are applied in order). Validation uses the
 run's logical date, never the wall clock, so a re-run judges a batch the same way.
 
-**Trigger form**: `allow_new_items` (empty = as in params.yaml), `prequential`, `dvc_push`.
+**Trigger form**: `allow_new_items`, `prequential`, `dvc_push`; empty = as in params.yaml.
 Project root: `$GENRE_PROJECT_ROOT` (default: the folder above `dags/`).
 """
 from __future__ import annotations
@@ -76,13 +76,25 @@ PARAMS = {
         None, type=["null", "boolean"], title="Allow new items",
         description="Accept item ids unknown to the items table (feedback.allow_new_items). "
                     "Empty = as in params.yaml (default: no, such a batch is quarantined)."),
+    # None = "as in params.yaml": a True default here would silently override
+    # `feedback.prequential: false` / `feedback.dvc_push: false`
     "prequential": Param(
-        True, type="boolean", title="Prequential scoring",
-        description="Score the @champion on each good batch before it is applied."),
+        None, type=["null", "boolean"], title="Prequential scoring",
+        values_display={None: "as in params.yaml", True: "yes", False: "no"},
+        description="Score the @champion on each good batch before it is applied "
+                    "(feedback.prequential). Empty = as in params.yaml."),
     "dvc_push": Param(
-        True, type="boolean", title="Push to the DVC remote",
-        description="After `dvc commit`, push data/source to the default DVC remote."),
+        None, type=["null", "boolean"], title="Push to the DVC remote",
+        values_display={None: "as in params.yaml", True: "yes", False: "no"},
+        description="After `dvc commit`, push data/source to the default DVC remote "
+                    "(feedback.dvc_push). Empty = as in params.yaml."),
 }
+
+
+def form_flag(name: str) -> bool | None:
+    """A boolean of the trigger form: None (empty) = keep what params.yaml says."""
+    value = get_current_context()["params"].get(name)
+    return None if value is None else bool(value)
 
 
 def schedule():
@@ -152,8 +164,8 @@ def prequential(validated: list[dict]) -> dict:
     root = project_root()
     with stage_environment(root, None):
         params, _, logical_date = _run_context()
-        enabled = bool(get_current_context()["params"].get("prequential", True))
-        return feedback.prequential(params, Paths(root), good, logical_date, enabled=enabled)
+        return feedback.prequential(params, Paths(root), good, logical_date,
+                                    enabled=form_flag("prequential"))
 
 
 @task(**RETRY)
@@ -187,8 +199,7 @@ def record_store() -> dict:
     root = project_root()
     with stage_environment(root, None):
         params, _, _ = _run_context()
-        push = bool(get_current_context()["params"].get("dvc_push", True))
-        return feedback.record_store(params, Paths(root), push=push)
+        return feedback.record_store(params, Paths(root), push=form_flag("dvc_push"))
 
 
 @task(outlets=[INTERACTIONS], **NO_RETRY)

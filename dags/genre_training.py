@@ -1,15 +1,20 @@
 """
 ### genre_training: (re)train, evaluate and promote the GENRE recommender
 
-The same pipeline as `dvc repro` (see `dvc.yaml`), one Airflow task per stage. Every task is a
-thin wrapper around `genre_tasks.cli.run_stage(stage, params, root)`: `params` is
-`<root>/params.yaml` (plus `$GENRE_PARAMS_OVERRIDE` files) deep-merged with the trigger-form
-values; `root` is `$GENRE_PROJECT_ROOT` (default: the folder above `dags/`). XComs carry only
-small stage summaries; the data stays in `<root>/data`.
+The same pipeline as `dvc repro` (see `dvc.yaml`), one Airflow task per stage, and every stage
+runs **through DVC** in this DAG run's own workspace `runs/<run id>/` (`genre_tasks.workspace`):
+`dvc repro --single-item --pull <stage>` (an unchanged stage is restored from the DVC run-cache:
+nothing computed), then `dvc push <stage> --run-cache`. The workspace's `params.yaml` is this
+run's params snapshot: `<root>/params.yaml` + `$GENRE_PARAMS_OVERRIDE` files + the trigger form,
+written once by `snapshot_params`. The run's `dvc.lock` and snapshot live in its MLflow run, so a
+task can start on a worker with an empty workspace. `root` is `$GENRE_PROJECT_ROOT` (default: the
+folder above `dags/`). XComs carry only small stage summaries (how the stage ran, its headline
+numbers); the data travels through the DVC cache/remote.
 
 | task | what it does | retries |
 |---|---|---|
 | `start_mlflow_run` | setup: finds (by tags `airflow.dag_id` + `airflow.run_id`) or creates the MLflow run of this DAG run, tags it with a link to this run's grid, returns its id | yes |
+| `snapshot_params` | the run's effective params -> the workspace's `params.yaml`, MLflow params + artifact `run/params.yaml`, XCom (hash, overrides, workspace); bad params fail here | yes |
 | `ingest` | `source` (copy/check the raw files in `data/source`) then `ingest` (-> `data/raw`) | yes |
 | `validate` | Great Expectations suites on `data/raw`; a broken rule fails the run, the GX summary is in the task log, nothing downstream runs | no |
 | `preprocess` | clean, label positives, split (`split_mode`) -> `data/processed` | no (deterministic) |
@@ -18,7 +23,7 @@ small stage summaries; the data stays in `<root>/data`.
 | `train` | one model per strategy, best on validation nDCG@10 -> `data/model` | yes, backoff |
 | `evaluate` | test metrics vs baselines -> `data/eval`, `metrics/evaluate.json` | yes, backoff |
 | `promote` | register the challenger in the MLflow registry, move `@champion` only if it is measurably better (`force_promote` overrides); skipped when `dry_run`; emits the asset `genre://models/genre-recommender` | yes, backoff |
-| `finish_mlflow_run` | teardown (runs even after a failure): marks the MLflow run FINISHED/FAILED | yes |
+| `finish_mlflow_run` | teardown (runs even after a failure): marks the MLflow run FINISHED/FAILED; a successful run is published into the project folder (its dvc.lock + outputs) | yes |
 
 Every stage task exports `GENRE_MLFLOW_RUN_ID` (the id `start_mlflow_run` returned), so the
 promote stage logs into this DAG run's MLflow run. A stage that refuses its input (`StageError`,
@@ -33,7 +38,9 @@ quick run; `overrides` takes any other `params.yaml` values (deep-merged).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -60,6 +67,7 @@ from _common import (  # noqa: E402
     ACTOR_ENV,
     REASON_ENV,
     REGISTRY_POOL,
+    RUN_ID_ENV,
     ADAPTERS,
     SPLIT_MODES,
     STRATEGIES,
@@ -151,31 +159,50 @@ PARAMS = {
 
 
 def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: dict | None = None) -> dict:
-    """Run ``stages`` in order with this DAG run's params; return their small summaries."""
-    from genre_tasks.cli import run_stage
-    from genre_tasks.config import ParamsError, apply_overrides, load_params
-    from genre_tasks.errors import StageError
+    """Run ``stages`` through DVC in this DAG run's workspace; return their small summaries.
+
+    ``genre_tasks.workspace``: the workspace is rebuilt from the run's MLflow record if this
+    worker has not got it, each stage is ``dvc repro --single-item --pull <stage>`` (skipped or
+    restored from the DVC run-cache when nothing changed) then ``dvc push``; after each stage
+    the run's dvc.lock goes to MLflow and the stage's numbers/artifacts are logged live.
+    """
+    from genre_tasks import tracking
+    from genre_tasks import workspace as W
+    from genre_tasks.schema import Paths
 
     context = get_current_context()
     root = project_root()
+    ws = W.workspace(root, context["ti"].run_id)
     summaries: dict = {}
-    stage = "params"
-    with stage_environment(root, mlflow_run_id, extra_env):
-        try:
-            form = context["params"]
-            if form.get("force_promote") and not (form.get("force_reason") or "").strip():
-                raise ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
-            overrides = overrides_from_params(form)
-            params = apply_overrides(load_params(root / "params.yaml"), overrides, root, "trigger form")
-            log.info("project root %s, MLflow run %s, overrides %s", root, mlflow_run_id, overrides)
-            for stage in stages:
-                summaries[stage] = small_summary(run_stage(stage, params, root))
-                log.info("stage %s done: %s", stage, summaries[stage])
-        except (StageError, ParamsError) as exc:
-            # Bad params or a stage refusing its input: retrying cannot help, fail at once. The
-            # message (for validate: the GX summary of the broken expectations) goes to the log.
-            log.error("stage %s FAILED (%s):\n%s", stage, type(exc).__name__, exc)
-            raise AirflowFailException(f"{stage}: {type(exc).__name__}: {exc}") from exc
+    env = {RUN_ID_ENV: mlflow_run_id, **(extra_env or {})} if mlflow_run_id else dict(extra_env or {})
+    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+        paths = Paths(root)
+        W.materialise(ws, mlflow_run_id, paths)
+        log.info("workspace %s (DVC cache %s)", ws.path, ws.cache_dir)
+        for stage in stages:
+            try:
+                result = W.run_stage(ws, stage, env=env)
+            except W.StageFailed as exc:
+                if mlflow_run_id:
+                    tracking.set_tags(mlflow_run_id, {f"{tracking.STAGE_TAG}{stage}": "failed"}, paths)
+                if exc.refused:
+                    # Bad params or a stage refusing its input: retrying cannot help, fail at
+                    # once. The stage's own message (for validate: the GX summary) is in the log.
+                    log.error("stage %s FAILED (exit %s): the stage refused its input or params",
+                              stage, exc.code)
+                    raise AirflowFailException(f"{stage}: exit {exc.code}") from exc
+                raise
+            finally:
+                if mlflow_run_id:
+                    tracking.log_run_lock(mlflow_run_id, ws.lock_file, paths)
+            if mlflow_run_id:
+                tracking.log_stage(mlflow_run_id, stage, Paths(ws.path), result["how"], result["seconds"])
+            metrics = ws.path / "metrics" / f"{stage}.json"
+            if metrics.exists():
+                result["metrics"] = small_summary(json.loads(metrics.read_text()), value_max=256,
+                                                  total_max=1536)
+            summaries[stage] = result
+            log.info("stage %s: %s in %.1f s", stage, result["how"], result["seconds"])
     return summaries
 
 
@@ -219,6 +246,43 @@ def start_mlflow_run() -> str:
     return mlflow_run_id
 
 
+@task(multiple_outputs=False, **RETRY)
+def snapshot_params(mlflow_run_id: str) -> dict:
+    """The effective params of this DAG run (params.yaml + $GENRE_PARAMS_OVERRIDE + trigger
+    form), written ONCE as the params.yaml of the run's workspace (what DVC reads), logged to
+    the MLflow run (params + artifact run/params.yaml + tag genre.params_hash); XCom shows the
+    hash, the overrides and the workspace. A retry/clear reuses the snapshot already made."""
+    from genre_tasks import tracking
+    from genre_tasks import workspace as W
+    from genre_tasks.config import ParamsError
+    from genre_tasks.schema import Paths
+
+    context = get_current_context()
+    root = project_root()
+    ws = W.workspace(root, context["ti"].run_id)
+    overrides = overrides_from_params(context["params"])
+    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+        paths = Paths(root)
+        try:
+            form = context["params"]
+            if form.get("force_promote") and not (form.get("force_reason") or "").strip():
+                raise ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
+            params = W.effective_params(root, overrides)
+            W.check_params(params)
+        except ParamsError as exc:
+            log.error("bad params: %s", exc)
+            raise AirflowFailException(f"bad params: {exc}") from exc
+        W.create(ws, params)
+        logged = tracking.log_params_snapshot(mlflow_run_id, params, ws.params_file, paths)
+        tracking.log_artifact(mlflow_run_id, ws.path / "dvc.yaml", paths, "run")  # the pipeline as run
+        tracking.set_tags(mlflow_run_id, {W.WORKSPACE_TAG: str(ws.path)}, paths)
+    out = {"params_hash": logged["params_hash"], "overrides": overrides,
+           "override_files": os.environ.get("GENRE_PARAMS_OVERRIDE", ""), "workspace": str(ws.path),
+           "mlflow_artifact": W.PARAMS_ARTIFACT}
+    log.info("params snapshot %s", out)
+    return small_summary(out)
+
+
 @task(multiple_outputs=False)
 def ingest(mlflow_run_id: str) -> dict:
     """source (copy/check data/source) then ingest (-> data/raw)."""
@@ -256,7 +320,8 @@ def evaluate(mlflow_run_id: str) -> dict:
     return _run_stages(("evaluate",), mlflow_run_id)["evaluate"]
 
 
-@task(outlets=[MODEL], multiple_outputs=False, pool=REGISTRY_POOL, **RETRY)
+# one promote at a time across DAG runs and workers (the registry aliases are shared state)
+@task(outlets=[MODEL], multiple_outputs=False, pool=REGISTRY_POOL, max_active_tis_per_dag=1, **RETRY)
 def promote(mlflow_run_id: str) -> dict:
     """Register the challenger, promote it if better; skipped on dry_run."""
     context = get_current_context()
@@ -296,10 +361,19 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
             outcome = "dry_run" if context["params"].get("dry_run") else "success"
         client.set_tag(mlflow_run_id, "airflow.outcome", outcome)
         status = "FAILED" if failed else "FINISHED"
+        published = {"published": False}
+        if outcome == "success":
+            from genre_tasks import workspace as W
+
+            ws = W.workspace(root, ti.run_id)
+            if ws.lock_file.exists():  # this worker has the run's workspace (local default)
+                published = W.publish(ws)
+                log.info("published the run into %s: %s", root, published)
         if run.info.status == "RUNNING" or failed:
             client.set_terminated(mlflow_run_id, status)
     log.info("MLflow run %s -> %s (%s)", mlflow_run_id, status, outcome)
-    return {"mlflow_run_id": mlflow_run_id, "status": status, "outcome": outcome}
+    return {"mlflow_run_id": mlflow_run_id, "status": status, "outcome": outcome,
+            "published": published.get("published")}
 
 
 @dag(
@@ -310,14 +384,15 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
     schedule=_schedule(),
     start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
-    max_active_runs=1,
+    # runs never share files (a workspace each); 2 fit a 2-core box ($GENRE_TRAINING_MAX_ACTIVE_RUNS)
+    max_active_runs=int(os.environ.get("GENRE_TRAINING_MAX_ACTIVE_RUNS", "2")),
     default_args=DEFAULT_ARGS,
     params=PARAMS,
     tags=["genre", "training", "mlflow"],
 )
 def genre_training():
     run_id = start_mlflow_run()
-    stages = [ingest(run_id), validate(run_id), preprocess(run_id), embed(run_id), genre(run_id),
+    stages = [snapshot_params(run_id), ingest(run_id), validate(run_id), preprocess(run_id), embed(run_id), genre(run_id),
               train(run_id), evaluate(run_id), promote(run_id)]
     chain(*stages, finish_mlflow_run(run_id))
 

@@ -38,11 +38,16 @@ TOOLS: dict[str, tuple[str, str, str]] = {
 
 
 def run_stage(name: str, params: dict, root: str | Path = ".", **options) -> dict:
-    """Run stage ``name`` with already-loaded params under project ``root``; return its summary."""
+    """Run stage ``name`` with already-loaded params under project ``root``; return its summary.
+    Also writes the stage's headline numbers (:mod:`genre_tasks.headline`)."""
     from genre_tasks.schema import Paths
 
+    from genre_tasks import headline
+
     module = importlib.import_module(STAGES[name])
-    return module.main(params, Paths(root), **options)
+    summary = module.main(params, Paths(root), **options)
+    headline.write(name, Paths(root))  # metrics/headline/<stage>.json: what `dvc metrics show` shows
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("registry", help="registered model versions, aliases and promotion decisions")
     sub.add_parser("tracking-init", help="create or upgrade the MLflow tracking store once, atomically "
                                          "(make setup / the DAG's first task run it)")
+    lin = sub.add_parser("lineage", help="what a registered version was built from: git commit, "
+                                         "params snapshot, DVC lock entries, GX result, metrics")
+    lin.add_argument("version", help="version number or alias (champion, challenger)")
+    co = sub.add_parser("checkout", help="restore a registered version's exact data and model "
+                                         "into an empty folder from the DVC remote")
+    co.add_argument("version", help="version number or alias (champion, challenger)")
+    co.add_argument("--dir", required=True, help="empty folder to restore into")
     sub.add_parser("report", help="summary of the last pipeline run (split sizes ... registry)")
     for name, (_, _, help_text) in TOOLS.items():
         tool = sub.add_parser(name, help=help_text, add_help=False)
@@ -132,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             from genre_tasks.recommend import main as recommend_main
 
             return recommend_main(params, Paths(args.root), args.user, args.k, args.alias)
+        if args.command in ("lineage", "checkout"):
+            from genre_tasks import lineage
+
+            if args.command == "lineage":
+                return lineage.record(params, Paths(args.root), args.version)
+            result = lineage.checkout(params, Paths(args.root), args.version, args.dir)
+            return result if result["ok"] else (print(json.dumps(result, indent=2)) or 1)
         if args.command == "registry":
             from genre_tasks.promote import registry_main
 

@@ -58,6 +58,8 @@ ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
 REASON_ENV = "GENRE_PROMOTE_REASON"
 #: version tag: sha256 of everything that changes predictions (serving.content_key)
 CONTENT_KEY = "content_key"
+#: tags of the pipeline's MLflow run copied onto the version it registers (genre_tasks.workspace)
+RUN_RECORD_TAGS = ("genre.params_hash", "genre.dvc_lock_md5")
 
 
 @dataclass(frozen=True)
@@ -570,6 +572,10 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
                     version = str(cl.create_model_version(name, info.model_uri, run_id=run_id,
                                                           tags={CONTENT_KEY: key}, model_id=info.model_id).version)
                     slog.logger.info("registered %s v%s from %s", name, version, info.model_uri)
+                    # the run's own record (params snapshot hash, dvc.lock md5: genre lineage /
+                    # genre checkout) goes onto the version that this run registered
+                    run_tags = cl.get_run(run_id).data.tags
+                    _set_version_tags(cl, name, version, {k: run_tags[k] for k in RUN_RECORD_TAGS if k in run_tags})
                 else:
                     slog.logger.info("model unchanged since v%s (same content key): reusing it", version)
                 _set_version_tags(cl, name, version, {**lineage, CONTENT_KEY: key, "strategy": strategy,

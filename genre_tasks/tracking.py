@@ -655,3 +655,106 @@ def log_pipeline(run_id: str, paths: S.Paths, params: Mapping | None) -> dict:
         log.warning("dataset lineage not logged: %s", exc)
         summary["inputs"] = []
     return summary
+
+
+# --- the run record: params snapshot, dvc.lock, live stage logging (one record of what ran) -------
+#: tag naming the last stage that finished in a run, and one tag per stage (computed/run-cache/...)
+LAST_STAGE_TAG = "genre.last_stage"
+STAGE_TAG = "genre.stage."
+
+
+def download_run_file(run_id: str, artifact: str, paths: S.Paths) -> Path | None:
+    """Download one artifact file of ``run_id`` into a temporary folder; None if absent."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    dst = Path(tempfile.mkdtemp(prefix="genre-artifact-"))
+    try:
+        return Path(client(paths).download_artifacts(run_id, artifact, str(dst)))
+    except (MlflowException, OSError) as exc:
+        log.info("run %s: no artifact %s (%s)", run_id, artifact, type(exc).__name__)
+        return None
+
+
+def log_params_snapshot(run_id: str, params: Mapping, snapshot: Path, paths: S.Paths) -> dict:
+    """The params a run uses, once, at its start: flattened as MLflow params, the snapshot file
+    as the artifact ``run/params.yaml``, its hash as the tag ``genre.params_hash``."""
+    n = log_params(run_id, params, paths)
+    client(paths).log_artifact(run_id, str(snapshot), "run")
+    digest = params_hash(params)
+    set_tags(run_id, {"genre.params_hash": digest, "params_hash": digest}, paths)
+    return {"params": n, "params_hash": digest}
+
+
+def log_run_lock(run_id: str, lock: Path, paths: S.Paths) -> str | None:
+    """Upload a run's dvc.lock (artifact ``run/dvc.lock``) and tag its md5
+    (``genre.dvc_lock_md5``): the record that restores the run's data (``genre checkout``)."""
+    if not lock.exists():
+        return None
+    client(paths).log_artifact(run_id, str(lock), "run")
+    md5 = io.file_md5(lock)
+    set_tags(run_id, {"genre.dvc_lock_md5": md5}, paths)
+    return md5
+
+
+def _stage_artifacts(stage: str, paths: S.Paths) -> dict[Path, str]:
+    root = paths.root
+    return {
+        "validate": {paths.validation_summary: "validation", paths.validation_dir / "docs": "validation/docs"},
+        "preprocess": {paths.split_info: "data"},
+        "genre": {},
+        "train": {paths.model_dir / "train_curve.png": "training",
+                  paths.model_dir / "selected.json": "training"},
+        "evaluate": {root / "data" / "eval" / "comparison.md": "evaluation",
+                     root / "data" / "eval" / "comparison.png": "evaluation"},
+    }.get(stage, {})
+
+
+def log_stage(run_id: str, stage: str, paths: S.Paths, how: str | None = None,
+              seconds: float | None = None) -> dict:
+    """Log one finished stage into the pipeline run as it goes: its metrics file's numbers
+    (prefix ``<stage>.``), its artifacts (GX summary + Data Docs at validate, curves at train,
+    the comparison at evaluate), per-strategy training curves as child runs at train, dataset
+    lineage (``log_inputs``) at preprocess; tags ``genre.stage.<stage>`` = how it ran and
+    ``genre.last_stage``. A failed or dry run therefore shows how far it got."""
+    summary: dict[str, Any] = {"stage": stage}
+    f = paths.metrics(stage)
+    if stage == "evaluate":
+        summary["metrics"] = log_evaluation(run_id, paths)  # test.<model>.<metric>
+    elif f.exists():
+        summary["metrics"] = log_metrics(run_id, io.read_json(f), paths,
+                                         prefix=f"{stage}.")
+    if seconds is not None:
+        log_metrics(run_id, {f"stage_seconds.{stage}": seconds}, paths)
+    summary["artifacts"] = sorted(_rel(paths, p) for p, where in _stage_artifacts(stage, paths).items()
+                                  if log_artifact(run_id, p, paths, where))
+    if stage == "train":
+        summary["children"] = log_training(run_id, paths)
+    if stage == "preprocess":
+        try:
+            summary["inputs"] = log_lineage(run_id, paths)
+        except Exception as exc:  # lineage is a record, never a reason to fail the pipeline
+            log.warning("dataset lineage not logged: %s", exc)
+    set_tags(run_id, {f"{STAGE_TAG}{stage}": how or "done", LAST_STAGE_TAG: stage}, paths)
+    return summary
+
+
+def epoch_logger(strategy: str, paths: S.Paths, phase: str = "valid"):
+    """A ``fit_model(on_epoch=...)`` callback logging each epoch live into the pipeline run
+    ($GENRE_MLFLOW_RUN_ID), as ``train.<strategy>.<phase>.loss`` / ``.valid_ndcg_at_10`` with
+    step = epoch; None outside a pipeline run."""
+    run_id = os.environ.get(RUN_ID_ENV, "").strip()
+    if not run_id:
+        return None
+
+    def on_epoch(epoch: int, loss: float, seconds: float, ndcg: float | None = None) -> None:
+        try:
+            values = {"loss": loss, "epoch_seconds": seconds}
+            if ndcg is not None:
+                values["valid_ndcg@10"] = ndcg
+            log_metrics(run_id, values, paths, prefix=f"live.{strategy}.{phase}.", step=epoch)
+        except Exception as exc:  # the record must never stop training
+            log.warning("live metrics not logged: %s", exc)
+
+    return on_epoch

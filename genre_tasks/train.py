@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from genre_tasks import config, io, logs
+from genre_tasks import config, io, logs, tracking
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError
 from genre_tasks.data import Dataset, EvalData, FitData
@@ -212,7 +212,8 @@ class FitResult:
 
 def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None = None,
               epochs: int | None = None, show_progress: bool = True,
-              on_epoch: Callable[[int, float, float], None] | None = None) -> FitResult:
+              on_epoch: Callable[[int, float, float], None] | None = None,
+              live: Callable[..., None] | None = None) -> FitResult:
     """Train ``strategy`` on ``fit``.
 
     With ``ev``: up to ``epochs`` (default p.epochs) epochs, evaluating nDCG@10 after each and
@@ -256,6 +257,8 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
             curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": ndcg, "seconds": seconds})
             if on_epoch is not None:
                 on_epoch(e, loss, seconds)
+            if live is not None:
+                live(e, loss, seconds, ndcg)
             if not use_eval:
                 best_epoch = e
                 continue
@@ -371,10 +374,12 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                 curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
                             "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in curve]
                 continue
-            res = fit_model(p, strategy, fit_v, ev_v)
+            # per-epoch curves logged live into the pipeline's MLflow run (if there is one)
+            res = fit_model(p, strategy, fit_v, ev_v, live=tracking.epoch_logger(strategy, paths))
             log.logger.info("%s: best epoch %d, valid %s %.4f (%d epochs run, %d examples)", strategy,
                             res.best_epoch, selection_metric, res.best_ndcg, len(res.curve), res.n_examples)
-            final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True)
+            final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True,
+                              live=tracking.epoch_logger(strategy, paths, phase="refit"))
             rec = final.recommender
             # no timings in data/model: two runs must write byte-identical files
             rec.meta.update({"best_epoch": res.best_epoch, "fit_phase": "test", "history": _untimed(res.curve),

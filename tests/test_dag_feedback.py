@@ -69,6 +69,65 @@ def test_dag_integrity(tmp_path):
 
 
 # --- end to end -------------------------------------------------------------------------------
+def _feedback_dag_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("genre_feedback_dag", ROOT / "dags" / "genre_feedback.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("form, in_params, expected", [
+    ({}, False, False),                       # empty form: params.yaml's false holds
+    ({"prequential": None}, False, False),
+    ({"prequential": None}, True, True),
+    ({"prequential": True}, False, True),     # an explicit choice wins
+    ({"prequential": False}, True, False),
+])
+def test_prequential_form_defaults_to_params_yaml(monkeypatch, tmp_path, form, in_params, expected):
+    from genre_tasks import feedback
+
+    dag_module = _feedback_dag_module()
+    assert dag_module.PARAMS["prequential"].value is None  # the form's default is "as in params.yaml"
+    assert dag_module.PARAMS["dvc_push"].value is None
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["feedback"]["prequential"] = in_params
+    seen = {}
+
+    def fake_prequential(params_, paths, good, logical_date, *, enabled=None):
+        # what genre_tasks.feedback.prequential decides from params + the form's value
+        seen["enabled"] = feedback.settings(params_, prequential=enabled).feedback.prequential
+        return {"enabled": seen["enabled"]}
+
+    monkeypatch.setattr(dag_module, "get_current_context", lambda: {"params": form})
+    monkeypatch.setattr(dag_module, "_run_context", lambda: (params, tmp_path, "2026-01-01T00:00:00+00:00"))
+    monkeypatch.setattr(feedback, "prequential", fake_prequential)
+    monkeypatch.setenv("GENRE_PROJECT_ROOT", str(tmp_path))
+    dag_module.prequential.function([{"batch_id": "b1", "status": "valid"}])
+    assert seen["enabled"] is expected
+
+
+def test_dvc_push_form_defaults_to_params_yaml(monkeypatch, tmp_path):
+    from genre_tasks import feedback
+
+    dag_module = _feedback_dag_module()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["feedback"]["dvc_push"] = False
+    seen = {}
+
+    def fake_record(params_, paths, *, dvc=None, push=None):
+        seen["push"] = feedback.settings(params_, dvc_push=push).feedback.dvc_push
+        return {}
+
+    monkeypatch.setattr(dag_module, "get_current_context", lambda: {"params": {"dvc_push": None}})
+    monkeypatch.setattr(dag_module, "_run_context", lambda: (params, tmp_path, "2026-01-01T00:00:00+00:00"))
+    monkeypatch.setattr(feedback, "record_store", fake_record)
+    monkeypatch.setenv("GENRE_PROJECT_ROOT", str(tmp_path))
+    dag_module.record_store.function()
+    assert seen["push"] is False
+
+
 def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

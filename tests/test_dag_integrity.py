@@ -192,8 +192,9 @@ def test_training_dag_shape(report):
     dag = report["dags"]["genre_training"]
     tasks = dag["tasks"]
     stages = ["ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote"]
-    assert set(tasks) == {"start_mlflow_run", *stages, "finish_mlflow_run"}
-    for before, after in zip(["start_mlflow_run", *stages], [*stages, "finish_mlflow_run"]):
+    assert set(tasks) == {"start_mlflow_run", "snapshot_params", *stages, "finish_mlflow_run"}
+    chain = ["start_mlflow_run", "snapshot_params", *stages, "finish_mlflow_run"]
+    for before, after in zip(chain[:-1], chain[1:]):
         assert before in tasks[after]["upstream"], f"{before} >> {after} missing"
     for stage in stages:  # every stage gets the MLflow run id
         assert "start_mlflow_run" in tasks[stage]["upstream"]
@@ -205,7 +206,7 @@ def test_training_dag_shape(report):
     for name in ("embed", "train", "evaluate", "promote"):
         assert tasks[name]["retries"] >= 1 and tasks[name]["backoff"] > 1, name
     assert tasks["promote"]["outlets"] == ["genre://models/genre-recommender"]
-    assert dag["max_active_runs"] == 1 and dag["catchup"] is False
+    assert dag["max_active_runs"] == 2 and dag["catchup"] is False  # a workspace per run
     assert dag["timetable"] == "AssetOrTimeSchedule"
 
 

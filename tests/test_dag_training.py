@@ -13,6 +13,7 @@ scripts/airflow.sh (the same entry point `make airflow-train` uses):
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -20,10 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "genre_training"
-COPY = ("dvc.yaml", "params.yaml", "configs", "genre_tasks", "dags", "scripts")
+COPY = ("dvc.yaml", "params.yaml", "configs", "genre_tasks", "dags", "scripts", ".dvc", ".dvcignore")
 STAGES = ("ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -38,6 +40,8 @@ def scratch_project(tmp_path: Path) -> Path:
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, project / name)
+    (project / ".dvc" / "config.local").unlink(missing_ok=True)  # the default local remote only
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
     return project
 
 
@@ -70,8 +74,8 @@ def run_dag(project: Path, conf: dict) -> tuple[subprocess.CompletedProcess, str
     assert init.returncode == 0, init.stderr[-3000:]
     proc = airflow(project, "dags", "test", DAG_ID, "--conf", json.dumps(conf))
     runs = json_output(airflow(project, "dags", "list-runs", DAG_ID, "-o", "json"))
-    assert len(runs) == 1, runs
-    run_id = runs[0]["run_id"]
+    runs.sort(key=lambda r: r.get("run_after") or r.get("start_date") or "")
+    run_id = runs[-1]["run_id"]
     states = json_output(airflow(project, "tasks", "states-for-dag-run", DAG_ID, run_id, "-o", "json"))
     return proc, run_id, {row["task_id"]: row["state"] for row in states}
 
@@ -94,7 +98,8 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     conf = {"max_users": 40, "strategies": ["ease"], "force_promote": True,
             "force_reason": "e2e test: the first champion"}
     proc, run_id, states = run_dag(project, conf)
-    assert states == {t: "success" for t in ("start_mlflow_run", *STAGES, "finish_mlflow_run")}, \
+    assert states == {t: "success" for t in ("start_mlflow_run", "snapshot_params", *STAGES,
+                                             "finish_mlflow_run")}, \
         f"{states}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
     client, run = mlflow_run_of(project, run_id)
@@ -111,6 +116,54 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert promote["best_baseline"] in json.loads((project / "metrics" / "evaluate.json").read_text())["models"]
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert "ease" in json.dumps(train)
+
+    # the run ran through DVC in its own workspace: clean `dvc status` there, its params
+    # snapshot and dvc.lock in the MLflow run, per-stage records logged as it went
+    workspace = Path(run.data.tags["genre.workspace"])
+    assert workspace.parent == project / "runs"
+    status = subprocess.run(["dvc", "status"], cwd=workspace, capture_output=True, text=True,
+                            env=airflow_env(project))
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    snapshot = yaml.safe_load((workspace / "params.yaml").read_text())
+    assert snapshot["train"]["epochs"] == 2 and snapshot["ingest"]["max_users"] == 40
+    assert snapshot["embed"]["batch_size"] == 32  # configs/tiny.yaml ($GENRE_PARAMS_OVERRIDE)
+    assert run.data.params["train.epochs"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "run")}
+    assert artifacts == {"run/params.yaml", "run/dvc.lock", "run/dvc.yaml"}
+    assert run.data.tags["genre.last_stage"] == "promote"
+    assert all(run.data.tags[f"genre.stage.{s}"] == "computed" for s in ("ingest", "train", "evaluate"))
+    history = client.get_metric_history(run.info.run_id, "live.content.valid.valid_ndcg_at_10")
+    assert [m.step for m in history] == [1, 2]  # logged per epoch while training
+    # ... and published into the project: dvc.lock + outputs, promote's metrics at the root
+    assert (project / "dvc.lock").exists() and (project / "data" / "model" / "content").is_dir()
+
+    # the same trigger again: every data stage is skipped or restored from the DVC run-cache;
+    # only promote runs (always_changed: the gate re-judges against the registry as it is now)
+    proc2, run_id2, states2 = run_dag(project, conf)
+    assert run_id2 != run_id and set(states2.values()) == {"success"}, states2
+    out = proc2.stdout + proc2.stderr
+    assert re.findall(r"Running stage '([\w-]+)'", out) == ["promote"], out[-3000:]
+    assert out.count(": run-cache in ") == len(STAGES) - 1  # ingest..evaluate; source is pulled
+    again = json.loads((project / "metrics" / "promote.json").read_text())
+    assert again["decision"] == "unchanged" and again["version"] == champion.version
+
+    # the version trained through Airflow: its lineage, and its data + model restored elsewhere
+    genre = [str(Path(sys.executable).parent / "genre"), "--root", str(project)]
+    lineage = subprocess.run([*genre, "lineage", str(champion.version)], cwd=project, capture_output=True,
+                             text=True, env=airflow_env(project))
+    assert lineage.returncode == 0, lineage.stderr[-3000:]
+    record = json.loads(lineage.stdout)
+    assert record["params"] == snapshot and record["problems"] == []
+    assert record["gx"]["expectations_evaluated"] == record["gx"]["expectations_successful"] > 0
+    assert record["dvc_lock"]["train"]["data/model"].endswith(".dir") and "test.ndcg_at_10" in record["metrics"]
+    restored = tmp_path / "restored"
+    checkout = subprocess.run([*genre, "checkout", str(champion.version), "--dir", str(restored)], cwd=project,
+                              capture_output=True, text=True, env=airflow_env(project))
+    assert checkout.returncode == 0, checkout.stdout[-3000:] + checkout.stderr[-3000:]
+    result = json.loads(checkout.stdout)
+    assert result["ok"] and result["model_md5"] == record["dvc_lock"]["train"]["data/model"]
+    model_files = sorted(p.relative_to(workspace) for p in (workspace / "data" / "model").rglob("*") if p.is_file())
+    assert model_files and all((restored / f).read_bytes() == (workspace / f).read_bytes() for f in model_files)
 
 
 def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):
@@ -141,3 +194,7 @@ def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):
     _, run = mlflow_run_of(project, run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["airflow.outcome"].startswith("failed: validate (not run: ")
+    # ... and says how far it got: ingest done (and logged), validate failed
+    assert run.data.tags["genre.last_stage"] == "ingest"
+    assert run.data.tags["genre.stage.validate"] == "failed"
+    assert run.data.metrics["ingest.n_interactions"] == 4

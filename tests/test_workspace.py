@@ -1,0 +1,167 @@
+"""Run workspaces (genre_tasks.workspace): the params snapshot, the DVC config of a workspace,
+and (slow) stages of one pipeline run in two empty working directories that share nothing but
+the DVC remote and the MLflow store, giving the same model as a single-directory run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from genre_tasks import workspace as W
+from genre_tasks.config import OVERRIDE_ENV, deep_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def make_project(tmp: Path, remote: Path | None) -> Path:
+    """A project checkout: code, dvc.yaml, params.yaml, .dvc/config naming ``remote``."""
+    project = tmp / "project"
+    project.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy2(ROOT / name, project / name)
+    shutil.copytree(ROOT / "configs", project / "configs")
+    shutil.copytree(ROOT / "genre_tasks", project / "genre_tasks",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (project / ".dvc").mkdir()
+    conf = "[core]\n    analytics = false\n    no_scm = true\n"
+    if remote is not None:
+        conf += f"    remote = shared\n['remote \"shared\"']\n    url = {remote}\n"
+    (project / ".dvc" / "config").write_text(conf)
+    return project
+
+
+def test_slug_is_a_folder_name():
+    assert W.slug("manual__2026-11-30T18:00:00+00:00") == "manual__2026-11-30T18_00_00_00_00"
+    assert "/" not in W.slug("a/../b") and W.slug("") == "run"
+
+
+def test_snapshot_merges_override_files_and_form_once(tmp_path, monkeypatch):
+    project = make_project(tmp_path, None)
+    monkeypatch.setenv(OVERRIDE_ENV, "configs/tiny.yaml")  # relative to the project
+    params = W.effective_params(project, {"train": {"epochs": 2}})
+    assert params["ingest"]["max_users"] == 60  # from configs/tiny.yaml
+    assert params["train"]["epochs"] == 2 and params["train"]["dim"] == 32  # form wins, tiny kept
+    assert os.environ[OVERRIDE_ENV] == "configs/tiny.yaml"  # restored
+    W.check_params(params)
+
+    ws = W.create(W.workspace(project, "run-1"), params)
+    assert yaml.safe_load(ws.params_file.read_text()) == params
+    assert ws.path == project / "runs" / "run-1"
+    assert (ws.path / "genre_tasks" / "train.py").read_bytes() == (ROOT / "genre_tasks" / "train.py").read_bytes()
+    config = (ws.path / ".dvc" / "config").read_text()
+    assert f"dir = {project / '.dvc' / 'cache'}" in config and "no_scm = true" in config
+    assert (ws.path / ".cache").resolve() == (project / ".cache").resolve()  # embedding cache
+    # the DVC subprocess never applies an override file again: the snapshot has it all
+    assert OVERRIDE_ENV not in W.dvc_env(ws)
+    assert W.dvc_env(ws)["MLFLOW_TRACKING_URI"] == f"sqlite:///{project / 'mlflow.db'}"
+
+    W.create(ws, params)  # idempotent
+    with pytest.raises(RuntimeError, match="never change"):
+        W.create(ws, deep_merge(params, {"train": {"epochs": 3}}))
+
+
+def test_workspace_takes_the_project_remote_and_env_override(tmp_path, monkeypatch):
+    project = make_project(tmp_path, Path("../store-rel"))  # relative to .dvc/, as in the repo
+    ws = W.create(W.workspace(project, "r"), W.effective_params(project))
+    local = (ws.path / ".dvc" / "config.local").read_text()
+    assert f"url = {(project / 'store-rel').resolve()}" in local and W.has_remote(ws)
+    monkeypatch.setenv(W.REMOTE_URL_ENV, "s3://bucket/genre")
+    monkeypatch.setenv(W.WORKSPACES_ENV, str(tmp_path / "worker"))
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "worker-cache"))
+    other = W.create(W.workspace(project, "r"), W.effective_params(project))
+    assert other.path == tmp_path / "worker" / "r" and not other.shares_project_cache
+    assert "url = s3://bucket/genre" in (other.path / ".dvc" / "config.local").read_text()
+    assert not (other.path / ".cache").exists()
+
+
+def test_computed_stages_reads_dvc_output():
+    out = ("Stage 'ingest' is cached - skipping run, checking out outputs\n"
+           "Running stage 'train':\n> genre train\nStage 'genre' didn't change, skipping\n")
+    assert W.computed_stages(out) == ["train"]
+
+
+# --- two empty working directories sharing only the DVC remote and the MLflow store ------------
+def _model_md5(ws: W.Workspace) -> str:
+    outs = W.lock_entry(ws, "train")["outs"]
+    return next(o["md5"] for o in outs if o["path"] == "data/model")
+
+
+def _env(tmp: Path) -> dict:
+    return {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+            "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}",
+            "GENRE_MLFLOW_ARTIFACTS": str(tmp / "mlflow" / "artifacts")}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, monkeypatch):
+    from genre_tasks import tracking
+    from genre_tasks.schema import Paths
+
+    (tmp_path / "mlflow").mkdir()
+    for k, v in _env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    monkeypatch.delenv(tracking.RUN_ID_ENV, raising=False)
+    remote = tmp_path / "remote"
+    project = make_project(tmp_path, remote)
+    params = deep_merge(W.effective_params(project, yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())),
+                        {"ingest": {"max_users": 30}, "train": {"strategies": ["content"], "epochs": 2}})
+    paths = Paths(project)
+    mlflow_run = tracking.create_run(paths, None, run_name="two-workers")
+    timings: dict[str, float] = {}
+
+    def worker(name: str, stages: list[str]) -> W.Workspace:
+        monkeypatch.setenv(W.WORKSPACES_ENV, str(tmp_path / name))
+        monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / name / "cache"))
+        ws = W.workspace(project, "run-1")
+        if not ws.path.exists() and name == "worker-a":  # the run's first task: the snapshot
+            W.create(ws, params)
+            tracking.log_params_snapshot(mlflow_run, params, ws.params_file, paths)
+        W.materialise(ws, mlflow_run, paths)
+        for stage in stages:
+            t0 = time.perf_counter()
+            W.run_stage(ws, stage, env={tracking.RUN_ID_ENV: mlflow_run})
+            tracking.log_run_lock(mlflow_run, ws.lock_file, paths)
+            timings[f"{name}:{stage}"] = time.perf_counter() - t0
+        return ws
+
+    a = worker("worker-a", ["source", "ingest", "validate", "preprocess", "embed", "genre"])
+    b = worker("worker-b", ["train", "evaluate"])  # empty folder, empty cache
+    assert not (a.path / "data" / "model").exists()
+    # worker B fetched exactly the inputs of its stages: no source/raw data, no DVC-run-cache miss
+    present = sorted(p.name for p in (b.path / "data").iterdir())
+    assert present == ["embeddings", "eval", "genre", "model", "processed"], present
+    assert yaml.safe_load(b.params_file.read_text()) == params
+    status = W.dvc(b, "status", "train", "evaluate")
+    assert "up to date" in status.stdout, status.stdout
+
+    # the same pipeline in ONE directory, with a cache and a remote of its own (no reuse)
+    monkeypatch.setenv(W.WORKSPACES_ENV, str(tmp_path / "single"))
+    monkeypatch.setenv(W.CACHE_ENV, str(tmp_path / "single" / "cache"))
+    monkeypatch.setenv(W.REMOTE_URL_ENV, str(tmp_path / "single-remote"))
+    c = W.create(W.workspace(project, "run-1"), params)
+    # only the MiniLM text cache is borrowed from worker A (it saves re-encoding, never changes
+    # a vector): every stage still runs here, nothing comes from A's DVC cache or remote
+    (c.path / ".cache").symlink_to(a.path / ".cache", target_is_directory=True)
+    t0 = time.perf_counter()
+    for stage in ["source", "ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate"]:
+        result = W.run_stage(c, stage)
+        assert result["computed"], result  # nothing reused from the two workers
+    timings["single"] = time.perf_counter() - t0
+    print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+    assert _model_md5(b) == _model_md5(c)  # the same model, byte for byte
+    evals = [[o for o in W.lock_entry(ws, "evaluate")["outs"] if o["path"] == "data/eval"] for ws in (b, c)]
+    assert evals[0] == evals[1] and evals[0]  # the same comparison table
+    # the run's record in MLflow is the lock worker B wrote last
+    fetched = tracking.download_run_file(mlflow_run, W.LOCK_ARTIFACT, paths)
+    assert fetched.read_bytes() == b.lock_file.read_bytes()
