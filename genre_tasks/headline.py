@@ -17,7 +17,7 @@ from genre_tasks import schema as S
 
 HEADLINE_DIR = "headline"
 #: the strategies the wide curve file always has a column for (empty when not trained)
-STRATEGIES = ("content", "collaborative", "hybrid")
+STRATEGIES = ("content", "collaborative", "hybrid")  # = train.TWO_TOWER: per-epoch curves (ease has a lambda grid, not epochs)
 
 
 def _get(doc: Mapping, *keys: str) -> Any:

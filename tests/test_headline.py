@@ -56,3 +56,9 @@ def test_dvc_yaml_declares_headlines_as_metrics_and_the_plots():
     plots = {next(iter(p)): next(iter(p.values())) for p in doc["plots"]}
     assert plots["train_curve"]["y"] == {"plots/train_curve_wide.csv": list(headline.STRATEGIES)}
     assert plots["comparison"]["y"] == {"plots/comparison.csv": "model"}
+
+
+def test_the_curve_columns_are_the_epoch_trained_strategies():
+    from genre_tasks import train
+
+    assert tuple(headline.STRATEGIES) == tuple(train.TWO_TOWER)  # ease: a lambda grid, no epochs

@@ -137,9 +137,17 @@ def test_trigger_form_cannot_rewrite_the_gate_or_read_outside_data(tmp_path):
     assert config.load_params(ROOT / "params.yaml", [ROOT / "configs" / "tiny.yaml"])["ingest"]["max_users"]
 
 
-def test_the_training_dag_applies_trigger_form_values_through_the_guard():
-    text = (ROOT / "dags" / "genre_training.py").read_text()
-    assert "apply_overrides(" in text and "deep_merge(load_params" not in text
+def test_the_training_dag_applies_trigger_form_values_through_the_guard(monkeypatch):
+    """The DAG's params snapshot (genre_tasks.workspace.effective_params) is where trigger-form
+    values enter: the same payload is refused there."""
+    from genre_tasks import config
+    from genre_tasks import workspace as W
+
+    monkeypatch.delenv("GENRE_PARAMS_OVERRIDE", raising=False)
+    with pytest.raises(config.ParamsError, match="trigger form: refused"):
+        W.effective_params(ROOT, {"promote": {"primary_metric": "auc", "guardrails": {}}})
+    assert W.effective_params(ROOT, {"train": {"epochs": 2}})["train"]["epochs"] == 2
+    assert "W.effective_params(" in (ROOT / "dags" / "genre_training.py").read_text()
 
 
 # --- one version per model -----------------------------------------------------------------------------
