@@ -10,7 +10,9 @@ record written), run the real `genre evaluate` and `genre promote`, and record t
     shuffled_labels    trained on positives with item ids permuted
     shuffled_vectors   vectors.npy rows shuffled, then `genre train` on them
     popularity         the trained model with its user tower zeroed (item bias only)
-    below_ease         the default trained model (on ML-100k: above MostPop, below EASE)
+    below_ease         another trained strategy above MostPop and below EASE
+    ease_strategy      the genuinely better challenger: the `ease` strategy train trained
+                       (better than every other model of the run, and than the champion)
 
 each against an EMPTY registry and against a GOOD champion (the default model, forced in with a
 reason because it does not beat EASE significantly). A genuinely better challenger is shown on
@@ -105,6 +107,16 @@ def put_model(paths, name: str, rec) -> None:
     manifests.write(paths, "train", reads, [paths.model_dir])
 
 
+def select_strategy(paths, name: str) -> None:
+    """Select another strategy the train stage trained (and write its train record)."""
+    from genre_tasks import io, manifests
+
+    io.write_json({"strategy": name, "selection_metric": "ndcg@10", "valid_ndcg@10": {}},
+                  paths.model_dir / "selected.json")
+    reads = [paths.root / r for r in manifests.reads(paths, "train")]
+    manifests.write(paths, "train", reads, [paths.model_dir])
+
+
 def select_below_ease(paths, champion_strategy: str | None) -> str:
     """Select a trained strategy whose test nDCG@10 lies between MostPop and EASE (not the
     champion's), and write the train record for that selection."""
@@ -130,6 +142,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="configs/tiny.yaml instead of the default params")
     ap.add_argument("--work", default="/tmp/genre-gate-campaign")
     ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--only", nargs="*", help="run only these kinds (default: all)")
     args = ap.parse_args()
     import yaml
 
@@ -161,6 +174,8 @@ def main() -> int:
         return S.Paths(dst)
 
     kinds = ["epochs1", "dim2", "shuffled_labels", "shuffled_vectors", "popularity", "below_ease"]
+    better = ["ease_strategy"]  # the EASE strategy: better than every other model of the run
+    run_kinds = [k for k in kinds + better if not args.only or k in args.only]
     rows = []
     # the first decision of the default project: its own selected model, empty registry
     paths = fresh("first")
@@ -176,7 +191,7 @@ def main() -> int:
                  "MostPop": ev.get("MostPop", {}).get("ndcg@10"), "decision": decision_of(res)[0],
                  "why": decision_of(res)[1]})
     for registry in ("empty", "champion"):
-        for kind in kinds:
+        for kind in run_kinds:
             paths = fresh("case")
             db = work / f"{registry}-{kind}.db"
             db.unlink(missing_ok=True)
@@ -192,6 +207,8 @@ def main() -> int:
                 genre(paths.root, ["train"], db, overrides)
             elif kind == "below_ease":
                 select_below_ease(paths, champion_strategy=default_strategy if registry == "champion" else None)
+            elif kind == "ease_strategy":
+                select_strategy(paths, "ease")
             else:
                 put_model(paths, kind, degraded(kind, paths, params))
             genre(paths.root, ["evaluate"], db, overrides, check=kind != "shuffled_vectors")
