@@ -77,8 +77,7 @@ def test_repro_runs_every_stage_in_order(repo, first_run):
 def test_second_repro_runs_nothing(repo, first_run):
     repo_dir, env = repo
     out = sh(["dvc", "repro"], repo_dir, env)
-    # nothing is computed; promote (always_changed) re-judges against the registry as it is now
-    assert ran_stages(out) == ["promote"], out
+    assert ran_stages(out) == [], out
 
 
 def test_embed_param_reruns_embed_and_downstream_only(repo, first_run):
