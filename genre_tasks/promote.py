@@ -58,8 +58,10 @@ ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
 REASON_ENV = "GENRE_PROMOTE_REASON"
 #: version tag: sha256 of everything that changes predictions (serving.content_key)
 CONTENT_KEY = "content_key"
-#: tags of the pipeline's MLflow run copied onto the version it registers (genre_tasks.workspace)
-RUN_RECORD_TAGS = ("genre.params_hash", "genre.dvc_lock_md5")
+#: tags of the pipeline's MLflow run copied onto the version it registers (genre_tasks.workspace;
+#: not genre.dvc_lock_md5: the run's lock is final only after promote, `genre lineage` reads it
+#: from the run)
+RUN_RECORD_TAGS = ("genre.params_hash",)
 
 
 @dataclass(frozen=True)

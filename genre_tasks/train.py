@@ -292,10 +292,12 @@ def load_recommender(model_dir: str | Path):
     return _load(model_dir)
 
 
-def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: FitData) -> tuple[Any, list[dict], float, int]:
+def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
+                      live: Callable[..., None] | None = None) -> tuple[Any, list[dict], float, int]:
     """``ease``: lambda chosen on valid (fit on train) from ``p.ease_lambda``, refit on the
     test-phase data. Returns (recommender, curve rows (one per grid value), best valid nDCG@10,
-    index of the best value, 1-based)."""
+    index of the best value, 1-based). ``live(step, loss, seconds, ndcg)`` is called after each
+    grid value (step = its 1-based index), like fit_model's per-epoch callback."""
     from genre_tasks import linear
 
     curve, best, best_i = [], -math.inf, 1
@@ -304,6 +306,8 @@ def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: Fit
         ndcg = validation_ndcg(linear.fit_ease(fit_v, lam), fit_v, ev_v, p.seed)
         curve.append({"epoch": i, "train_loss": None, "valid_ndcg@10": ndcg,
                       "seconds": time.perf_counter() - t0, "lambda": lam})
+        if live is not None:
+            live(i, None, curve[-1]["seconds"], ndcg)
         if ndcg > best:
             best, best_i = ndcg, i
     rec = linear.fit_ease(fit_t, p.ease_lambda[best_i - 1])
@@ -362,7 +366,8 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
         for strategy in p.strategies:
             t0 = time.perf_counter()
             if strategy == "ease":
-                rec, curve, best_ndcg, best_i = fit_ease_strategy(p, fit_v, ev_v, fit_t)
+                rec, curve, best_ndcg, best_i = fit_ease_strategy(p, fit_v, ev_v, fit_t,
+                                                                  live=tracking.epoch_logger(strategy, paths))
                 log.logger.info("ease: lambda %s chosen on valid (%s %.4f; grid %s)", rec.lam, selection_metric,
                                 best_ndcg, ", ".join(f"{c['lambda']:g}: {c['valid_ndcg@10']:.4f}" for c in curve))
                 rec.meta.update({"valid_ndcg@10": _finite(best_ndcg), "selection_metric": selection_metric})

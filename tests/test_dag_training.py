@@ -95,7 +95,7 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     project = scratch_project(tmp_path)
     # EASE as the strategy: a forced promotion still has to pass the floor (not significantly
     # worse than the best baseline), which a 2-epoch neural model on 40 users does not
-    conf = {"max_users": 40, "strategies": ["ease"], "force_promote": True,
+    conf = {"max_users": 40, "strategies": ["ease"], "epochs": 2, "force_promote": True,
             "force_reason": "e2e test: the first champion"}
     proc, run_id, states = run_dag(project, conf)
     assert states == {t: "success" for t in ("start_mlflow_run", "snapshot_params", *STAGES,
@@ -132,10 +132,11 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert artifacts == {"run/params.yaml", "run/dvc.lock", "run/dvc.yaml"}
     assert run.data.tags["genre.last_stage"] == "promote"
     assert all(run.data.tags[f"genre.stage.{s}"] == "computed" for s in ("ingest", "train", "evaluate"))
-    history = client.get_metric_history(run.info.run_id, "live.content.valid.valid_ndcg_at_10")
-    assert [m.step for m in history] == [1, 2]  # logged per epoch while training
+    history = client.get_metric_history(run.info.run_id, "live.ease.valid.valid_ndcg_at_10")
+    # logged live while training, one step per value of the ease strategy's lambda grid
+    assert [m.step for m in history] == list(range(1, len(snapshot["train"]["ease_lambda"]) + 1))
     # ... and published into the project: dvc.lock + outputs, promote's metrics at the root
-    assert (project / "dvc.lock").exists() and (project / "data" / "model" / "content").is_dir()
+    assert (project / "dvc.lock").exists() and (project / "data" / "model" / "ease").is_dir()
 
     # the same trigger again: every stage is skipped or restored from the DVC run-cache (promote
     # too: nothing it depends on changed, and no registry write happens without it computing)

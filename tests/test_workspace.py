@@ -113,9 +113,12 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
     monkeypatch.delenv(tracking.RUN_ID_ENV, raising=False)
     remote = tmp_path / "remote"
     project = make_project(tmp_path, remote)
-    params = deep_merge(W.effective_params(project, yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())),
+    # the committed tiny config (it sets evaluate/promote values, which a trigger form may not)
+    tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    params = deep_merge(deep_merge(W.effective_params(project), tiny),
                         {"ingest": {"max_users": 30}, "train": {"strategies": ["content"], "epochs": 2}})
     paths = Paths(project)
+    tracking.init_store(paths)  # what the DAG's first task does
     mlflow_run = tracking.create_run(paths, None, run_name="two-workers")
     timings: dict[str, float] = {}
 
@@ -139,7 +142,8 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
     assert not (a.path / "data" / "model").exists()
     # worker B fetched exactly the inputs of its stages: no source/raw data, no DVC-run-cache miss
     present = sorted(p.name for p in (b.path / "data").iterdir())
-    assert present == ["embeddings", "eval", "genre", "model", "processed"], present
+    # (+ the stage records of train/evaluate and of the producers promote checks them against)
+    assert present == ["embeddings", "eval", "genre", "manifests", "model", "processed"], present
     assert yaml.safe_load(b.params_file.read_text()) == params
     status = W.dvc(b, "status", "train", "evaluate")
     assert "up to date" in status.stdout, status.stdout
