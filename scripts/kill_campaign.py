@@ -12,6 +12,7 @@ registry is usable, exactly one version is registered, @champion is loadable and
 no bundle folder is left in .cache/promote. Prints one row per trial and a summary table.
 
     python scripts/kill_campaign.py [--random 10] [--work /tmp/kill-campaign]
+        [--select ease --force]   # a first promote that moves @champion (forced, with a reason)
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GENRE = [sys.executable, "-m", "genre_tasks.cli"]
+#: extra arguments of every promote (--force: the first promote moves @champion)
+PROMOTE_ARGS: list[str] = []
 
 
 def genre(root: Path, *args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -45,7 +48,7 @@ def env_for(root: Path) -> dict:
     return env
 
 
-def build(base: Path) -> Path:
+def build(base: Path, select: str | None = None) -> Path:
     project = base / "template"
     if (project / "data" / "manifests" / "evaluate.json").exists():
         return project
@@ -55,6 +58,18 @@ def build(base: Path) -> Path:
         t = time.perf_counter()
         genre(project, stage, env=env)
         print(f"  built {stage} ({time.perf_counter() - t:.1f} s)", flush=True)
+    if select:  # another strategy the train stage trained, with the train record it leaves
+        sys.path.insert(0, str(ROOT))
+        from genre_tasks import io, manifests
+        from genre_tasks.schema import Paths
+
+        paths = Paths(project)
+        io.write_json({"strategy": select, "selection_metric": "ndcg@10", "valid_ndcg@10": {}},
+                      paths.model_dir / "selected.json")
+        manifests.write(paths, "train", [paths.root / r for r in manifests.reads(paths, "train")],
+                        [paths.model_dir])
+        genre(project, "evaluate", env=env)
+        print(f"  selected {select}", flush=True)
     return project
 
 
@@ -104,7 +119,7 @@ def check(root: Path, env: dict, model_name: str, expected: dict) -> dict:
     import json
 
     init = genre(root, "tracking-init", env=env, check=False)
-    prom = genre(root, "promote", env=env, check=False)
+    prom = genre(root, "promote", *PROMOTE_ARGS, env=env, check=False)
     out = {"recover_ok": init.returncode == 0 and prom.returncode == 0,
            "error": (init.stderr + prom.stderr)[-400:] if init.returncode or prom.returncode else ""}
     code = f"""
@@ -140,14 +155,18 @@ def main() -> int:
     ap.add_argument("--random", type=int, default=10, help="random-time kills (half in tracking-init)")
     ap.add_argument("--work", default="/tmp/genre-kill-campaign")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--select", help="select this trained strategy in the template (e.g. ease)")
+    ap.add_argument("--force", action="store_true", help="promote --force --reason (moves @champion)")
     args = ap.parse_args()
+    if args.force:
+        PROMOTE_ARGS.extend(["--force", "--reason", "kill campaign: first champion"])
     base = Path(args.work)
     base.mkdir(parents=True, exist_ok=True)
     import yaml
 
     model_name = yaml.safe_load((ROOT / "params.yaml").read_text())["promote"]["model_name"]
     print("building the template project (tiny config) ...", flush=True)
-    template = build(base)
+    template = build(base, args.select)
 
     # a clean first promote: how long, and its log lines
     probe = fresh_copy(template, base / "probe")
@@ -156,13 +175,13 @@ def main() -> int:
     genre(probe, "tracking-init", env=env)
     t_init = time.perf_counter() - t
     t = time.perf_counter()
-    _, lines = run_and_kill(probe, ["promote"], env)
+    _, lines = run_and_kill(probe, ["promote", *PROMOTE_ARGS], env)
     t_promote = time.perf_counter() - t
     print(f"clean run: tracking-init {t_init:.1f} s, promote {t_promote:.1f} s, {len(lines)} log lines", flush=True)
     import json
 
     decision = json.loads((probe / "metrics" / "promote.json").read_text())["decision"]
-    expected = {"decision": decision, "aliases": ["challenger", "champion"] if decision == "promoted"
+    expected = {"decision": decision, "aliases": ["challenger", "champion"] if decision in ("promoted", "forced")
                 else ["challenger"]}
     print(f"unkilled first promote: decision {decision}, aliases {expected['aliases']}", flush=True)
 
@@ -195,7 +214,7 @@ def main() -> int:
         env = env_for(root)
         if what == "promote":
             genre(root, "tracking-init", env=env)
-        happened, _ = run_and_kill(root, [what], env, **kill)
+        happened, _ = run_and_kill(root, [what, *(PROMOTE_ARGS if what == "promote" else [])], env, **kill)
         res = check(root, env, model_name, expected)
         row = {"trial": n, "killed": what, "when": happened, **res}
         rows.append(row)
