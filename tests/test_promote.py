@@ -251,7 +251,7 @@ def test_params_match_params_yaml_and_force_is_not_a_param():
 
 
 def test_paired_bootstrap_is_seeded_and_bounds_the_gain():
-    from genre_tasks.promote import paired_bootstrap
+    from genre_tasks.gate import paired_bootstrap
 
     rng = np.random.default_rng(0)
     b = rng.random(300)
@@ -267,7 +267,7 @@ def test_paired_bootstrap_is_seeded_and_bounds_the_gain():
 
 
 def test_decide_promotes_only_a_significant_gain_within_guardrails():
-    from genre_tasks.promote import decide
+    from genre_tasks.gate import decide
 
     rng = np.random.default_rng(1)
     ref = rng.random(400)
@@ -303,7 +303,7 @@ def test_decide_promotes_only_a_significant_gain_within_guardrails():
 def test_the_reference_is_the_best_of_the_run_and_the_floor_holds_even_when_forced():
     """A challenger that beats the champion but loses to a baseline of the same run is never
     promoted (the failure: a model below EASE was promoted because only MostPop was checked)."""
-    from genre_tasks.promote import decide
+    from genre_tasks.gate import decide
 
     rng = np.random.default_rng(2)
     champ = rng.random(500) * 0.5
