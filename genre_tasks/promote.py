@@ -59,10 +59,6 @@ ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
 REASON_ENV = "GENRE_PROMOTE_REASON"
 #: version tag: sha256 of everything that changes predictions (serving.content_key)
 CONTENT_KEY = "content_key"
-#: tags of the pipeline's MLflow run copied onto the version it registers (genre_tasks.workspace;
-#: not genre.dvc_lock_md5: the run's lock is final only after promote, `genre lineage` reads it
-#: from the run)
-RUN_RECORD_TAGS = ("genre.params_hash",)
 
 
 @dataclass(frozen=True)
@@ -232,10 +228,10 @@ def preconditions(paths: S.Paths) -> list[str]:
     written = (manifests.load(paths, "evaluate") or {}).get("writes") or {}
     per_user = paths.root / "data" / "eval" / "per_user.parquet"
     rel = manifests.relative(paths, per_user)
-    if per_user.exists() and rel in written and written[rel] != io.file_md5(per_user):
-        problems.append(f"{rel}: not the file the evaluate stage wrote; re-run evaluate")
-    elif rel not in written:
+    if rel not in written:
         problems.append(f"{rel}: no record of the evaluate stage writing it; re-run evaluate")
+    elif not per_user.exists() or io.file_md5(per_user) != written[rel]:
+        problems.append(f"{rel}: not the file the evaluate stage wrote; re-run evaluate")
     return problems
 
 
@@ -306,6 +302,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
     """
     from genre_tasks import evaluation, serving, tracking
     from genre_tasks import data as D
+    from genre_tasks import workspace as W
 
     force = force or p.force
     with logs.stage("promote") as slog:
@@ -381,7 +378,10 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
                     # the run's own record (params snapshot hash, dvc.lock md5: genre lineage /
                     # genre checkout) goes onto the version that this run registered
                     run_tags = cl.get_run(run_id).data.tags
-                    _set_version_tags(cl, name, version, {k: run_tags[k] for k in RUN_RECORD_TAGS if k in run_tags})
+                    # (not the dvc.lock md5: the run's lock is final only after promote; `genre
+                    # lineage` reads it from the run)
+                    if W.PARAMS_HASH_TAG in run_tags:
+                        _set_version_tags(cl, name, version, {W.PARAMS_HASH_TAG: run_tags[W.PARAMS_HASH_TAG]})
                 else:
                     slog.logger.info("model unchanged since v%s (same content key): reusing it", version)
                 _set_version_tags(cl, name, version, {**lineage, CONTENT_KEY: key, "strategy": strategy,

@@ -92,7 +92,7 @@ def degraded(kind: str, paths, params: dict):
 def put_model(paths, name: str, rec) -> None:
     """Save ``rec`` as data/model/<name>, select it and write the train record a training run
     leaves (same inputs as the last train run)."""
-    from genre_tasks import io, manifests
+    from genre_tasks import io
     from genre_tasks import model as M
 
     d = paths.model_dir / name
@@ -101,10 +101,7 @@ def put_model(paths, name: str, rec) -> None:
     d.mkdir(parents=True)
     M.save(rec, d)
     io.write_text("epoch,train_loss,valid_ndcg@10\n", d / "curve.csv")
-    io.write_json({"strategy": name, "selection_metric": "ndcg@10", "valid_ndcg@10": {}},
-                  paths.model_dir / "selected.json")
-    reads = [paths.root / r for r in manifests.reads(paths, "train")]
-    manifests.write(paths, "train", reads, [paths.model_dir])
+    select_strategy(paths, name)
 
 
 def select_strategy(paths, name: str) -> None:
@@ -120,7 +117,7 @@ def select_strategy(paths, name: str) -> None:
 def select_below_ease(paths, champion_strategy: str | None) -> str:
     """Select a trained strategy whose test nDCG@10 lies between MostPop and EASE (not the
     champion's), and write the train record for that selection."""
-    from genre_tasks import io, manifests
+    from genre_tasks import io
 
     ev = io.read_json(paths.metrics("evaluate"))["models"]
     lo, hi = ev["MostPop"]["ndcg@10"], ev["EASE"]["ndcg@10"]
@@ -130,10 +127,7 @@ def select_below_ease(paths, champion_strategy: str | None) -> str:
     if not picks:
         raise SystemExit(f"no trained strategy between MostPop {lo:.4f} and EASE {hi:.4f}: {ev}")
     name = max(picks, key=lambda n: ev[n]["ndcg@10"])
-    io.write_json({"strategy": name, "selection_metric": "ndcg@10", "valid_ndcg@10": {}},
-                  paths.model_dir / "selected.json")
-    reads = [paths.root / r for r in manifests.reads(paths, "train")]
-    manifests.write(paths, "train", reads, [paths.model_dir])
+    select_strategy(paths, name)
     return name
 
 
@@ -144,7 +138,6 @@ def main() -> int:
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--only", nargs="*", help="run only these kinds (default: all)")
     args = ap.parse_args()
-    import yaml
 
     from genre_tasks import config, io
     from genre_tasks import schema as S
