@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 
 from genre_tasks.config import ParamsError, from_dict
-from genre_tasks.data.ingest import IngestParams
+from genre_tasks.data.adapters.params import IngestParams
 
 
 @dataclass(frozen=True)
