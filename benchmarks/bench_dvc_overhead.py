@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from genre_tasks import workspace as W  # noqa: E402
+from genre_tasks.registry import workspace as W  # noqa: E402
 from genre_tasks.config import deep_merge  # noqa: E402
 
 UPSTREAM = ["source", "ingest", "validate", "preprocess"]

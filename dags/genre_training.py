@@ -2,7 +2,7 @@
 ### genre_training: (re)train, evaluate and promote the GENRE recommender
 
 The same pipeline as `dvc repro` (see `dvc.yaml`), one Airflow task per stage, and every stage
-runs **through DVC** in this DAG run's own workspace `runs/<run id>/` (`genre_tasks.workspace`):
+runs **through DVC** in this DAG run's own workspace `runs/<run id>/` (`genre_tasks.registry.workspace`):
 `dvc repro --single-item --pull <stage>` (an unchanged stage is restored from the DVC run-cache:
 nothing computed), then `dvc push <stage> --run-cache`. The workspace's `params.yaml` is this
 run's params snapshot: `<root>/params.yaml` + `$GENRE_PARAMS_OVERRIDE` files + the trigger form,
@@ -161,13 +161,13 @@ PARAMS = {
 def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: dict | None = None) -> dict:
     """Run ``stages`` through DVC in this DAG run's workspace; return their small summaries.
 
-    ``genre_tasks.workspace``: the workspace is rebuilt from the run's MLflow record if this
+    ``genre_tasks.registry.workspace``: the workspace is rebuilt from the run's MLflow record if this
     worker has not got it, each stage is ``dvc repro --single-item --pull <stage>`` (skipped or
     restored from the DVC run-cache when nothing changed) then ``dvc push``; after each stage
     the run's dvc.lock goes to MLflow and the stage's numbers/artifacts are logged live.
     """
     from genre_tasks.registry import tracking
-    from genre_tasks import workspace as W
+    from genre_tasks.registry import workspace as W
     from genre_tasks.schema import Paths
 
     context = get_current_context()
@@ -253,7 +253,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
     the MLflow run (params + artifact run/params.yaml + tag genre.params_hash); XCom shows the
     hash, the overrides and the workspace. A retry/clear reuses the snapshot already made."""
     from genre_tasks.registry import tracking
-    from genre_tasks import workspace as W
+    from genre_tasks.registry import workspace as W
     from genre_tasks.config import ParamsError
     from genre_tasks.schema import Paths
 
@@ -363,7 +363,7 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
         status = "FAILED" if failed else "FINISHED"
         published = {"published": False}
         if outcome == "success":
-            from genre_tasks import workspace as W
+            from genre_tasks.registry import workspace as W
 
             ws = W.workspace(root, ti.run_id)
             if ws.lock_file.exists():  # this worker has the run's workspace (local default)

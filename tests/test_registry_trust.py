@@ -140,10 +140,10 @@ def test_trigger_form_cannot_rewrite_the_gate_or_read_outside_data(tmp_path):
 
 
 def test_the_training_dag_applies_trigger_form_values_through_the_guard(monkeypatch):
-    """The DAG's params snapshot (genre_tasks.workspace.effective_params) is where trigger-form
+    """The DAG's params snapshot (genre_tasks.registry.workspace.effective_params) is where trigger-form
     values enter: the same payload is refused there."""
     from genre_tasks import config
-    from genre_tasks import workspace as W
+    from genre_tasks.registry import workspace as W
 
     monkeypatch.delenv("GENRE_PARAMS_OVERRIDE", raising=False)
     with pytest.raises(config.ParamsError, match="trigger form: refused"):

@@ -1,4 +1,4 @@
-"""Run workspaces (genre_tasks.workspace): the params snapshot, the DVC config of a workspace,
+"""Run workspaces (genre_tasks.registry.workspace): the params snapshot, the DVC config of a workspace,
 and (slow) stages of one pipeline run in two empty working directories that share nothing but
 the DVC remote and the MLflow store, giving the same model as a single-directory run.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genre_tasks import workspace as W
+from genre_tasks.registry import workspace as W
 from genre_tasks.config import OVERRIDE_ENV, deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -279,7 +279,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
     from genre_tasks.registry import serving
     from genre_tasks.registry import tracking
     from genre_tasks.models import views as D
-    from genre_tasks import workspace as W
+    from genre_tasks.registry import workspace as W
 
     force = force or p.force
     with logs.stage("promote") as slog:
