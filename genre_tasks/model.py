@@ -54,6 +54,9 @@ from torch import nn
 from genre_tasks.data import FitData
 
 STRATEGIES = ("content", "collaborative", "hybrid")
+#: score parts (:meth:`TorchRecommender.score`): the whole score, the item-bias prior alone
+#: (non-personalised), the user . item part alone
+PARTS = ("full", "prior", "personal")
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 #: Exponent of the popularity distribution negatives are sampled from.
@@ -358,19 +361,29 @@ class TorchRecommender:
             out.append(w[m].astype(np.float32))
         return out
 
-    def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], data: FitData, part: str = "full") -> np.ndarray:
         """Scores [len(histories), data.n_items] float32 over data's catalogue (any catalogue).
 
         ``histories[j]`` are item_idx of ``data``. Items are represented from data.item_vectors /
         data.item_genres (by genre name) and, for id-based strategies, the model's id rows
         matched by item_id (unknown ids contribute nothing). Empty histories get
         :func:`fallback_scores`.
+
+        ``part`` (see :data:`PARTS`): ``full`` = user . item + bias(item); ``prior`` = the item
+        bias alone (one non-personalised list for every user: how much a popularity guess from
+        the item's features explains); ``personal`` = user . item without the bias.
         """
+        if part not in PARTS:
+            raise ValueError(f"part {part!r} not in {PARTS}")
         self.net.eval()
         rep, bias, cat = self._items(data)
-        u, _ = self._users(histories, rep, cat.pad)
         with torch.no_grad():
-            scores = (u @ rep[:-1].T + bias[:-1]).numpy().astype(np.float32)
+            if part == "prior":
+                scores = np.broadcast_to(bias[:-1].numpy().astype(np.float32),
+                                         (len(histories), data.n_items)).copy()
+            else:
+                u, _ = self._users(histories, rep, cat.pad)
+                scores = (u @ rep[:-1].T + (bias[:-1] if part == "full" else 0.0)).numpy().astype(np.float32)
         empty = np.array([len(h) == 0 for h in histories], dtype=bool)
         if empty.any():
             scores[empty] = fallback_scores(self.fallback, data)

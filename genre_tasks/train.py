@@ -53,11 +53,15 @@ from genre_tasks import schema as S
 from genre_tasks.config import ParamsError
 from genre_tasks.data import Dataset, EvalData, FitData
 
-#: two-tower item towers (genre_tasks.model) + the registrable EASE (genre_tasks.linear)
+#: two-tower item towers (genre_tasks.model) + the registrable EASE (genre_tasks.linear) + the
+#: validated blend of both (genre_tasks.fusion)
 TWO_TOWER = ("content", "collaborative", "hybrid")
-STRATEGIES = (*TWO_TOWER, "ease")
-DEFAULT_STRATEGIES = STRATEGIES
+STRATEGIES = (*TWO_TOWER, "ease", "fusion")
+DEFAULT_STRATEGIES = ("content", "ease", "fusion")
 METRIC = "ndcg@10"
+#: extra-seed models (for selection and the mean ± sd report): data/model/_seeds/<strategy>/<seed>/
+SEEDS_DIR = "_seeds"
+DEFAULT_FUSION_WEIGHTS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,18 @@ class TrainParams:
 
     strategies           what to train: content | collaborative | hybrid (two-tower item towers)
                          | ease (EASE, closed form, lambda chosen on valid from ``ease_lambda``)
+                         | fusion (the validated blend of ease and ``fusion_tower``; both must be
+                         listed too: their models are its components)
     ease_lambda          the validation grid of the ``ease`` strategy's L2 weight
+    extra_seeds          stochastic strategies (two-tower, fusion) are also trained with these
+                         seeds; selection uses the mean validation metric over ``seed`` and these,
+                         the evaluate stage reports mean ± sd over them. The registered model is
+                         the ``seed`` one.
+    refit                true: the test-phase model of a two-tower strategy is re-trained from
+                         scratch on train + valid for the best epoch count; false: the
+                         early-stopping run's best-epoch model (fitted on train) is reused
+    fusion_tower         the two-tower strategy fusion blends with ease
+    fusion_weights       the validation grid of the tower's weight w in fusion (0 = ease, 1 = tower)
     pooling              user tower pooling: attention (NRMS additive) | mean
     loss                 softmax (sampled softmax) | bpr
     negatives            negatives per positive; 0 = full softmax over the catalogue (softmax only)
@@ -90,6 +105,10 @@ class TrainParams:
 
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     ease_lambda: tuple[float, ...] = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
+    extra_seeds: tuple[int, ...] = ()
+    refit: bool = True
+    fusion_tower: Literal["content", "collaborative", "hybrid"] = "content"
+    fusion_weights: tuple[float, ...] = DEFAULT_FUSION_WEIGHTS
     pooling: Literal["attention", "mean"] = "attention"
     loss: Literal["softmax", "bpr"] = "softmax"
     negatives: int = 0
@@ -125,6 +144,16 @@ class TrainParams:
             raise ParamsError(f"train.negatives: must be >= 1 for bpr and >= 0 for softmax, got {self.negatives}")
         if not all(0.0 <= v < 1.0 for v in (self.dropout, self.id_dropout, self.ema_decay)):
             raise ParamsError("train.dropout / id_dropout / ema_decay: must be in [0, 1)")
+        if "fusion" in self.strategies:
+            missing = [c for c in ("ease", self.fusion_tower) if c not in self.strategies]
+            if missing:
+                raise ParamsError(f"train.strategies: fusion blends ease and train.fusion_tower "
+                                  f"({self.fusion_tower}); add {missing} to the list")
+            if not self.fusion_weights or not all(0.0 <= w <= 1.0 for w in self.fusion_weights):
+                raise ParamsError(f"train.fusion_weights: need values in [0, 1], got {list(self.fusion_weights)}")
+        if self.seed in self.extra_seeds or len(set(self.extra_seeds)) != len(self.extra_seeds):
+            raise ParamsError(f"train.extra_seeds: {list(self.extra_seeds)} must be distinct and differ "
+                              f"from train.seed {self.seed}")
         if "ease" in self.strategies and (not self.ease_lambda or min(self.ease_lambda) <= 0):
             raise ParamsError(f"train.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -134,7 +163,14 @@ class TrainParams:
         d = dataclasses.asdict(self)
         d["strategies"] = list(self.strategies)
         d["ease_lambda"] = list(self.ease_lambda)
+        d["extra_seeds"] = list(self.extra_seeds)
+        d["fusion_weights"] = list(self.fusion_weights)
         return d
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """``seed`` (the registered model's) then ``extra_seeds``."""
+        return (self.seed, *self.extra_seeds)
 
 
 # --- determinism -----------------------------------------------------------------------------
@@ -219,7 +255,7 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
     With ``ev``: up to ``epochs`` (default p.epochs) epochs, evaluating nDCG@10 after each and
     stopping after ``p.patience`` epochs without improvement; best_epoch = the best one.
     Without ``ev``: exactly ``epochs`` epochs (best_epoch = epochs). The returned recommender
-    holds the weights after the last epoch run.
+    holds the weights of the best epoch (with ``ev``) or of the last one (without).
     """
     _passive_openmp()
     from tqdm.auto import tqdm
@@ -247,6 +283,7 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
         use_eval = eval_u is not None and len(eval_u) > 0
         curve: list[dict] = []
         best, best_epoch, since = -math.inf, 0, 0
+        best_state = None
         for e in range(1, epochs + 1):
             t0 = time.perf_counter()
             bar = (lambda it, e=e: tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch",
@@ -264,10 +301,13 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
                 continue
             if ndcg > best:
                 best, best_epoch, since = ndcg, e, 0
+                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
             else:
                 since += 1
                 if since >= p.patience:
                     break
+        if best_state is not None:  # the early-stopping run ends on its best epoch's weights
+            trainer.model.load_state_dict(best_state)
         net.eval()
     rec.meta["best_epoch"] = best_epoch
     rec.meta["history"] = _untimed(curve)
@@ -279,12 +319,13 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
 def _untimed(curve: list[dict]) -> list[dict]:
     return [{k: v for k, v in c.items() if k != "seconds"} for c in curve]
 
-
 def load_recommender(model_dir: str | Path):
-    """The recommender saved under ``model_dir``: an EaseRecommender (genre_tasks.linear) or a
-    TorchRecommender (genre_tasks.model.load_recommender)."""
-    from genre_tasks import linear
+    """The recommender saved under ``model_dir``: a FusionRecommender (genre_tasks.fusion), an
+    EaseRecommender (genre_tasks.linear) or a TorchRecommender (genre_tasks.model)."""
+    from genre_tasks import fusion, linear
 
+    if fusion.is_saved(model_dir):
+        return fusion.load(model_dir)
     if linear.is_saved(model_dir):
         return linear.load(model_dir)
     from genre_tasks.model import load_recommender as _load
@@ -292,27 +333,107 @@ def load_recommender(model_dir: str | Path):
     return _load(model_dir)
 
 
+def _rank_ndcg(scores: np.ndarray, fit: FitData, users: np.ndarray, targets: list,
+               candidates: np.ndarray | None, seed: int) -> float:
+    from genre_tasks import metrics
+
+    if users is None or len(users) == 0:
+        return float("nan")
+    tie = metrics.tie_order(fit.n_items, seed)
+    res = metrics.ranking_metrics(scores, targets, tie=tie, exclude=fit.seen.tocsr()[users], candidates=candidates)
+    return float(np.mean(res[METRIC]))
+
+
+def fusion_grid(ease_rec, tower_rec, weights, fit: FitData, ev: EvalData, seed: int) -> list[tuple[float, float]]:
+    """Per weight of ``weights``: (selection metric, full-ranking nDCG@10) on ``ev`` of the blend
+    ``FusionRecommender(ease_rec, tower_rec, w)``; both models' scores are computed once.
+
+    The selection metric is cold nDCG@10 in the cold_items split (ranking the cold validation
+    items: the same for every w > 0, EASE cannot tell cold items apart), else nDCG@10; the
+    full-ranking nDCG@10 breaks ties (so on cold items w is chosen by how well the blend ranks
+    the warm catalogue)."""
+    from genre_tasks.fusion import standardise
+
+    sel_users, sel_targets, candidates = eval_users(ev)
+    full_users, full_targets = ev.users, ev.targets
+    users = np.unique(np.concatenate([np.asarray(full_users, np.int64),
+                                      np.asarray(sel_users if sel_users is not None else [], np.int64)]))
+    hist = [fit.histories[u] for u in users]
+    ze = standardise(ease_rec.score(hist, fit))
+    zt = standardise(tower_rec.score(hist, fit))
+    rows_full = np.searchsorted(users, full_users)
+    rows_sel = np.searchsorted(users, sel_users) if sel_users is not None else None
+    out = []
+    for w in weights:
+        blend = (1.0 - w) * ze + w * zt
+        full = _rank_ndcg(blend[rows_full], fit, full_users, full_targets, None, seed)
+        sel = full if candidates is None else _rank_ndcg(blend[rows_sel], fit, sel_users, sel_targets,
+                                                         candidates, seed)
+        out.append((sel, full))
+    return out
+
+
+def full_ndcg(rec, fit: FitData, ev: EvalData, seed: int) -> float:
+    """Full-ranking validation nDCG@10 (= :func:`validation_ndcg` outside the cold_items split)."""
+    if ev.cold_items is None:
+        return validation_ndcg(rec, fit, ev, seed)
+    scores = rec.score([fit.histories[u] for u in ev.users], fit)
+    return _rank_ndcg(scores, fit, ev.users, ev.targets, None, seed)
+
+
 def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
-                      live: Callable[..., None] | None = None) -> tuple[Any, list[dict], float, int]:
+                      live: Callable[..., None] | None = None) -> tuple[Any, list[dict], float, int, Any]:
     """``ease``: lambda chosen on valid (fit on train) from ``p.ease_lambda``, refit on the
     test-phase data. Returns (recommender, curve rows (one per grid value), best valid nDCG@10,
-    index of the best value, 1-based). ``live(step, loss, seconds, ndcg)`` is called after each
-    grid value (step = its 1-based index), like fit_model's per-epoch callback."""
+    index of the best value, 1-based, the valid-phase model of that value). ``live(step, loss,
+    seconds, ndcg)`` is called after each grid value (step = its 1-based index), like
+    fit_model's per-epoch callback."""
     from genre_tasks import linear
 
-    curve, best, best_i = [], -math.inf, 1
+    curve, best, best_i, best_rec = [], -math.inf, 1, None
     for i, lam in enumerate(p.ease_lambda, 1):
         t0 = time.perf_counter()
-        ndcg = validation_ndcg(linear.fit_ease(fit_v, lam), fit_v, ev_v, p.seed)
+        rec_v = linear.fit_ease(fit_v, lam)
+        ndcg = validation_ndcg(rec_v, fit_v, ev_v, p.seed)
         curve.append({"epoch": i, "train_loss": None, "valid_ndcg@10": ndcg,
                       "seconds": time.perf_counter() - t0, "lambda": lam})
         if live is not None:
             live(i, None, curve[-1]["seconds"], ndcg)
         if ndcg > best:
-            best, best_i = ndcg, i
+            best, best_i, best_rec = ndcg, i, rec_v
     rec = linear.fit_ease(fit_t, p.ease_lambda[best_i - 1])
     rec.meta["valid_grid"] = [{"lambda": c["lambda"], "valid_ndcg@10": c["valid_ndcg@10"]} for c in curve]
-    return rec, curve, best, best_i
+    return rec, curve, best, best_i, best_rec
+
+
+def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
+              selection_metric: str, live=None, live_refit=None) -> tuple[Any, Any, dict, FitResult]:
+    """One two-tower strategy, one seed (``p.seed``): early stopping on valid, then the test-phase
+    model (refit on train + valid for the best epoch count, or the early-stopping run's model
+    when ``p.refit`` is false). Returns (test-phase model, valid-phase model, record, FitResult)."""
+    res = fit_model(p, strategy, fit_v, ev_v, live=live)
+    valid_rec = res.recommender
+    if p.refit:
+        final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True, live=live_refit)
+        rec = final.recommender
+        refit_curve, examples_test = final.curve, final.n_examples
+    else:
+        import copy
+
+        rec = copy.copy(valid_rec)  # same weights; its own meta
+        rec.meta = dict(valid_rec.meta)
+        refit_curve, examples_test = [], None
+    # no timings in data/model: two runs must write byte-identical files
+    rec.meta.update({"best_epoch": res.best_epoch, "fit_phase": "test" if p.refit else "valid",
+                     "history": _untimed(res.curve), "valid_ndcg@10": _finite(res.best_ndcg),
+                     "selection_metric": selection_metric, "refit_history": _untimed(refit_curve),
+                     "seed": p.seed})
+    per_epoch = [c["seconds"] for c in res.curve + refit_curve]
+    record = {"best_epoch": res.best_epoch, "valid_ndcg@10": _finite(res.best_ndcg),
+              "epochs_run": len(res.curve), "epochs_refit": len(refit_curve),
+              "seconds_per_epoch": round(float(np.median(per_epoch)), 3) if per_epoch else None,
+              "examples_valid": res.n_examples, "examples_test": examples_test}
+    return rec, valid_rec, record, res
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -341,8 +462,30 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
+def select(p: TrainParams, valid: dict[str, dict[int, tuple[float, float]]]) -> tuple[str, dict]:
+    """The selected strategy: the best mean over seeds of the validation selection metric, ties
+    (at 6 decimals) broken by the mean full-ranking nDCG@10, then by the order of
+    ``p.strategies``. ``valid[strategy][seed] = (selection metric, full nDCG@10)``.
+
+    Averaging over seeds (rather than taking one seed's number) is the robust rule: one seed's
+    validation score moves by about as much as the differences between strategies."""
+    means = {}
+    for strategy in p.strategies:
+        vals = list(valid.get(strategy, {}).values())
+        sel = [v[0] for v in vals if v[0] is not None and math.isfinite(v[0])]
+        full = [v[1] for v in vals if v[1] is not None and math.isfinite(v[1])]
+        means[strategy] = (float(np.mean(sel)) if sel else None, float(np.mean(full)) if full else None)
+    ranked = [s for s in p.strategies if means[s][0] is not None]
+    if not ranked:
+        return p.strategies[0], means
+    best = max(ranked, key=lambda s: (round(means[s][0], 6), round(means[s][1] or -1.0, 6),
+                                      -p.strategies.index(s)))
+    return best, means
+
+
 def run(p: TrainParams, paths: S.Paths) -> dict:
     _passive_openmp()
+    from genre_tasks import fusion, linear
     from genre_tasks import model as M
 
     with logs.stage("train", paths) as log:
@@ -357,86 +500,127 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
         selection_metric = "cold_ndcg@10" if cold else "ndcg@10"
         users = eval_users(ev_v)[0]
         log.logger.info("valid phase: %d users, %d items, %d fit positives; early stopping on %s "
-                        "over %d users", fit_v.n_users, fit_v.n_items, int(fit_v.positives.nnz),
-                        selection_metric, 0 if users is None else len(users))
+                        "over %d users; seeds %s", fit_v.n_users, fit_v.n_items, int(fit_v.positives.nnz),
+                        selection_metric, 0 if users is None else len(users), list(p.seeds))
 
         results: dict[str, dict] = {}
-        finals: dict[str, Any] = {}
+        finals: dict[str, dict[int, Any]] = {}  # strategy -> seed -> test-phase model
+        valid_models: dict[str, dict[int, Any]] = {}  # strategy -> seed -> valid-phase model
+        valid: dict[str, dict[int, tuple[float, float]]] = {}  # strategy -> seed -> (sel, full)
         curves = []
         for strategy in p.strategies:
             t0 = time.perf_counter()
             if strategy == "ease":
-                rec, curve, best_ndcg, best_i = fit_ease_strategy(p, fit_v, ev_v, fit_t,
-                                                                  live=tracking.epoch_logger(strategy, paths))
+                rec, curve, best_ndcg, best_i, rec_v = fit_ease_strategy(
+                    p, fit_v, ev_v, fit_t, live=tracking.epoch_logger(strategy, paths))
                 log.logger.info("ease: lambda %s chosen on valid (%s %.4f; grid %s)", rec.lam, selection_metric,
                                 best_ndcg, ", ".join(f"{c['lambda']:g}: {c['valid_ndcg@10']:.4f}" for c in curve))
                 rec.meta.update({"valid_ndcg@10": _finite(best_ndcg), "selection_metric": selection_metric})
-                finals[strategy] = rec
+                finals[strategy] = {p.seed: rec}
+                valid_models[strategy] = {p.seed: rec_v}
+                valid[strategy] = {p.seed: (best_ndcg, full_ndcg(rec_v, fit_v, ev_v, p.seed))}
                 results[strategy] = {"best_epoch": best_i, "valid_ndcg@10": _finite(best_ndcg),
-                                     "lambda": rec.lam, "epochs_run": len(curve),
-                                     "seconds": round(time.perf_counter() - t0, 2),
-                                     "peak_rss_mb": round(logs.peak_rss_mb(), 1)}
+                                     "lambda": rec.lam, "epochs_run": len(curve)}
                 curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
                             "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in curve]
-                continue
-            # per-epoch curves logged live into the pipeline's MLflow run (if there is one)
-            res = fit_model(p, strategy, fit_v, ev_v, live=tracking.epoch_logger(strategy, paths))
-            log.logger.info("%s: best epoch %d, valid %s %.4f (%d epochs run, %d examples)", strategy,
-                            res.best_epoch, selection_metric, res.best_ndcg, len(res.curve), res.n_examples)
-            final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True,
-                              live=tracking.epoch_logger(strategy, paths, phase="refit"))
-            rec = final.recommender
-            # no timings in data/model: two runs must write byte-identical files
-            rec.meta.update({"best_epoch": res.best_epoch, "fit_phase": "test", "history": _untimed(res.curve),
-                             "valid_ndcg@10": _finite(res.best_ndcg), "selection_metric": selection_metric,
-                             "refit_history": _untimed(final.curve)})
-            finals[strategy] = rec
-            per_epoch = [c["seconds"] for c in res.curve + final.curve]
-            results[strategy] = {
-                "best_epoch": res.best_epoch,
-                "valid_ndcg@10": _finite(res.best_ndcg),
-                "epochs_run": len(res.curve),
-                "seconds_per_epoch": round(float(np.median(per_epoch)), 3),
-                "seconds": round(time.perf_counter() - t0, 2),
-                "peak_rss_mb": round(logs.peak_rss_mb(), 1),
-                "examples_valid": res.n_examples,
-                "examples_test": final.n_examples,
-            }
-            for c in res.curve:
-                curves.append({"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
-                               "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]})
+            elif strategy == "fusion":
+                ease_v, ease_t = valid_models["ease"][p.seed], finals["ease"][p.seed]
+                tower = p.fusion_tower
+                grids = {seed: fusion_grid(ease_v, valid_models[tower][seed], p.fusion_weights, fit_v, ev_v,
+                                           p.seed) for seed in p.seeds}
+                mean_sel = [float(np.mean([grids[sd][i][0] for sd in p.seeds])) for i in range(len(p.fusion_weights))]
+                mean_full = [float(np.mean([grids[sd][i][1] for sd in p.seeds])) for i in range(len(p.fusion_weights))]
+                best_i = max(range(len(p.fusion_weights)),
+                             key=lambda i: (round(mean_sel[i], 6), round(mean_full[i], 6), -i))
+                w = float(p.fusion_weights[best_i])
+                log.logger.info("fusion: tower weight %s chosen on valid (mean over seeds %s %.4f; grid %s)", w,
+                                selection_metric, mean_sel[best_i],
+                                ", ".join(f"{x:g}: {v:.4f}" for x, v in zip(p.fusion_weights, mean_sel)))
+                grid_meta = [{"weight": float(x), "valid_" + selection_metric: _finite(v),
+                              "valid_ndcg@10_full": _finite(f)} for x, v, f in zip(p.fusion_weights, mean_sel, mean_full)]
+                finals[strategy] = {}
+                valid[strategy] = {}
+                for seed in p.seeds:
+                    meta = {"valid_grid": grid_meta, "valid_ndcg@10": _finite(grids[seed][best_i][0]),
+                            "selection_metric": selection_metric, "seed": seed, "fit_phase": "test"}
+                    finals[strategy][seed] = fusion.FusionRecommender(ease_t, finals[tower][seed], w, meta)
+                    valid[strategy][seed] = grids[seed][best_i]
+                results[strategy] = {"weight": w, "tower": tower, "lambda": ease_t.lam,
+                                     "valid_ndcg@10": _finite(grids[p.seed][best_i][0])}
+                curves += [{"strategy": strategy, "epoch": i + 1, "train_loss": None, "valid_ndcg@10": v,
+                            "seconds": None} for i, v in enumerate(mean_sel)]
+            else:
+                finals[strategy], valid_models[strategy], valid[strategy] = {}, {}, {}
+                records = {}
+                for seed in p.seeds:
+                    ps = dataclasses.replace(p, seed=seed)
+                    main_seed = seed == p.seed
+                    rec, rec_v, record, res = fit_tower(
+                        ps, strategy, fit_v, ev_v, fit_t, selection_metric,
+                        live=tracking.epoch_logger(strategy, paths) if main_seed else None,
+                        live_refit=tracking.epoch_logger(strategy, paths, phase="refit") if main_seed else None)
+                    log.logger.info("%s seed %d: best epoch %d, valid %s %.4f (%d epochs run, %d refit)", strategy,
+                                    seed, res.best_epoch, selection_metric, res.best_ndcg, len(res.curve),
+                                    record["epochs_refit"])
+                    finals[strategy][seed], valid_models[strategy][seed] = rec, rec_v
+                    valid[strategy][seed] = (res.best_ndcg, full_ndcg(rec_v, fit_v, ev_v, p.seed) if cold
+                                             else res.best_ndcg)
+                    records[seed] = record
+                    if main_seed:
+                        curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
+                                    "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in res.curve]
+                results[strategy] = dict(records[p.seed])
+                if p.extra_seeds:
+                    results[strategy]["per_seed"] = {str(sd): {k: r[k] for k in ("best_epoch", "valid_ndcg@10",
+                                                                                   "epochs_run")}
+                                                     for sd, r in records.items()}
+            vals = [v[0] for v in valid[strategy].values() if v[0] is not None and math.isfinite(v[0])]
+            results[strategy].update({
+                "valid_mean": _finite(float(np.mean(vals))) if vals else None,
+                "valid_sd": _finite(float(np.std(vals, ddof=1))) if len(vals) > 1 else None,
+                "seeds": sorted(valid[strategy]),
+                "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(logs.peak_rss_mb(), 1)})
 
-        scores = {s: r["valid_ndcg@10"] for s, r in results.items()}
-        ranked = [s for s in p.strategies if scores[s] is not None]
-        best = max(ranked, key=lambda s: scores[s]) if ranked else p.strategies[0]
-        selected = {"strategy": best, "selection_metric": selection_metric, "valid_ndcg@10": scores}
+        best, means = select(p, valid)
+        scores = {s: _finite(means[s][0]) if means[s][0] is not None else None for s in p.strategies}
+        selected = {"strategy": best, "selection_metric": selection_metric,
+                    "rule": f"best mean over seeds {list(p.seeds)} of valid {selection_metric}"
+                            + ("; ties by full-ranking valid nDCG@10" if cold else ""),
+                    "valid_ndcg@10": scores}
         curve_df = pd.DataFrame(curves, columns=["strategy", "epoch", "train_loss", "valid_ndcg@10", "seconds"])
 
-        with io.atomic_dir(paths.model_dir) as tmp:
-            for strategy, rec in finals.items():
-                d = tmp / strategy
-                d.mkdir(parents=True, exist_ok=True)
-                if strategy == "ease":
-                    from genre_tasks import linear
+        def save(rec, d: Path) -> None:
+            d.mkdir(parents=True, exist_ok=True)
+            if isinstance(rec, fusion.FusionRecommender):
+                fusion.save(rec, d)
+            elif isinstance(rec, linear.EaseRecommender):
+                linear.save(rec, d)
+            else:
+                M.save(rec, d)
 
-                    linear.save(rec, d)
-                else:
-                    M.save(rec, d)
+        with io.atomic_dir(paths.model_dir) as tmp:
+            for strategy, by_seed in finals.items():
+                d = tmp / strategy
+                save(by_seed[p.seed], d)
                 c = curve_df[curve_df["strategy"] == strategy].drop(columns=["strategy", "seconds"])
                 io.write_text(c.to_csv(index=False), d / "curve.csv")
+                for seed, rec in by_seed.items():
+                    if seed != p.seed:
+                        save(rec, tmp / SEEDS_DIR / strategy / str(seed))
             io.write_json(selected, tmp / "selected.json")
             _plot(curve_df, tmp / "train_curve.png", f"validation {selection_metric}")
         log.wrote(paths.model_dir, f"{len(finals)} model(s), selected {best}")
 
         io.write_text(curve_df.drop(columns="seconds").to_csv(index=False), paths.plots_dir / "train_curve.csv")
         log.wrote(paths.plots_dir / "train_curve.csv")
-        summary = {"selected": best, "selection_metric": selection_metric, "strategies": results,
+        summary = {"selected": best, "selection_metric": selection_metric, "selection_rule": selected["rule"],
+                   "seeds": list(p.seeds), "strategies": results,
                    "seconds": round(log.seconds, 2), "peak_rss_mb": round(logs.peak_rss_mb(), 1)}
         io.write_json(summary, paths.metrics("train"))
         log.wrote(paths.metrics("train"))
         return summary
 
-
 def main(params: dict, paths: S.Paths) -> dict:
     """CLI/DAG entry point: ``run`` with the ``train`` section of ``params``."""
     return run(config.section(TrainParams, "train", params), paths)
+
