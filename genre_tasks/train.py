@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,10 @@ class TrainParams:
                          early-stopping run's best-epoch model (fitted on train) is reused
     fusion_tower         the two-tower strategy fusion blends with ease
     fusion_weights       the validation grid of the tower's weight w in fusion (0 = ease, 1 = tower)
+    fusion_prior_weights the validation grid of fusion's quality-prior weight v (genre_tasks.fusion)
+    fusion_auc_tolerance fusion's (w, v) maximise valid nDCG@10 among the blends whose valid
+                         impression AUC is at least EASE's minus this (the gate's AUC guardrail):
+                         a blend may not buy nDCG with a worse liked-vs-disliked ranking
     pooling              user tower pooling: attention (NRMS additive) | mean
     loss                 softmax (sampled softmax) | bpr
     negatives            negatives per positive; 0 = full softmax over the catalogue (softmax only)
@@ -98,6 +103,17 @@ class TrainParams:
     logq_correction      subtract log q(item) of the negative sampler from the logits
     hidden               hidden width of the content MLP
     id_dropout           hybrid only: probability of dropping an item's id part in training
+    dislike_weight       weight of a pairwise term pushing each target above one of its user's
+                         "seen, not liked" fit items (rating below the positive threshold); 0 = off
+                         (full softmax only). Teaches the tower liked-vs-disliked (impression AUC)
+    mode                 full = train every strategy from scratch; warm = retrain only the strategy
+                         of ``warm_from`` (and its fusion components), starting from its weights,
+                         one seed, at most ``warm_epochs`` epochs with early stopping (feedback
+                         retrains); without a model at ``warm_from`` it falls back to full
+    warm_from            the model to start from: a strategy folder (relative to the project root,
+                         e.g. a champion's bundle ``model/``) or a registry URI such as
+                         ``models:/genre-recommender@champion``
+    warm_epochs          the epoch budget of a warm start
     ema_decay            0 = off; else evaluate and save an exponential moving average of the
                          weights (per step t: ema = d * ema + (1 - d) * weights with
                          d = min(ema_decay, (1 + t) / (10 + t)))
@@ -109,6 +125,8 @@ class TrainParams:
     refit: bool = True
     fusion_tower: Literal["content", "collaborative", "hybrid"] = "content"
     fusion_weights: tuple[float, ...] = DEFAULT_FUSION_WEIGHTS
+    fusion_prior_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    fusion_auc_tolerance: float = 0.01
     pooling: Literal["attention", "mean"] = "attention"
     loss: Literal["softmax", "bpr"] = "softmax"
     negatives: int = 0
@@ -129,6 +147,10 @@ class TrainParams:
     hidden: int = 256
     id_dropout: float = 0.1
     ema_decay: float = 0.98
+    dislike_weight: float = 0.0
+    mode: Literal["full", "warm"] = "full"
+    warm_from: str | None = None
+    warm_epochs: int = 5
 
     def validate(self) -> None:
         if not self.strategies:
@@ -151,11 +173,17 @@ class TrainParams:
                                   f"({self.fusion_tower}); add {missing} to the list")
             if not self.fusion_weights or not all(0.0 <= w <= 1.0 for w in self.fusion_weights):
                 raise ParamsError(f"train.fusion_weights: need values in [0, 1], got {list(self.fusion_weights)}")
+            if not self.fusion_prior_weights or min(self.fusion_prior_weights) < 0 or self.fusion_auc_tolerance < 0:
+                raise ParamsError("train.fusion_prior_weights / fusion_auc_tolerance: need values >= 0")
         if self.seed in self.extra_seeds or len(set(self.extra_seeds)) != len(self.extra_seeds):
             raise ParamsError(f"train.extra_seeds: {list(self.extra_seeds)} must be distinct and differ "
                               f"from train.seed {self.seed}")
         if "ease" in self.strategies and (not self.ease_lambda or min(self.ease_lambda) <= 0):
             raise ParamsError(f"train.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
+        if self.mode == "warm" and not self.warm_from:
+            raise ParamsError("train.warm_from: a model folder or models:/ URI is needed with train.mode warm")
+        if self.warm_epochs < 1 or self.dislike_weight < 0:
+            raise ParamsError("train.warm_epochs must be >= 1 and train.dislike_weight >= 0")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ParamsError("train.lr must be > 0 and train.weight_decay >= 0")
 
@@ -165,6 +193,7 @@ class TrainParams:
         d["ease_lambda"] = list(self.ease_lambda)
         d["extra_seeds"] = list(self.extra_seeds)
         d["fusion_weights"] = list(self.fusion_weights)
+        d["fusion_prior_weights"] = list(self.fusion_prior_weights)
         return d
 
     @property
@@ -246,16 +275,37 @@ class FitResult:
     seconds: float
 
 
+def warm_state(net, init, item_ids) -> dict:
+    """``init``'s (a TorchRecommender) weights for ``net`` (same strategy and sizes): every tensor
+    as it is, except the id tables, whose rows are matched by item id (items ``init`` never saw
+    keep their fresh initialisation: new ids are appended, not re-learnt from scratch)."""
+    state = {k: v.clone() for k, v in init.net.state_dict().items()}
+    own = net.state_dict()
+    if "id_emb.weight" in own:
+        pos = {iid: k for k, iid in enumerate(init.item_ids)}
+        for key in ("id_emb.weight", "id_bias.weight"):
+            fresh = own[key].clone()
+            for row, iid in enumerate(item_ids):
+                k = pos.get(str(iid))
+                if k is not None:
+                    fresh[row] = state[key][k]
+            state[key] = fresh
+        state["id_known"] = own["id_known"].clone()
+    return state
+
+
 def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None = None,
               epochs: int | None = None, show_progress: bool = True,
               on_epoch: Callable[[int, float, float], None] | None = None,
-              live: Callable[..., None] | None = None) -> FitResult:
+              live: Callable[..., None] | None = None, init: Any = None) -> FitResult:
     """Train ``strategy`` on ``fit``.
 
     With ``ev``: up to ``epochs`` (default p.epochs) epochs, evaluating nDCG@10 after each and
     stopping after ``p.patience`` epochs without improvement; best_epoch = the best one.
     Without ``ev``: exactly ``epochs`` epochs (best_epoch = epochs). The returned recommender
     holds the weights of the best epoch (with ``ev``) or of the last one (without).
+    ``init``: a TorchRecommender of the same strategy to start from (warm start: its weights,
+    its genre vocabulary, id rows matched by item id) instead of a random initialisation.
     """
     _passive_openmp()
     from tqdm.auto import tqdm
@@ -265,17 +315,26 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
     epochs = p.epochs if epochs is None else int(epochs)
     t_start = time.perf_counter()
     with deterministic(p.seed, p.threads):
+        genre_names = list(init.genre_names) if init is not None else list(fit.genre_names)
+        if init is not None:  # the architecture is the one being warm-started
+            ip = init.params
+            p = dataclasses.replace(p, dim=int(ip["dim"]), hidden=int(init.meta["hidden"]),
+                                    pooling=ip["pooling"], history_max=int(ip["history_max"]))
         net = M.TwoTower(strategy, n_ids=fit.n_items, vec_dim=int(fit.item_vectors.shape[1]),
-                         n_genres=len(fit.genre_names), dim=p.dim, hidden=p.hidden, pooling=p.pooling,
+                         n_genres=len(genre_names), dim=p.dim, hidden=p.hidden, pooling=p.pooling,
                          dropout=p.dropout, history_max=p.history_max,
                          id_dropout=p.id_dropout if strategy == "hybrid" else 0.0)
+        if init is not None:
+            if init.strategy != strategy:
+                raise ValueError(f"warm start: {init.strategy} weights for a {strategy} model")
+            net.load_state_dict(warm_state(net, init, fit.item_ids))
         trainer = M.Trainer(net, fit, loss=p.loss, negatives=p.negatives,
                             negative_sampling=p.negative_sampling, logq_correction=p.logq_correction,
                             batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                            use_genres=p.use_genres, genre_names=fit.genre_names, seed=p.seed,
-                            ema_decay=p.ema_decay)
+                            use_genres=p.use_genres, genre_names=genre_names, seed=p.seed,
+                            ema_decay=p.ema_decay, dislike_weight=p.dislike_weight)
         meta = {"strategy": strategy, "params": p.as_dict(), "item_ids": [str(i) for i in fit.item_ids],
-                "genre_names": list(fit.genre_names), "vec_dim": int(fit.item_vectors.shape[1]),
+                "genre_names": genre_names, "vec_dim": int(fit.item_vectors.shape[1]),
                 "dim": p.dim, "hidden": p.hidden, "id_dropout": net.id_dropout,
                 "fit_phase": fit.phase, "n_examples": trainer.n_examples}
         rec = M.TorchRecommender(trainer.model, meta)
@@ -344,33 +403,58 @@ def _rank_ndcg(scores: np.ndarray, fit: FitData, users: np.ndarray, targets: lis
     return float(np.mean(res[METRIC]))
 
 
-def fusion_grid(ease_rec, tower_rec, weights, fit: FitData, ev: EvalData, seed: int) -> list[tuple[float, float]]:
-    """Per weight of ``weights``: (selection metric, full-ranking nDCG@10) on ``ev`` of the blend
-    ``FusionRecommender(ease_rec, tower_rec, w)``; both models' scores are computed once.
+def fusion_grid(ease_rec, tower_rec, grid: Sequence[tuple[float, float]], fit: FitData, ev: EvalData,
+                seed: int, quality: np.ndarray | None = None) -> list[tuple[float, float, float]]:
+    """Per (w, v) of ``grid``: (selection metric, full-ranking nDCG@10, impression AUC) on ``ev``
+    of the blend ``(1 - w) z(ease) + w z(tower) + v z(quality)``; the models' scores are
+    computed once.
 
     The selection metric is cold nDCG@10 in the cold_items split (ranking the cold validation
-    items: the same for every w > 0, EASE cannot tell cold items apart), else nDCG@10; the
-    full-ranking nDCG@10 breaks ties (so on cold items w is chosen by how well the blend ranks
-    the warm catalogue)."""
+    items: the same for every w > 0, neither EASE nor the quality prior can tell cold items
+    apart), else nDCG@10; the full-ranking nDCG@10 breaks ties (so on cold items the weights are
+    chosen by how well the blend ranks the warm catalogue)."""
+    from genre_tasks import metrics
     from genre_tasks.fusion import standardise
 
     sel_users, sel_targets, candidates = eval_users(ev)
-    full_users, full_targets = ev.users, ev.targets
-    users = np.unique(np.concatenate([np.asarray(full_users, np.int64),
+    imp_users = np.asarray([u for u, _, _ in ev.impressions], np.int64)
+    users = np.unique(np.concatenate([np.asarray(ev.users, np.int64), imp_users,
                                       np.asarray(sel_users if sel_users is not None else [], np.int64)]))
     hist = [fit.histories[u] for u in users]
     ze = standardise(ease_rec.score(hist, fit))
     zt = standardise(tower_rec.score(hist, fit))
-    rows_full = np.searchsorted(users, full_users)
+    zq = standardise(np.asarray(quality, np.float64)[None, :])[0] if quality is not None else np.zeros(fit.n_items)
+    rows_full = np.searchsorted(users, ev.users)
     rows_sel = np.searchsorted(users, sel_users) if sel_users is not None else None
+    rows_imp = np.searchsorted(users, imp_users)
+    tie = metrics.tie_keys(seed, users, np.arange(fit.n_items))
     out = []
-    for w in weights:
-        blend = (1.0 - w) * ze + w * zt
-        full = _rank_ndcg(blend[rows_full], fit, full_users, full_targets, None, seed)
+    for w, v in grid:
+        blend = (1.0 - w) * ze + w * zt + v * zq[None, :]
+        full = _rank_ndcg(blend[rows_full], fit, ev.users, ev.targets, None, seed)
         sel = full if candidates is None else _rank_ndcg(blend[rows_sel], fit, sel_users, sel_targets,
                                                          candidates, seed)
-        out.append((sel, full))
+        if len(imp_users):
+            imp = metrics.impression_metrics([blend[r, it] for r, (_, it, _) in zip(rows_imp, ev.impressions)],
+                                             [lab for _, _, lab in ev.impressions],
+                                             [tie[r, it] for r, (_, it, _) in zip(rows_imp, ev.impressions)])
+            auc = float(np.nanmean(imp["auc"]))
+        else:
+            auc = float("nan")
+        out.append((sel, full, auc))
     return out
+
+
+def choose_blend(grid: Sequence[tuple[float, float]], means: Sequence[tuple[float, float, float]],
+                 ease_auc: float, tolerance: float) -> int:
+    """Index of the chosen (w, v): the best mean selection metric (ties: full-ranking nDCG@10,
+    then the earlier grid point) among the points whose mean valid AUC is at least EASE's minus
+    ``tolerance``; EASE itself (w = 0, v = 0) always qualifies. Without impressions (NaN AUC)
+    the constraint is not applied."""
+    ok = [i for i, m in enumerate(means)
+          if not math.isfinite(ease_auc) or not math.isfinite(m[2]) or m[2] >= ease_auc - tolerance - 1e-12]
+    ok = ok or [i for i, (w, v) in enumerate(grid) if w == 0 and v == 0] or list(range(len(grid)))
+    return max(ok, key=lambda i: (round(means[i][0], 6), round(means[i][1], 6), -i))
 
 
 def full_ndcg(rec, fit: FitData, ev: EvalData, seed: int) -> float:
@@ -407,14 +491,16 @@ def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: Fit
 
 
 def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
-              selection_metric: str, live=None, live_refit=None) -> tuple[Any, Any, dict, FitResult]:
+              selection_metric: str, live=None, live_refit=None, init=None) -> tuple[Any, Any, dict, FitResult]:
     """One two-tower strategy, one seed (``p.seed``): early stopping on valid, then the test-phase
     model (refit on train + valid for the best epoch count, or the early-stopping run's model
-    when ``p.refit`` is false). Returns (test-phase model, valid-phase model, record, FitResult)."""
-    res = fit_model(p, strategy, fit_v, ev_v, live=live)
+    when ``p.refit`` is false). ``init``: warm start both fits from this model's weights.
+    Returns (test-phase model, valid-phase model, record, FitResult)."""
+    res = fit_model(p, strategy, fit_v, ev_v, live=live, init=init)
     valid_rec = res.recommender
     if p.refit:
-        final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True, live=live_refit)
+        final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True, live=live_refit,
+                          init=init)
         rec = final.recommender
         refit_curve, examples_test = final.curve, final.n_examples
     else:
@@ -462,6 +548,35 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
+def load_warm_source(spec: str, paths: S.Paths):
+    """The recommender a warm start begins from (``train.warm_from``), or None if there is none
+    (no such folder, no such registered model/alias)."""
+    if spec.startswith("models:/"):
+        try:
+            from genre_tasks import serving
+
+            tracking.configure(paths)
+            return serving.load(spec).recommender
+        except Exception as exc:  # no registry / no champion yet: the caller trains in full
+            logging.getLogger("genre.train").warning("warm start: %s not loadable (%s)", spec, exc)
+            return None
+    folder = Path(spec) if Path(spec).is_absolute() else paths.root / spec
+    return load_recommender(folder) if folder.is_dir() else None
+
+
+def warm_plan(rec) -> tuple[tuple[str, ...], Any]:
+    """(strategies to retrain, the two-tower model to start from or None) for a warm start of
+    ``rec``: a fusion model retrains its tower, ease and the blend; a two-tower model itself;
+    EASE (closed form) is simply refitted."""
+    from genre_tasks import fusion, linear
+
+    if isinstance(rec, fusion.FusionRecommender):
+        return (rec.tower.strategy, "ease", "fusion"), rec.tower
+    if isinstance(rec, linear.EaseRecommender):
+        return ("ease",), None
+    return (rec.strategy,), rec
+
+
 def select(p: TrainParams, valid: dict[str, dict[int, tuple[float, float]]]) -> tuple[str, dict]:
     """The selected strategy: the best mean over seeds of the validation selection metric, ties
     (at 6 decimals) broken by the mean full-ranking nDCG@10, then by the order of
@@ -489,6 +604,18 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
     from genre_tasks import model as M
 
     with logs.stage("train", paths) as log:
+        warm_tower, warm_from = None, None
+        if p.mode == "warm":
+            source = load_warm_source(p.warm_from, paths)
+            if source is None:
+                log.logger.warning("train.mode warm: nothing to start from at %s; training in full", p.warm_from)
+            else:
+                strategies, warm_tower = warm_plan(source)
+                p = dataclasses.replace(p, strategies=strategies, extra_seeds=(), epochs=p.warm_epochs,
+                                        fusion_tower=warm_tower.strategy if warm_tower is not None else p.fusion_tower)
+                warm_from = p.warm_from
+                log.logger.info("warm start from %s: retraining %s for at most %d epochs", p.warm_from,
+                                list(strategies), p.warm_epochs)
         ds = Dataset.load(paths)
         for path in (paths.items, paths.interactions, paths.histories, paths.vectors, paths.vector_index,
                      paths.genre_predictions):
@@ -526,29 +653,39 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
             elif strategy == "fusion":
                 ease_v, ease_t = valid_models["ease"][p.seed], finals["ease"][p.seed]
                 tower = p.fusion_tower
-                grids = {seed: fusion_grid(ease_v, valid_models[tower][seed], p.fusion_weights, fit_v, ev_v,
-                                           p.seed) for seed in p.seeds}
-                mean_sel = [float(np.mean([grids[sd][i][0] for sd in p.seeds])) for i in range(len(p.fusion_weights))]
-                mean_full = [float(np.mean([grids[sd][i][1] for sd in p.seeds])) for i in range(len(p.fusion_weights))]
-                best_i = max(range(len(p.fusion_weights)),
-                             key=lambda i: (round(mean_sel[i], 6), round(mean_full[i], 6), -i))
-                w = float(p.fusion_weights[best_i])
-                log.logger.info("fusion: tower weight %s chosen on valid (mean over seeds %s %.4f; grid %s)", w,
-                                selection_metric, mean_sel[best_i],
-                                ", ".join(f"{x:g}: {v:.4f}" for x, v in zip(p.fusion_weights, mean_sel)))
-                grid_meta = [{"weight": float(x), "valid_" + selection_metric: _finite(v),
-                              "valid_ndcg@10_full": _finite(f)} for x, v, f in zip(p.fusion_weights, mean_sel, mean_full)]
+                grid = [(float(w), float(v)) for w in p.fusion_weights for v in p.fusion_prior_weights]
+                if (0.0, 0.0) not in grid:
+                    grid.append((0.0, 0.0))  # EASE itself: the AUC reference
+                q_valid = fusion.quality_prior(fit_v)[0]
+                grids = {seed: fusion_grid(ease_v, valid_models[tower][seed], grid, fit_v, ev_v, p.seed, q_valid)
+                         for seed in p.seeds}
+                means = [tuple(float(np.mean([grids[sd][i][k] for sd in p.seeds])) for k in range(3))
+                         for i in range(len(grid))]
+                ease_auc = means[grid.index((0.0, 0.0))][2]
+                best_i = choose_blend(grid, means, ease_auc, p.fusion_auc_tolerance)
+                w, v = grid[best_i]
+                log.logger.info("fusion: tower weight %s, quality-prior weight %s chosen on valid (mean over seeds "
+                                "%s %.4f, AUC %.4f vs EASE %.4f - tolerance %s; grid %s)", w, v, selection_metric,
+                                means[best_i][0], means[best_i][2], ease_auc, p.fusion_auc_tolerance,
+                                ", ".join(f"{a:g}/{b:g}: {m[0]:.4f}|{m[2]:.3f}" for (a, b), m in zip(grid, means)))
+                grid_meta = [{"weight": a, "prior_weight": b, "valid_" + selection_metric: _finite(m[0]),
+                              "valid_ndcg@10_full": _finite(m[1]), "valid_auc": _finite(m[2])}
+                             for (a, b), m in zip(grid, means)]
+                q_test, q_unknown = fusion.quality_prior(fit_t)
+                quality = ([str(i) for i in fit_t.item_ids], q_test, q_unknown)
                 finals[strategy] = {}
                 valid[strategy] = {}
                 for seed in p.seeds:
                     meta = {"valid_grid": grid_meta, "valid_ndcg@10": _finite(grids[seed][best_i][0]),
+                            "valid_auc": _finite(grids[seed][best_i][2]), "valid_auc_ease": _finite(ease_auc),
                             "selection_metric": selection_metric, "seed": seed, "fit_phase": "test"}
-                    finals[strategy][seed] = fusion.FusionRecommender(ease_t, finals[tower][seed], w, meta)
-                    valid[strategy][seed] = grids[seed][best_i]
-                results[strategy] = {"weight": w, "tower": tower, "lambda": ease_t.lam,
-                                     "valid_ndcg@10": _finite(grids[p.seed][best_i][0])}
-                curves += [{"strategy": strategy, "epoch": i + 1, "train_loss": None, "valid_ndcg@10": v,
-                            "seconds": None} for i, v in enumerate(mean_sel)]
+                    finals[strategy][seed] = fusion.FusionRecommender(ease_t, finals[tower][seed], w, meta, v, quality)
+                    valid[strategy][seed] = grids[seed][best_i][:2]
+                results[strategy] = {"weight": w, "prior_weight": v, "tower": tower, "lambda": ease_t.lam,
+                                     "valid_ndcg@10": _finite(grids[p.seed][best_i][0]),
+                                     "valid_auc": _finite(means[best_i][2]), "valid_auc_ease": _finite(ease_auc)}
+                curves += [{"strategy": strategy, "epoch": i + 1, "train_loss": None, "valid_ndcg@10": m[0],
+                            "seconds": None} for i, m in enumerate(means)]
             else:
                 finals[strategy], valid_models[strategy], valid[strategy] = {}, {}, {}
                 records = {}
@@ -558,7 +695,10 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                     rec, rec_v, record, res = fit_tower(
                         ps, strategy, fit_v, ev_v, fit_t, selection_metric,
                         live=tracking.epoch_logger(strategy, paths) if main_seed else None,
-                        live_refit=tracking.epoch_logger(strategy, paths, phase="refit") if main_seed else None)
+                        live_refit=tracking.epoch_logger(strategy, paths, phase="refit") if main_seed else None,
+                        init=warm_tower if warm_tower is not None and warm_tower.strategy == strategy else None)
+                    if warm_from is not None:
+                        rec.meta["warm_from"] = warm_from
                     log.logger.info("%s seed %d: best epoch %d, valid %s %.4f (%d epochs run, %d refit)", strategy,
                                     seed, res.best_epoch, selection_metric, res.best_ndcg, len(res.curve),
                                     record["epochs_refit"])
@@ -614,6 +754,7 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
         io.write_text(curve_df.drop(columns="seconds").to_csv(index=False), paths.plots_dir / "train_curve.csv")
         log.wrote(paths.plots_dir / "train_curve.csv")
         summary = {"selected": best, "selection_metric": selection_metric, "selection_rule": selected["rule"],
+                   "mode": "warm" if warm_from is not None else "full", "warm_from": warm_from,
                    "seeds": list(p.seeds), "strategies": results,
                    "seconds": round(log.seconds, 2), "peak_rss_mb": round(logs.peak_rss_mb(), 1)}
         io.write_json(summary, paths.metrics("train"))

@@ -134,3 +134,47 @@ def test_fusion_serves_through_the_bundle(staged, tmp_path):
     assert not set(out[0][0]) & {str(fit.item_ids[i]) for i in fit.histories[0]}
     assert isinstance(linear.load(bundle / "model" / fusion.EASE_DIR), linear.EaseRecommender)
     assert S.ITEM_ID in model.items.columns
+
+
+def test_choose_blend_keeps_auc_within_tolerance_of_ease():
+    grid = [(0.0, 0.0), (0.5, 0.0), (0.8, 0.0), (0.8, 0.2)]
+    means = [(0.14, 0.14, 0.68), (0.16, 0.16, 0.675), (0.18, 0.18, 0.64), (0.17, 0.17, 0.672)]
+    assert train.choose_blend(grid, means, ease_auc=0.68, tolerance=0.01) == 3  # 0.8/0 loses 0.04 AUC
+    assert train.choose_blend(grid, means, ease_auc=0.68, tolerance=0.05) == 2
+    assert train.choose_blend(grid, means, ease_auc=0.68, tolerance=0.0) == 0  # only EASE qualifies
+
+
+def test_warm_start_begins_from_the_given_weights(staged):
+    paths, _, _ = staged
+    fit, ev = Dataset.load(paths).phase("valid")
+    init = train.load_recommender(paths.model_dir / "content")
+    p = dataclasses.replace(P, lr=1e-12, epochs=1, ema_decay=0.0)
+    res = train.fit_model(p, "content", fit, None, epochs=1, show_progress=False, init=init)
+    got, want = res.recommender.net.state_dict(), init.net.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), atol=1e-6)
+    cold = train.fit_model(p, "content", fit, None, epochs=1, show_progress=False)
+    assert not np.allclose(cold.recommender.net.state_dict()["content.0.weight"].numpy(),
+                           want["content.0.weight"].numpy())
+
+
+def test_warm_mode_retrains_only_the_source_strategy(staged, tmp_path):
+    paths, _, _ = staged
+    root = S.Paths(tmp_path)
+    for name in ("items", "interactions", "histories", "vectors", "vector_index"):
+        target = getattr(root, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(getattr(paths, name).read_bytes())
+    params = {"train": {**dataclasses.asdict(dataclasses.replace(P, epochs=3, patience=1)),
+                        "strategies": ["content", "ease", "fusion"], "extra_seeds": [8],
+                        "ease_lambda": [1.0, 10.0], "fusion_weights": [0.0, 0.5, 1.0],
+                        "mode": "warm", "warm_from": str(paths.model_dir / "fusion"), "warm_epochs": 2}}
+    summary = train.main(params, root)
+    assert summary["mode"] == "warm" and summary["seeds"] == [P.seed]  # one seed
+    assert set(summary["strategies"]) == {"content", "ease", "fusion"}
+    assert summary["strategies"]["content"]["epochs_run"] <= 2
+    assert io.read_json(root.model_dir / "content" / "meta.json")["warm_from"] == str(paths.model_dir / "fusion")
+    # nothing to start from: a full run
+    params["train"]["warm_from"] = str(tmp_path / "nothing-here")
+    assert train.main(params, root)["mode"] == "full"
