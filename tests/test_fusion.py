@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from genre_tasks import evaluate as EV  # noqa: E402
 from genre_tasks import evaluation as E  # noqa: E402
 from genre_tasks import fusion, linear, train  # noqa: E402
-from test_train import P, write_processed  # noqa: E402
+from test_train import P, copy_processed, write_processed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +161,7 @@ def test_warm_start_begins_from_the_given_weights(staged):
 
 def test_warm_mode_retrains_only_the_source_strategy(staged, tmp_path):
     paths, _, _ = staged
-    root = S.Paths(tmp_path)
-    for name in ("items", "interactions", "histories", "vectors", "vector_index"):
-        target = getattr(root, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(getattr(paths, name).read_bytes())
+    root = copy_processed(paths, tmp_path)
     params = {"train": {**dataclasses.asdict(dataclasses.replace(P, epochs=3, patience=1)),
                         "strategies": ["content", "ease", "fusion"], "extra_seeds": [8],
                         "ease_lambda": [1.0, 10.0], "fusion_weights": [0.0, 0.5, 1.0],
