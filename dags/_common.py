@@ -40,6 +40,7 @@ PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "split_mode": ("preprocess", "split", "mode"),
     "strategies": ("train", "strategies"),
     "epochs": ("train", "epochs"),
+    "train_mode": ("train", "mode"),
     "force_promote": ("promote", "force"),
 }
 #: Largest XCom a stage task returns (JSON bytes); bigger values are dropped from the summary.
