@@ -3,7 +3,7 @@
     python benchmarks/bench_warm.py [--root .] [--weeks 3] [--cutoff 1998-03-02]
 
 The store first holds the interactions before ``--cutoff`` (what `genre feedback replay --init`
-keeps); each replayed ISO week is then added (genre_tasks.replay.weekly_batches), as the feedback
+keeps); each replayed ISO week is then added (genre_tasks.feedback.replay.weekly_batches), as the feedback
 loop does. Per state the interactions are preprocessed (user_temporal split, params.yaml) in a
 scratch root under .cache/bench_warm/ that shares the project's item vectors and genres.
 
@@ -30,11 +30,11 @@ from genre_tasks import io
 from genre_tasks import schema as S
 from genre_tasks.cli import run_stage
 from genre_tasks.config import deep_merge, load_params, section
-from genre_tasks.data import Dataset
-from genre_tasks.evaluate import paired_t
-from genre_tasks.evaluation import evaluate_recommender
-from genre_tasks.preprocess import PreprocessParams, preprocess
-from genre_tasks.replay import weekly_batches
+from genre_tasks.data.preprocess import PreprocessParams, preprocess
+from genre_tasks.evaluation.evaluate import paired_t
+from genre_tasks.evaluation.protocol import evaluate_recommender
+from genre_tasks.feedback.replay import weekly_batches
+from genre_tasks.models.views import Dataset
 
 SHARED = ("data/raw", "data/embeddings", "data/genre", ".cache/embeddings")
 
@@ -59,7 +59,7 @@ def write_state(root: Path, items: pd.DataFrame, inter: pd.DataFrame, params: di
 
 
 def selected(root: Path):
-    from genre_tasks.train import load_recommender
+    from genre_tasks.models.train import load_recommender
 
     paths = S.Paths(root)
     name = io.read_json(paths.model_dir / "selected.json")["strategy"]

@@ -9,13 +9,13 @@ import pytest
 
 from genre_tasks import io
 from genre_tasks import schema as S
-from genre_tasks.data import Dataset
+from genre_tasks.models.views import Dataset
 
 torch = pytest.importorskip("torch")
 
-from genre_tasks import evaluate as EV  # noqa: E402
-from genre_tasks import evaluation as E  # noqa: E402
-from genre_tasks import fusion, linear, train  # noqa: E402
+from genre_tasks.evaluation import evaluate as EV  # noqa: E402
+from genre_tasks.evaluation import protocol as E  # noqa: E402
+from genre_tasks.models import fusion, linear, train  # noqa: E402
 from test_train import P, copy_processed, write_processed  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def test_standardise_handles_unscorable_items():
 
 
 def test_fusion_serves_through_the_bundle(staged, tmp_path):
-    from genre_tasks import serving
+    from genre_tasks.registry import serving
 
     paths, _, _ = staged
     fit, _ = Dataset.load(paths).phase("test")

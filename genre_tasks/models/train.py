@@ -1,4 +1,4 @@
-"""train stage: fit the two-tower recommender (genre_tasks.model) per strategy, pick the best.
+"""train stage: fit the two-tower recommender (genre_tasks.models.model) per strategy, pick the best.
 
 For each strategy in ``train.strategies``:
 
@@ -13,7 +13,7 @@ on the validation split only.
 
 Outputs (``data/model`` is written as a whole, atomically):
 
-``data/model/<strategy>/model.pt``   state_dict of genre_tasks.model.TwoTower
+``data/model/<strategy>/model.pt``   state_dict of genre_tasks.models.model.TwoTower
 ``data/model/<strategy>/meta.json``  params, strategy, item_ids (id-table order), genre_names,
                                      vec_dim, dim, hidden, best_epoch, fit_phase "test",
                                      history (per epoch: train_loss, valid_ndcg@10); no
@@ -49,13 +49,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from genre_tasks import config, io, logs, tracking
+from genre_tasks import config, io, logs
+from genre_tasks.registry import tracking
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError
-from genre_tasks.data import Dataset, EvalData, FitData
+from genre_tasks.models.views import Dataset, EvalData, FitData
 
-#: two-tower item towers (genre_tasks.model) + the registrable EASE (genre_tasks.linear) + the
-#: validated blend of both (genre_tasks.fusion)
+#: two-tower item towers (genre_tasks.models.model) + the registrable EASE
+#: (genre_tasks.models.linear) + the validated blend of both (genre_tasks.models.fusion)
 TWO_TOWER = ("content", "collaborative", "hybrid")
 STRATEGIES = (*TWO_TOWER, "ease", "fusion")
 DEFAULT_STRATEGIES = ("content", "ease", "fusion")
@@ -83,7 +84,7 @@ class TrainParams:
                          early-stopping run's best-epoch model (fitted on train) is reused
     fusion_tower         the two-tower strategy fusion blends with ease
     fusion_weights       the validation grid of the tower's weight w in fusion (0 = ease, 1 = tower)
-    fusion_prior_weights the validation grid of fusion's quality-prior weight v (genre_tasks.fusion)
+    fusion_prior_weights the validation grid of fusion's quality-prior weight v (genre_tasks.models.fusion)
     fusion_auc_tolerance fusion's (w, v) maximise valid nDCG@10 among the blends whose valid
                          impression AUC is at least EASE's minus this (the gate's AUC guardrail):
                          a blend may not buy nDCG with a worse liked-vs-disliked ranking
@@ -247,7 +248,7 @@ def eval_users(ev: EvalData) -> tuple[np.ndarray, list, np.ndarray | None]:
 
 def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int = 2048) -> float:
     """Mean nDCG@10 of ``rec`` on ``ev`` (seen items of ``fit`` excluded); NaN without users."""
-    from genre_tasks import metrics
+    from genre_tasks.evaluation import metrics
 
     users, targets, candidates = eval_users(ev)
     if users is None or len(users) == 0:
@@ -267,7 +268,7 @@ def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int 
 
 @dataclass
 class FitResult:
-    recommender: Any  # genre_tasks.model.TorchRecommender
+    recommender: Any  # genre_tasks.models.model.TorchRecommender
     curve: list[dict]  # per epoch: epoch, train_loss, valid_ndcg@10 (None without eval), seconds
     best_epoch: int
     best_ndcg: float
@@ -310,7 +311,7 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
     _passive_openmp()
     from tqdm.auto import tqdm
 
-    from genre_tasks import model as M
+    from genre_tasks.models import model as M
 
     epochs = p.epochs if epochs is None else int(epochs)
     t_start = time.perf_counter()
@@ -378,23 +379,24 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
 def _untimed(curve: list[dict]) -> list[dict]:
     return [{k: v for k, v in c.items() if k != "seconds"} for c in curve]
 
+
 def load_recommender(model_dir: str | Path):
-    """The recommender saved under ``model_dir``: a FusionRecommender (genre_tasks.fusion), an
-    EaseRecommender (genre_tasks.linear) or a TorchRecommender (genre_tasks.model)."""
-    from genre_tasks import fusion, linear
+    """The recommender saved under ``model_dir``: a FusionRecommender (genre_tasks.models.fusion),
+    an EaseRecommender (genre_tasks.models.linear) or a TorchRecommender (genre_tasks.models.model)."""
+    from genre_tasks.models import fusion, linear
 
     if fusion.is_saved(model_dir):
         return fusion.load(model_dir)
     if linear.is_saved(model_dir):
         return linear.load(model_dir)
-    from genre_tasks.model import load_recommender as _load
+    from genre_tasks.models.model import load_recommender as _load
 
     return _load(model_dir)
 
 
 def _rank_ndcg(scores: np.ndarray, fit: FitData, users: np.ndarray, targets: list,
                candidates: np.ndarray | None, seed: int) -> float:
-    from genre_tasks import metrics
+    from genre_tasks.evaluation import metrics
 
     if users is None or len(users) == 0:
         return float("nan")
@@ -413,8 +415,8 @@ def fusion_grid(ease_rec, tower_rec, grid: Sequence[tuple[float, float]], fit: F
     items: the same for every w > 0, neither EASE nor the quality prior can tell cold items
     apart), else nDCG@10; the full-ranking nDCG@10 breaks ties (so on cold items the weights are
     chosen by how well the blend ranks the warm catalogue)."""
-    from genre_tasks import metrics
-    from genre_tasks.fusion import standardise
+    from genre_tasks.evaluation import metrics
+    from genre_tasks.models.fusion import standardise
 
     sel_users, sel_targets, candidates = eval_users(ev)
     imp_users = np.asarray([u for u, _, _ in ev.impressions], np.int64)
@@ -472,7 +474,7 @@ def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: Fit
     index of the best value, 1-based, the valid-phase model of that value). ``live(step, loss,
     seconds, ndcg)`` is called after each grid value (step = its 1-based index), like
     fit_model's per-epoch callback."""
-    from genre_tasks import linear
+    from genre_tasks.models import linear
 
     curve, best, best_i, best_rec = [], -math.inf, 1, None
     for i, lam in enumerate(p.ease_lambda, 1):
@@ -553,7 +555,7 @@ def load_warm_source(spec: str, paths: S.Paths):
     (no such folder, no such registered model/alias)."""
     if spec.startswith("models:/"):
         try:
-            from genre_tasks import serving
+            from genre_tasks.registry import serving
 
             tracking.configure(paths)
             return serving.load(spec).recommender
@@ -568,7 +570,7 @@ def warm_plan(rec) -> tuple[tuple[str, ...], Any]:
     """(strategies to retrain, the two-tower model to start from or None) for a warm start of
     ``rec``: a fusion model retrains its tower, ease and the blend; a two-tower model itself;
     EASE (closed form) is simply refitted."""
-    from genre_tasks import fusion, linear
+    from genre_tasks.models import fusion, linear
 
     if isinstance(rec, fusion.FusionRecommender):
         return (rec.tower.strategy, "ease", "fusion"), rec.tower
@@ -600,8 +602,8 @@ def select(p: TrainParams, valid: dict[str, dict[int, tuple[float, float]]]) -> 
 
 def run(p: TrainParams, paths: S.Paths) -> dict:
     _passive_openmp()
-    from genre_tasks import fusion, linear
-    from genre_tasks import model as M
+    from genre_tasks.models import fusion, linear
+    from genre_tasks.models import model as M
 
     with logs.stage("train", paths) as log:
         warm_tower, warm_from = None, None

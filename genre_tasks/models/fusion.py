@@ -11,13 +11,13 @@ are chosen on the validation split. ``quality(i)`` is a non-personalised prior: 
 log-odds that a rating of item i in the fit data is a positive (:func:`quality_prior`). The two
 models are trained on positives only and rank "will interact"; among the items a user did rate
 (impression AUC) whether they liked them is better told by this prior, which the selection
-rule trades against nDCG (see ``genre_tasks.train.fusion_grid``).
+rule trades against nDCG (see ``genre_tasks.models.train.fusion_grid``).
 
 EASE gives items it cannot score (no interaction in its fit data: cold or new items) the same
 raw score 0 for every user, and the quality prior gives them all the global rate, so among such
 items the ranking is the tower's: fusion covers cold items through the content tower.
 
-Parts (``score(..., part=...)``, as :meth:`genre_tasks.model.TorchRecommender.score`): ``prior``
+Parts (``score(..., part=...)``, as :meth:`genre_tasks.models.model.TorchRecommender.score`): ``prior``
 is the non-personalised part (the tower's item bias and the quality prior: one list for every
 user), ``personal`` the rest.
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from genre_tasks.data import FitData
+from genre_tasks.models.views import FitData
 
 STRATEGY = "fusion"
 META_FILE = "meta.json"
@@ -128,8 +128,9 @@ class FusionRecommender:
 
 
 def save(rec: FusionRecommender, model_dir: str | Path) -> None:
-    from genre_tasks import io, linear
-    from genre_tasks import model as M
+    from genre_tasks import io
+    from genre_tasks.models import linear
+    from genre_tasks.models import model as M
 
     model_dir = Path(model_dir)
     (model_dir / EASE_DIR).mkdir(parents=True, exist_ok=True)
@@ -153,8 +154,8 @@ def is_saved(model_dir: str | Path) -> bool:
 
 
 def load(model_dir: str | Path) -> FusionRecommender:
-    from genre_tasks import linear
-    from genre_tasks import model as M
+    from genre_tasks.models import linear
+    from genre_tasks.models import model as M
 
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / META_FILE).read_text())
