@@ -133,6 +133,9 @@ def test_fusion_serves_through_the_bundle(staged, tmp_path):
     assert len(out[0][0]) == 5 and len(out[1][0]) == 3
     assert not set(out[0][0]) & {str(fit.item_ids[i]) for i in fit.histories[0]}
     assert isinstance(linear.load(bundle / "model" / fusion.EASE_DIR), linear.EaseRecommender)
+    assert model.representations.shape == (fit.n_items, P.dim)  # the tower's, without its bias column
+    reasons = model.explain([str(fit.item_ids[i]) for i in fit.histories[0]], out[0][0])
+    assert len(reasons) == 5 and all(r.startswith("like '") for r in reasons)
     assert S.ITEM_ID in model.items.columns
 
 

@@ -123,8 +123,9 @@ class FusionRecommender:
         return ((1.0 - self.weight) * ease + self.weight * tower + quality).astype(np.float32)
 
     def item_representations(self, data: FitData) -> np.ndarray:
-        """The tower's item representations (explanations and similarity look-ups)."""
-        return self.tower.item_representations(data)
+        """The tower's item representations without its bias column [I, dim] (explanations and
+        similarity look-ups)."""
+        return self.tower.item_representations(data)[:, :-1]
 
 
 def save(rec: FusionRecommender, model_dir: str | Path) -> None:

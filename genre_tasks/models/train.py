@@ -1,15 +1,22 @@
-"""train stage: fit the two-tower recommender (genre_tasks.models.model) per strategy, pick the best.
+"""train stage: fit the strategies of ``train.strategies`` (two-tower, EASE, fusion), pick the best.
 
-For each strategy in ``train.strategies``:
+For each two-tower strategy (genre_tasks.models.model) and each seed of ``train.seed`` +
+``train.extra_seeds``:
 
 1. fit on the ``valid`` phase (FitData = train split) with early stopping on validation
    nDCG@10 (full ranking, seen items excluded; in the cold_items split: ranking only the cold
    validation items for the users with cold targets), ``patience`` epochs without improvement;
+   the run ends on its best epoch's weights;
 2. re-fit from scratch, same seed, on the ``test`` phase (train + valid) for the best epoch
-   count, and save that model (the one evaluate / promote / serving use).
+   count (``train.refit``; false reuses the early-stopping model), and save that model (the one
+   evaluate / promote / serving use).
 
-The selected strategy is the best one by validation nDCG@10: a model-selection choice made
-on the validation split only.
+``ease`` picks lambda on valid and refits in closed form; ``fusion`` (genre_tasks.models.fusion)
+blends the ease and tower models with weights chosen on valid (:func:`fusion_grid`,
+:func:`choose_blend`). The selected strategy is the best **mean over seeds** of the validation
+metric (:func:`select`): a model-selection choice made on the validation split only.
+``train.mode: warm`` retrains only the strategy of ``train.warm_from`` from its weights
+(:func:`warm_plan`).
 
 Outputs (``data/model`` is written as a whole, atomically):
 
@@ -19,7 +26,9 @@ Outputs (``data/model`` is written as a whole, atomically):
                                      history (per epoch: train_loss, valid_ndcg@10); no
                                      timings, so two runs write byte-identical files
 ``data/model/<strategy>/curve.csv``  epoch, train_loss, valid_ndcg@10
-``data/model/selected.json``         {"strategy", "selection_metric", "valid_ndcg@10": {strategy: value}}
+``data/model/_seeds/<strategy>/<seed>/``  the extra-seed models (evaluate's mean ± sd over seeds)
+``data/model/selected.json``         {"strategy", "selection_metric", "rule", "valid_ndcg@10":
+                                     {strategy: mean over seeds}}
 ``data/model/train_curve.png``       validation nDCG@10 per epoch, one line per strategy
 ``metrics/train.json``               per strategy: best_epoch, valid_ndcg@10, seconds_per_epoch,
                                      seconds, peak_rss_mb (of the process so far), examples;
