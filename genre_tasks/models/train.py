@@ -15,8 +15,8 @@ For each two-tower strategy (genre_tasks.models.model) and each seed of ``train.
 blends the ease and tower models with weights chosen on valid (:func:`fusion_grid`,
 :func:`choose_blend`). The selected strategy is the best **mean over seeds** of the validation
 metric (:func:`select`): a model-selection choice made on the validation split only.
-``train.mode: warm`` retrains only the strategy of ``train.warm_from`` from its weights
-(:func:`warm_plan`).
+``train.mode: warm`` retrains only the strategy of ``train.warm_from`` from its weights, with its
+EASE lambda (:func:`warm_plan`).
 
 Outputs (``data/model`` is written as a whole, atomically):
 
@@ -622,8 +622,10 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                 log.logger.warning("train.mode warm: nothing to start from at %s; training in full", p.warm_from)
             else:
                 strategies, warm_tower = warm_plan(source)
+                lam = getattr(getattr(source, "ease", source), "lam", None)  # keep the champion's lambda
                 p = dataclasses.replace(p, strategies=strategies, extra_seeds=(), epochs=p.warm_epochs,
-                                        fusion_tower=warm_tower.strategy if warm_tower is not None else p.fusion_tower)
+                                        fusion_tower=warm_tower.strategy if warm_tower is not None else p.fusion_tower,
+                                        ease_lambda=(float(lam),) if lam else p.ease_lambda)
                 warm_from = p.warm_from
                 log.logger.info("warm start from %s: retraining %s for at most %d epochs", p.warm_from,
                                 list(strategies), p.warm_epochs)
