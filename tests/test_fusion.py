@@ -177,3 +177,18 @@ def test_warm_mode_retrains_only_the_source_strategy(staged, tmp_path):
     # nothing to start from: a full run
     params["train"]["warm_from"] = str(tmp_path / "nothing-here")
     assert train.main(params, root)["mode"] == "full"
+
+
+def test_promote_accepts_a_selected_fusion_model(staged, tmp_path):
+    from genre_tasks.errors import StageError
+    from genre_tasks.registry import promote
+
+    paths, _, _ = staged
+    io.write_json({"strategy": "fusion"}, tmp_path / "data" / "model" / "selected.json")
+    import shutil
+
+    shutil.copytree(paths.model_dir / "fusion", tmp_path / "data" / "model" / "fusion")
+    assert promote._selected_model(S.Paths(tmp_path)) == ("fusion", S.Paths(tmp_path).model_dir / "fusion")
+    (tmp_path / "data" / "model" / "fusion" / "tower" / "model.pt").unlink()
+    with pytest.raises(StageError, match="tower/model.pt"):
+        promote._selected_model(S.Paths(tmp_path))
