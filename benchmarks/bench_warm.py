@@ -115,7 +115,7 @@ def main() -> None:
         for m in ("ndcg@10", "mrr", "auc"):
             d = paired_t(w, f, m)
             row[f"{m} full"] = f"{f.metrics[m]:.4f} ± {f.metrics[m + '_se']:.4f}"
-            row[f"{m} warm"] = f"{w.metrics[m]:.4f}"
+            row[f"{m} warm"] = f"{w.metrics[m]:.4f} "
             row[f"{m} warm-full (t)"] = f"{d['diff']:+.4f} ± {d['se']:.4f} ({d['t']:+.2f})"
         rows.append(row)
         print(f"{wid}: full {row['full s']:.0f} s, warm {row['warm s']:.0f} s; nDCG@10 full "
