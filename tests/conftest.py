@@ -134,7 +134,7 @@ def tabular_source(tmp_path: Path) -> Path:
 def make_ingest_params():
     """Factory: ``IngestParams`` from params.yaml ``ingest`` deep-merged with ``overrides``."""
     from genre_tasks import config
-    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.adapters.params import IngestParams
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["ingest"]
 

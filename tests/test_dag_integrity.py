@@ -238,9 +238,9 @@ def test_form_choices_match_genre_tasks():
 ])
 def test_form_values_make_valid_params(form):
     from genre_tasks import config
-    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.adapters.params import IngestParams
     from genre_tasks.data.preprocess import PreprocessParams
-    from genre_tasks.registry.promote import PromoteParams
+    from genre_tasks.registry.gate import PromoteParams
     from genre_tasks.models.train import TrainParams
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())

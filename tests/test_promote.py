@@ -208,7 +208,8 @@ def make_params(name: str, **overrides) -> dict:
 def promote(paths: S.Paths, name: str, force: bool = False, reason: str | None = None,
             **overrides) -> dict:
     from genre_tasks import config
-    from genre_tasks.registry.promote import PromoteParams, run
+    from genre_tasks.registry.gate import PromoteParams
+    from genre_tasks.registry.promote import run
 
     params = make_params(name, **overrides)
     p = config.section(PromoteParams, "promote", params)
@@ -232,7 +233,7 @@ class FakeResult:
 
 
 def rule_params(**kw):
-    from genre_tasks.registry.promote import PromoteParams
+    from genre_tasks.registry.gate import PromoteParams
 
     base = dict(min_effect=0.002, confidence=0.95, bootstrap_samples=1000, seed=7,
                 guardrails={"auc": 0.01, "cold_ndcg@10": 0.02})
@@ -241,7 +242,7 @@ def rule_params(**kw):
 
 def test_params_match_params_yaml_and_force_is_not_a_param():
     from genre_tasks import config
-    from genre_tasks.registry.promote import PromoteParams
+    from genre_tasks.registry.gate import PromoteParams
 
     section = params_dict()["promote"]
     assert "force" not in section

@@ -18,7 +18,7 @@ from genre_tasks import config, logs
 from genre_tasks.data import adapters
 from genre_tasks.data.adapters import movielens
 from genre_tasks.errors import StageError
-from genre_tasks.data.ingest import IngestParams
+from genre_tasks.data.adapters.params import IngestParams
 from genre_tasks.io import atomic_path, file_md5
 from genre_tasks.schema import Paths
 

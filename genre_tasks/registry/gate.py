@@ -9,14 +9,38 @@ and records the decision in the registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from genre_tasks.config import ParamsError
 from genre_tasks.errors import StageError
 
-if TYPE_CHECKING:  # the gate's settings live with the stage that reads them
-    from genre_tasks.registry.promote import PromoteParams
+
+#: the ``promote`` section of params.yaml: the gate's settings (read by the promote stage)
+@dataclass(frozen=True)
+class PromoteParams:
+    model_name: str = "genre-recommender"
+    primary_metric: str = "ndcg@10"
+    min_effect: float = 0.002
+    confidence: float = 0.95
+    bootstrap_samples: int = 2000
+    seed: int = 42
+    guardrails: dict[str, float] = field(default_factory=dict)
+    force: bool = False  # not in params.yaml: set by `genre promote --force` / the DAG param
+
+    def validate(self) -> None:
+        if not self.model_name.strip():
+            raise ParamsError("promote.model_name: empty")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ParamsError(f"promote.confidence: {self.confidence} not in [0.5, 1)")
+        if self.bootstrap_samples < 100:
+            raise ParamsError(f"promote.bootstrap_samples: {self.bootstrap_samples} < 100")
+        if self.min_effect < 0:
+            raise ParamsError(f"promote.min_effect: {self.min_effect} < 0")
+        for metric, tol in self.guardrails.items():
+            if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
+                raise ParamsError(f"promote.guardrails.{metric}: {tol!r} is not a tolerance >= 0")
+
 
 
 @dataclass

@@ -37,7 +37,7 @@ import getpass
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import numpy as np
 from genre_tasks import config, io, logs, manifests
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
-from genre_tasks.registry.gate import SAME_MODEL_BASELINE, Decision, decide, describe
+from genre_tasks.registry.gate import SAME_MODEL_BASELINE, Decision, PromoteParams, decide, describe
 
 log = logging.getLogger("genre.promote")
 
@@ -59,31 +59,6 @@ ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
 REASON_ENV = "GENRE_PROMOTE_REASON"
 #: version tag: sha256 of everything that changes predictions (serving.content_key)
 CONTENT_KEY = "content_key"
-
-
-@dataclass(frozen=True)
-class PromoteParams:
-    model_name: str = "genre-recommender"
-    primary_metric: str = "ndcg@10"
-    min_effect: float = 0.002
-    confidence: float = 0.95
-    bootstrap_samples: int = 2000
-    seed: int = 42
-    guardrails: dict[str, float] = field(default_factory=dict)
-    force: bool = False  # not in params.yaml: set by `genre promote --force` / the DAG param
-
-    def validate(self) -> None:
-        if not self.model_name.strip():
-            raise config.ParamsError("promote.model_name: empty")
-        if not 0.5 <= self.confidence < 1.0:
-            raise config.ParamsError(f"promote.confidence: {self.confidence} not in [0.5, 1)")
-        if self.bootstrap_samples < 100:
-            raise config.ParamsError(f"promote.bootstrap_samples: {self.bootstrap_samples} < 100")
-        if self.min_effect < 0:
-            raise config.ParamsError(f"promote.min_effect: {self.min_effect} < 0")
-        for metric, tol in self.guardrails.items():
-            if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
-                raise config.ParamsError(f"promote.guardrails.{metric}: {tol!r} is not a tolerance >= 0")
 
 
 # --- registry helpers -------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from genre_tasks import schema
 from genre_tasks.errors import StageError
 
 if TYPE_CHECKING:
-    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.adapters.params import IngestParams
 
 log = logging.getLogger("genre.ingest")
 

@@ -25,7 +25,7 @@ from genre_tasks.data.adapters import (Problems, finalize_interactions, finalize
                                   null_column, read_delimited, to_label, to_timestamp)
 
 if TYPE_CHECKING:
-    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.adapters.params import IngestParams
 
 NEWS_COLUMNS = ["news_id", "category", "subcategory", "title", "abstract", "url",
                 "title_entities", "abstract_entities"]

@@ -21,7 +21,7 @@ from genre_tasks.data.adapters import (Problems, finalize_interactions, finalize
                                   read_delimited, split_list, to_float, to_timestamp)
 
 if TYPE_CHECKING:
-    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.adapters.params import IngestParams
 
 #: folder under ``Paths.source`` the ``source`` stage copies the files into
 FOLDER = "ml-100k"

@@ -28,7 +28,7 @@ from genre_tasks.data.adapters import (Problems, finalize_interactions, finalize
                                   to_timestamp)
 
 if TYPE_CHECKING:
-    from genre_tasks.data.ingest import IngestParams, TabularParams
+    from genre_tasks.data.adapters.params import IngestParams, TabularParams
 
 ITEM_MAPPED = (schema.ITEM_ID, schema.TITLE, schema.GENRES, schema.TEXT)
 INTERACTION_MAPPED = tuple(schema.INTERACTION_DTYPES)
