@@ -31,7 +31,7 @@ DEFAULT_SCHEDULE = "@weekly"
 #: Values the trigger form offers (kept in sync with genre_tasks by tests/test_dag_integrity.py).
 ADAPTERS = ("movielens-100k", "mind", "tabular")
 SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
-STRATEGIES = ("content", "collaborative", "hybrid", "ease")
+STRATEGIES = ("content", "collaborative", "hybrid", "ease", "fusion")
 
 #: trigger-form param -> path of the params.yaml key it overrides (None = not a params.yaml key)
 PARAM_KEYS: dict[str, tuple[str, ...]] = {
@@ -40,6 +40,7 @@ PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "split_mode": ("preprocess", "split", "mode"),
     "strategies": ("train", "strategies"),
     "epochs": ("train", "epochs"),
+    "train_mode": ("train", "mode"),
     "force_promote": ("promote", "force"),
 }
 #: Largest XCom a stage task returns (JSON bytes); bigger values are dropped from the summary.

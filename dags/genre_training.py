@@ -135,6 +135,13 @@ PARAMS = {
         description="Maximum training epochs (train.epochs, early stopping still applies). "
                     "Empty = as in params.yaml.",
         section="Training"),
+    "train_mode": Param(
+        None, type=["null", "string"], enum=[None, "full", "warm"], title="Training mode",
+        values_display={None: "as in params.yaml", "full": "full (every strategy from scratch)",
+                        "warm": "warm (the champion's strategy from its weights, few epochs)"},
+        description="train.mode: warm = a feedback retrain starting from train.warm_from "
+                    "(default the @champion); full = everything from scratch (the weekly run).",
+        section="Training"),
     "dry_run": Param(
         False, type="boolean", title="Dry run",
         description="Stop before promote: train and evaluate, register nothing (promote is skipped).",

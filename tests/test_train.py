@@ -253,13 +253,19 @@ def test_loss_and_pooling_variants_train(synth, overrides):
     assert np.isfinite(res.recommender.score([fit.histories[0]], fit)).all()
 
 
-def test_stage_writes_outputs_and_models_reload(synth, tmp_path):
-    paths, *_ = synth
-    root = S.Paths(tmp_path)
+def copy_processed(paths: S.Paths, root) -> S.Paths:
+    """The processed tables and item vectors of ``paths`` copied under ``root``."""
+    out = S.Paths(root)
     for name in ("items", "interactions", "histories", "vectors", "vector_index"):
-        target = getattr(root, name)
+        target = getattr(out, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(getattr(paths, name).read_bytes())
+    return out
+
+
+def test_stage_writes_outputs_and_models_reload(synth, tmp_path):
+    paths, *_ = synth
+    root = copy_processed(paths, tmp_path)
     params = {"train": {**dataclasses.asdict(dataclasses.replace(P, epochs=3, patience=1)),
                         "strategies": ["content", "collaborative"]}}
     summary = train.main(params, root)

@@ -12,7 +12,12 @@ Reads the processed tables, the item vectors (+ filled genres) and ``data/model/
 
 Writes
 ``metrics/evaluate.json``     {"split", "selected", "models": {name: metrics},
-                              "chosen_hyperparameters", "kinds": {name: strategy|baseline}, "seed"}
+                              "chosen_hyperparameters", "kinds": {name: strategy|baseline}, "seed",
+                              "best_baseline" (by test nDCG@10), "seeds": {strategy: mean ± sd
+                              over its seed models (data/model/_seeds/)}, "paired": {strategy:
+                              {baseline: {metric: {seed: diff, se, t, n}}}} (per-user paired
+                              differences vs the best baseline and EASE), "parts": {strategy:
+                              {"prior" | "personal": metrics}} (item-bias prior alone, the rest)}
 ``data/eval/comparison.md``   the comparison table (:func:`comparison_table`)
 ``data/eval/per_user.parquet`` model, group, user_idx, impression, one column per metric
                               (the per-unit values for paired tests; see EvalResult.frame)
@@ -144,6 +149,82 @@ def default_loader(model_dir: Path) -> D.Recommender:
     return train.load_recommender(model_dir)
 
 
+#: metrics summarised over seeds (mean ± sd) and compared per user with the baselines
+SEED_METRICS: tuple[str, ...] = ("ndcg@10", "recall@10", "recall@20", "mrr", "hr@10", "auc", "imp_ndcg@10",
+                                 "cold_ndcg@10", "cold_recall@10", "cold_recall@20", "cold_mrr")
+PAIRED_METRICS: tuple[str, ...] = ("ndcg@10", "mrr", "auc", "cold_ndcg@10")
+#: folder of the extra-seed models inside data/model (genre_tasks.models.train.SEEDS_DIR)
+SEEDS_DIR = "_seeds"
+
+
+def seed_dirs(model_dir: Path, strategy: str) -> list[tuple[int, Path]]:
+    """(seed, folder) of ``strategy``'s extra-seed models: data/model/_seeds/<strategy>/<seed>/."""
+    root = model_dir / SEEDS_DIR / strategy
+    if not root.is_dir():
+        return []
+    return sorted((int(d.name), d) for d in root.iterdir() if d.is_dir() and d.name.lstrip("-").isdigit())
+
+
+def paired_t(a: E.EvalResult, b: E.EvalResult, metric: str) -> dict:
+    """Paired comparison of ``a`` - ``b`` on ``metric`` over the same units (users or
+    impressions; both evaluated on the same EvalData, so the units are aligned): mean difference,
+    its standard error, t = mean / se, and the number of units with both values finite."""
+    import numpy as np
+
+    if metric not in a.per_user or metric not in b.per_user:
+        return {}
+    ua, ub = a.users[metric], b.users[metric]
+    if len(ua) != len(ub) or not np.array_equal(ua, ub):
+        raise ValueError(f"paired_t: {a.name} and {b.name} were evaluated on different units")
+    d = np.asarray(a.per_user[metric], np.float64) - np.asarray(b.per_user[metric], np.float64)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n < 2:
+        return {"diff": float(d.mean()) if n else float("nan"), "se": float("nan"), "t": float("nan"), "n": n}
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    mean = float(d.mean())
+    return {"diff": mean, "se": se, "t": mean / se if se > 0 else float("nan"), "n": n}
+
+
+def summarise_seeds(results: Mapping[int, E.EvalResult]) -> dict:
+    """{metric: {"mean", "sd" (ddof 1; None with one seed), "values" (per seed, seed order)}}."""
+    import numpy as np
+
+    out = {}
+    seeds = sorted(results)
+    for m in SEED_METRICS:
+        vals = [results[s].metrics.get(m) for s in seeds]
+        if any(v is None for v in vals):
+            continue
+        arr = np.asarray(vals, np.float64)
+        out[m] = {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else None,
+                  "values": [float(v) for v in arr]}
+    return {"seeds": seeds, "metrics": out}
+
+
+class PartView:
+    """One part of a recommender's score (``score(..., part=...)``: ``prior`` = the item-bias
+    term alone, ``personal`` = the rest), evaluated like a model."""
+
+    def __init__(self, rec, part: str, name: str) -> None:
+        self.rec, self.part, self.name = rec, part, name
+
+    def fit(self, data):
+        return self
+
+    def score(self, histories, data):
+        return self.rec.score(histories, data, part=self.part)
+
+
+def has_parts(rec) -> bool:
+    import inspect
+
+    try:
+        return "part" in inspect.signature(rec.score).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _finite_or_none(obj):
     if isinstance(obj, dict):
         return {k: _finite_or_none(v) for k, v in obj.items()}
@@ -218,6 +299,8 @@ def run(p: EvaluateParams, paths: S.Paths,
         dirs = strategy_dirs(paths.model_dir)
         if not dirs:
             log.logger.warning("no trained strategies in %s: evaluating the baselines only", paths.model_dir)
+        by_seed: dict[str, dict[int, E.EvalResult]] = {}
+        parts: dict[str, dict[str, dict]] = {}
         for d in dirs:
             rec = load_recommender(d)
             log.read(d, f"strategy {d.name} ({type(rec).__name__})")
@@ -226,6 +309,20 @@ def run(p: EvaluateParams, paths: S.Paths,
             results.append(res)
             kinds[d.name] = "strategy"
             log.logger.info("%-14s test nDCG@10 %.4f (%.1fs)", d.name, res.metrics["ndcg@10"], res.seconds)
+            seed = (getattr(rec, "meta", None) or {}).get("seed")
+            extra = seed_dirs(paths.model_dir, d.name)
+            if seed is not None and extra:
+                by_seed[d.name] = {int(seed): res}
+                for s, sd in extra:
+                    r = E.evaluate_recommender(load_recommender(sd), test_fit, test_ev, p.seed)
+                    r.name = f"{d.name}@{s}"
+                    by_seed[d.name][s] = r
+                    log.logger.info("%-14s test nDCG@10 %.4f (%.1fs)", r.name, r.metrics["ndcg@10"], r.seconds)
+            if has_parts(rec):
+                parts[d.name] = {}
+                for part in ("prior", "personal"):
+                    r = E.evaluate_recommender(PartView(rec, part, f"{d.name} {part}"), test_fit, test_ev, p.seed)
+                    parts[d.name][part] = r.metrics
         if selected is not None and selected not in kinds:
             raise StageError(f"{selected_path}: selected strategy {selected!r} has no directory in {paths.model_dir}")
 
@@ -258,12 +355,29 @@ def run(p: EvaluateParams, paths: S.Paths,
             kinds[res.name] = "baseline"
             log.logger.info("%-14s test nDCG@10 %.4f (%.1fs)", res.name, res.metrics["ndcg@10"], res.seconds)
 
+        # --- seeds and paired tests against the baselines ------------------------------------
+        baseline_results = {r.name: r for r in results if kinds.get(r.name) == "baseline"}
+        best_baseline = (max(baseline_results, key=lambda n: baseline_results[n].metrics["ndcg@10"])
+                         if baseline_results else None)
+        references = [n for n in dict.fromkeys([best_baseline, "EASE"]) if n in baseline_results]
+        paired: dict[str, dict] = {}
+        for res in results:
+            if kinds.get(res.name) != "strategy":
+                continue
+            runs = by_seed.get(res.name) or {0: res}
+            paired[res.name] = {
+                ref: {m: {str(s): paired_t(r, baseline_results[ref], m) for s, r in sorted(runs.items())}
+                      for m in PAIRED_METRICS if m in res.per_user}
+                for ref in references}
+        seeds_report = {name: summarise_seeds(runs) for name, runs in by_seed.items()}
+
         # --- outputs ------------------------------------------------------------------------
         models = {r.name: r.metrics for r in results}
         table = comparison_table(models, selected)
         log.logger.info("model comparison (test, %s):\n%s", mode, table)
         report = {"split": mode, "selected": selected, "models": models, "chosen_hyperparameters": chosen,
-                  "kinds": kinds, "seed": p.seed}
+                  "kinds": kinds, "seed": p.seed, "best_baseline": best_baseline, "seeds": seeds_report,
+                  "paired": paired, "parts": parts}
         io.write_json(_finite_or_none(report), paths.metrics("evaluate"))
         log.wrote(paths.metrics("evaluate"))
 

@@ -54,6 +54,9 @@ from torch import nn
 from genre_tasks.models.views import FitData
 
 STRATEGIES = ("content", "collaborative", "hybrid")
+#: score parts (:meth:`TorchRecommender.score`): the whole score, the item-bias prior alone
+#: (non-personalised), the user . item part alone
+PARTS = ("full", "prior", "personal")
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 #: Exponent of the popularity distribution negatives are sampled from.
@@ -358,19 +361,29 @@ class TorchRecommender:
             out.append(w[m].astype(np.float32))
         return out
 
-    def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], data: FitData, part: str = "full") -> np.ndarray:
         """Scores [len(histories), data.n_items] float32 over data's catalogue (any catalogue).
 
         ``histories[j]`` are item_idx of ``data``. Items are represented from data.item_vectors /
         data.item_genres (by genre name) and, for id-based strategies, the model's id rows
         matched by item_id (unknown ids contribute nothing). Empty histories get
         :func:`fallback_scores`.
+
+        ``part`` (see :data:`PARTS`): ``full`` = user . item + bias(item); ``prior`` = the item
+        bias alone (one non-personalised list for every user: how much a popularity guess from
+        the item's features explains); ``personal`` = user . item without the bias.
         """
+        if part not in PARTS:
+            raise ValueError(f"part {part!r} not in {PARTS}")
         self.net.eval()
         rep, bias, cat = self._items(data)
-        u, _ = self._users(histories, rep, cat.pad)
         with torch.no_grad():
-            scores = (u @ rep[:-1].T + bias[:-1]).numpy().astype(np.float32)
+            if part == "prior":
+                scores = np.broadcast_to(bias[:-1].numpy().astype(np.float32),
+                                         (len(histories), data.n_items)).copy()
+            else:
+                u, _ = self._users(histories, rep, cat.pad)
+                scores = (u @ rep[:-1].T + (bias[:-1] if part == "full" else 0.0)).numpy().astype(np.float32)
         empty = np.array([len(h) == 0 for h in histories], dtype=bool)
         if empty.any():
             scores[empty] = fallback_scores(self.fallback, data)
@@ -437,7 +450,8 @@ class Trainer:
 
     def __init__(self, net: TwoTower, data: FitData, *, loss: str, negatives: int, negative_sampling: str,
                  logq_correction: bool, batch_size: int, lr: float, weight_decay: float,
-                 use_genres: bool, genre_names: Sequence[str], seed: int, ema_decay: float = 0.0) -> None:
+                 use_genres: bool, genre_names: Sequence[str], seed: int, ema_decay: float = 0.0,
+                 dislike_weight: float = 0.0) -> None:
         self.net, self.data = net, data
         self.loss, self.k, self.batch_size = loss, negatives, batch_size
         self.logq = logq_correction
@@ -465,6 +479,17 @@ class Trainer:
         self.known_mask = torch.from_numpy(np.concatenate([seen_any, [False]]))
         self.flat, self.ex_pos, self.ex_start = training_examples(data.histories)
         self.flat_padded = np.concatenate([self.flat, [self.cat.pad]])
+        # "seen, not liked": per user, the fit items rated below the positive threshold; with
+        # dislike_weight > 0 each example also pushes its target above one of them (pairwise)
+        self.dislike_weight = float(dislike_weight)
+        if self.dislike_weight > 0:
+            lens = np.fromiter((len(h) for h in data.histories), dtype=np.int64, count=len(data.histories))
+            ex_user = np.repeat(np.arange(len(lens)), lens)[self.ex_pos]
+            neg = (data.seen.astype(np.float32) - data.positives.astype(np.float32)).tocsr()
+            neg.data = (neg.data > 0).astype(np.float32)
+            neg.eliminate_zeros()
+            self.dis_ptr, self.dis_items = neg.indptr.astype(np.int64), neg.indices.astype(np.int64)
+            self.ex_user = ex_user
         self.opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         # ``model``: the network to evaluate and save; an exponential moving average of the
         # trained weights when ema_decay > 0 (smooths the epoch-to-epoch noise of Adam)
@@ -491,7 +516,19 @@ class Trainer:
         j = np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.candidates) - 1)
         return self.candidates[j]
 
-    def step(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> float:
+    def _dislikes(self, ex: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One "seen, not liked" item per example of ``ex`` (uniform over its user's), and a mask
+        of the examples whose user has one."""
+        u = self.ex_user[ex]
+        lo, hi = self.dis_ptr[u], self.dis_ptr[u + 1]
+        has = hi > lo
+        pick = lo + np.floor(self.rng.random(len(ex)) * np.maximum(hi - lo, 1)).astype(np.int64)
+        items = np.where(has, self.dis_items[np.minimum(pick, max(len(self.dis_items) - 1, 0))]
+                         if len(self.dis_items) else 0, 0)
+        return torch.from_numpy(items.astype(np.int64)), torch.from_numpy(has)
+
+    def step(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+             dislikes: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         net = self.net
         B = len(target)
         if self.k <= 0:  # full softmax over the known items of the catalogue
@@ -502,6 +539,12 @@ class Trainer:
             if self.logq:
                 logits = logits - self.log_q
             loss = nn.functional.cross_entropy(logits, target)
+            if dislikes is not None and bool(dislikes[1].any()):
+                items, has = dislikes
+                s_pos = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+                s_dis = (u * rep[items]).sum(1) + bias[items]
+                pair = nn.functional.softplus(-(s_pos - s_dis))[has]
+                loss = loss + self.dislike_weight * pair.mean()
         else:
             neg = torch.from_numpy(self._sample(B))
             n_h = hist.numel()
@@ -548,7 +591,7 @@ class Trainer:
         for s in it:
             ex = order[s:s + self.batch_size]
             hist, mask, target = self._batch(ex)
-            loss = self.step(hist, mask, target)
+            loss = self.step(hist, mask, target, self._dislikes(ex) if self.dislike_weight > 0 else None)
             total += loss * len(ex)
             n += len(ex)
         self.net.eval()

@@ -159,8 +159,13 @@ def _selected_model(paths: S.Paths) -> tuple[str, Path]:
         raise StageError(f"{f}: missing; run the train stage first")
     strategy = io.read_json(f).get("strategy")
     model_dir = paths.model_dir / str(strategy)
-    weights = "ease_weights.npy" if (model_dir / "ease_weights.npy").exists() else "model.pt"
-    missing = [n for n in (weights, "meta.json") if not (model_dir / n).exists()]
+    if (model_dir / "ease_weights.npy").exists():
+        needed = ("ease_weights.npy", "meta.json")
+    elif (model_dir / "ease").is_dir() or (model_dir / "tower").is_dir():  # fusion: its two components
+        needed = ("meta.json", "ease/ease_weights.npy", "ease/meta.json", "tower/model.pt", "tower/meta.json")
+    else:
+        needed = ("model.pt", "meta.json")
+    missing = [n for n in needed if not (model_dir / n).exists()]
     if not strategy or missing:
         raise StageError(f"{f}: selected strategy {strategy!r} has no trained model in {model_dir} "
                          f"(missing {missing})")
