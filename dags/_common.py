@@ -1,8 +1,9 @@
 """Helpers shared by the DAG files: project root, trigger-form params -> params.yaml overrides,
 small XCom summaries.
 
-Standard library only: the DAG processor imports this module every time it parses a DAG file,
-so nothing heavy (and no genre_tasks, which pulls pandas) may be imported here.
+The DAG processor imports this module every time it parses a DAG file, so nothing heavy may be
+imported here: the standard library and the ground-floor modules ``genre_tasks.config`` (PyYAML)
+and ``genre_tasks.schema`` only (tests/test_dag_integrity.py checks what parsing loads).
 """
 from __future__ import annotations
 
@@ -13,25 +14,32 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from genre_tasks import config, schema
+
 #: Project root holding params.yaml, data/, mlflow.db. In production (Celery/K8s workers) set it
 #: to the shared checkout; the default is the parent of the dags folder (local use).
-ROOT_ENV = "GENRE_PROJECT_ROOT"
+ROOT_ENV = config.ROOT_ENV
 #: The MLflow run of a DAG run; genre_tasks.registry.tracking resumes it (promote stage).
-RUN_ID_ENV = "GENRE_MLFLOW_RUN_ID"
-#: Who forces a promotion (read by genre_tasks.registry.promote).
-ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
-#: Why a promotion is forced (read by genre_tasks.registry.promote; required with force_promote).
-REASON_ENV = "GENRE_PROMOTE_REASON"
+RUN_ID_ENV = config.RUN_ID_ENV
+#: Who forces a promotion and why (read by genre_tasks.registry.promote; reason required).
+ACTOR_ENV = config.ACTOR_ENV
+REASON_ENV = config.REASON_ENV
 #: One-slot pool the promote tasks run in: registrations are serialised across workers.
 REGISTRY_POOL = "genre_registry"
 #: Cron expression/preset of the training DAG; "none" = asset-triggered (and manual) only.
 SCHEDULE_ENV = "GENRE_TRAINING_SCHEDULE"
 DEFAULT_SCHEDULE = "@weekly"
+#: the feedback landing folder when params.yaml has no feedback.incoming
+DEFAULT_INCOMING = "data/feedback/incoming"
 
-#: Values the trigger form offers (kept in sync with genre_tasks by tests/test_dag_integrity.py).
-ADAPTERS = ("movielens-100k", "mind", "tabular")
-SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
-STRATEGIES = ("content", "collaborative", "hybrid", "ease", "fusion")
+#: Airflow Variable (JSON object) with params.yaml overrides for every run of the training DAG
+#: (scheduled, asset-triggered, manual): edited in the UI, read by snapshot_params at run time
+PARAMS_VARIABLE = "genre_params_override"
+
+#: Values the trigger form offers (the lists of genre_tasks.schema)
+ADAPTERS = schema.ADAPTERS
+SPLIT_MODES = schema.SPLIT_MODES
+STRATEGIES = schema.STRATEGIES
 
 #: trigger-form param -> path of the params.yaml key it overrides (None = not a params.yaml key)
 PARAM_KEYS: dict[str, tuple[str, ...]] = {
@@ -55,6 +63,19 @@ def project_root() -> Path:
     return root.resolve()
 
 
+def landing_folder(root: Path | None = None) -> Path:
+    """The feedback landing folder (``feedback.incoming`` of params.yaml + $GENRE_PARAMS_OVERRIDE,
+    default ``data/feedback/incoming``), absolute. Read at parse time: files only, no DB."""
+    root = root or project_root()
+    try:
+        params = config.load_params(root / config.DEFAULT_PARAMS)
+        incoming = (params.get("feedback") or {}).get("incoming") or DEFAULT_INCOMING
+    except (OSError, ValueError):  # a broken params.yaml fails the tasks, not the parse
+        incoming = DEFAULT_INCOMING
+    path = Path(incoming).expanduser()
+    return path if path.is_absolute() else root / path
+
+
 def schedule_expression() -> str | None:
     """Cron expression/preset from $GENRE_TRAINING_SCHEDULE (default @weekly); None = no timer."""
     value = os.environ.get(SCHEDULE_ENV, "").strip() or DEFAULT_SCHEDULE
@@ -68,17 +89,6 @@ def _nest(path: tuple[str, ...], value: Any) -> dict:
     return out
 
 
-def _merge(base: dict, override: Mapping) -> dict:
-    """Recursive dict merge (same semantics as genre_tasks.config.deep_merge)."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def overrides_from_params(params: Mapping[str, Any]) -> dict:
     """Nested params.yaml overrides from the trigger-form params.
 
@@ -89,15 +99,33 @@ def overrides_from_params(params: Mapping[str, Any]) -> dict:
     out: dict = {}
     extra = params.get("overrides")
     if isinstance(extra, Mapping):
-        out = _merge(out, extra)
+        out = config.deep_merge(out, dict(extra))
     for name, path in PARAM_KEYS.items():
         value = params.get(name)
         if value is None or value == [] or (name == "force_promote" and not value):
             continue
         if name == "strategies":
             value = list(value)
-        out = _merge(out, _nest(path, value))
+        out = config.deep_merge(out, _nest(path, value))
     return out
+
+
+def variable_overrides(name: str = PARAMS_VARIABLE) -> dict:
+    """The JSON object of Airflow Variable ``name`` ({} when unset). Call it inside a task only
+    (a Variable is a metadata-DB look-up). Anything but a JSON object is refused."""
+    from airflow.sdk import Variable
+
+    value = Variable.get(name, default=None)
+    if value in (None, ""):
+        return {}
+    try:
+        doc = json.loads(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise config.ParamsError(f"Airflow Variable {name}: not JSON ({exc})") from exc
+    if not isinstance(doc, Mapping):
+        raise config.ParamsError(f"Airflow Variable {name}: must be a JSON object of params.yaml "
+                                 f"overrides, got {type(doc).__name__}")
+    return dict(doc)
 
 
 def small_summary(summary: Any, value_max: int = XCOM_VALUE_MAX, total_max: int = XCOM_TOTAL_MAX) -> Any:

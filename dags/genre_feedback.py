@@ -27,7 +27,12 @@ nothing emits nothing), and several batches landing between two training runs ar
 together (Airflow queues one asset-triggered run). The timer stays as a safety net: a retrain
 at least weekly even when no feedback arrives (code or params changed, a failed run).
 
-**Schedule**: `$GENRE_FEEDBACK_SCHEDULE` (cron, default every 15 minutes; `none` = manual only),
+**Schedule: event-driven.** The asset `genre://feedback/landing` has a watcher
+(`genre_airflow.triggers.LandingFolderTrigger`, run by the triggerer) that looks at the landing
+folder every `$GENRE_FEEDBACK_WATCH_INTERVAL` s (default 1) and fires once per new batch file that
+stopped growing, so a run starts seconds after a batch lands; the watcher never moves or deletes
+a file. `$GENRE_FEEDBACK_SCHEDULE` (cron, default every 15 minutes; `none` = the watcher only) is
+the fallback, whichever comes first;
 `catchup=False`, one active run at a time (batches are applied in order). Validation uses the
 run's logical date, never the wall clock, so a re-run judges a batch the same way.
 
@@ -42,13 +47,25 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    AssetWatcher,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
 
 # The dag-processor puts the bundle folder (dags/) on sys.path; a plain DagBag or pytest does not.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent))
+# The project root holds genre_airflow (the trigger the triggerer imports by class path).
+for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
-from _common import project_root, stage_environment  # noqa: E402
+from _common import landing_folder, project_root, stage_environment  # noqa: E402
+from genre_airflow.triggers import LandingFolderTrigger  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +75,14 @@ INTERACTIONS = Asset("genre://interactions/store")
 #: cron expression of this DAG; "none" = manual / API triggers only
 SCHEDULE_ENV = "GENRE_FEEDBACK_SCHEDULE"
 DEFAULT_SCHEDULE = "*/15 * * * *"
+#: seconds between two looks of the watcher at the landing folder
+WATCH_INTERVAL = float(os.environ.get("GENRE_FEEDBACK_WATCH_INTERVAL", "1"))
+#: a batch file landed (the triggerer's watcher updates it; this DAG is scheduled on it)
+LANDING = Asset(
+    "genre://feedback/landing",
+    watchers=[AssetWatcher(name="genre_feedback_landing_folder",
+                           trigger=LandingFolderTrigger(directory=str(landing_folder()),
+                                                        poke_interval=WATCH_INTERVAL))])
 
 NO_RETRY = {"retries": 0}
 RETRY = {"retries": 2, "retry_delay": timedelta(seconds=30)}
@@ -98,11 +123,12 @@ def form_flag(name: str) -> bool | None:
 
 
 def schedule():
-    """$GENRE_FEEDBACK_SCHEDULE (default every 15 minutes, UTC); None = no timer."""
+    """A batch landing (asset watcher) or $GENRE_FEEDBACK_SCHEDULE (cron, default every 15
+    minutes, UTC; the fallback), whichever comes first; ``none`` = the watcher only."""
     value = os.environ.get(SCHEDULE_ENV, "").strip() or DEFAULT_SCHEDULE
     if value.lower() in ("none", "null", "off", "manual"):
-        return None
-    return CronTriggerTimetable(value, timezone="UTC")
+        return [LANDING]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(value, timezone="UTC"), assets=LANDING)
 
 
 def _run_context() -> tuple[dict, Path, str]:
@@ -128,8 +154,10 @@ def list_batches() -> list[str]:
     with stage_environment(root, None):
         params, _, _ = _run_context()
         fp = feedback.FeedbackPaths(Paths(root), feedback.settings(params).feedback)
-        for name, reason in feedback.refuse_entries(fp).items():  # symlinks, fifos: never read
-            log.error("%s REFUSED: %s", name, reason)
+        refused = feedback.refuse_entries(fp)  # symlinks, fifos: never read, moved to quarantine
+        for name, reason in refused.items():
+            # by design, not a task failure: a warning (the run succeeds and reports it)
+            log.warning("%s REFUSED: %s", name, reason)
         ids = sorted({b.batch_id for b in feedback.list_batches(fp)})
     log.info("%d batch(es) in %s: %s", len(ids), fp.incoming, ids)
     return ids
@@ -224,6 +252,10 @@ def report(validated: list[dict] | None = None, applied: dict | None = None) -> 
         log.info("batch %-24s %s", batch_id, status)
     if not statuses:
         log.info("no batch in the landing folder")
+    quarantined = sorted(b for b, s in statuses.items() if s == "quarantined")
+    if quarantined:  # by design the run succeeds: a warning with the summary, never an error
+        log.warning("%d of %d batch(es) quarantined: %s (see data/feedback/quarantine/<id>/message.txt)",
+                    len(quarantined), len(statuses), quarantined)
     return {"batches": statuses,
             "quarantined": sorted(b for b, s in statuses.items() if s == "quarantined"),
             "applied": (applied or {}).get("applied", [])}

@@ -64,6 +64,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    PARAMS_VARIABLE,
     ACTOR_ENV,
     REASON_ENV,
     REGISTRY_POOL,
@@ -76,6 +77,7 @@ from _common import (  # noqa: E402
     schedule_expression,
     small_summary,
     stage_environment,
+    variable_overrides,
 )
 
 log = logging.getLogger(__name__)
@@ -227,29 +229,13 @@ def start_mlflow_run() -> str:
     grid_url = ti.log_url.split("/tasks/")[0]
     root = project_root()
     paths = Paths(root)
+    run_type = context["dag_run"].run_type
     with stage_environment(root, None):
-        log.info("%s", tracking.init_store(paths))  # created once, here: never lazily in a stage
-        experiment_id = tracking.configure(paths)
-        client = tracking.client(paths)
-        found = client.search_runs(
-            [experiment_id], max_results=1,
-            filter_string=f"tags.`airflow.dag_id` = '{dag_id}' and tags.`airflow.run_id` = '{run_id}'")
-        run_type = context["dag_run"].run_type
-        tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.grid_url": grid_url,
-                "airflow.run_type": str(getattr(run_type, "value", run_type)),
-                "genre.pipeline": "1", "mlflow.source.name": f"airflow:{dag_id}",
-                "mlflow.note.content": f"Airflow DAG run [{dag_id} / {run_id}]({grid_url})"}
-        if found:
-            mlflow_run_id = found[0].info.run_id
-            if found[0].info.status != "RUNNING":
-                client.update_run(mlflow_run_id, status="RUNNING")
-            log.info("reusing MLflow run %s of DAG run %s", mlflow_run_id, run_id)
-        else:
-            mlflow_run_id = client.create_run(experiment_id, run_name=f"{dag_id}__{run_id}",
-                                              tags=tags).info.run_id
-            log.info("created MLflow run %s for DAG run %s", mlflow_run_id, run_id)
-        tracking.set_tags(mlflow_run_id, tags, paths)
-        log.info("MLflow tracking URI %s, Airflow grid %s", tracking.tracking_uri(paths), grid_url)
+        mlflow_run_id, created = tracking.start_pipeline_run(
+            paths, dag_id, run_id, grid_url, str(getattr(run_type, "value", run_type)))
+        log.info("%s MLflow run %s for DAG run %s (tracking URI %s, Airflow grid %s)",
+                 "created" if created else "reusing", mlflow_run_id, run_id,
+                 tracking.tracking_uri(paths), grid_url)
     return mlflow_run_id
 
 
@@ -260,6 +246,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
     the MLflow run (params + artifact run/params.yaml + tag genre.params_hash); XCom shows the
     hash, the overrides and the workspace. A retry/clear reuses the snapshot already made."""
     from genre_tasks.registry import tracking
+    from genre_tasks import config
     from genre_tasks.registry import workspace as W
     from genre_tasks.config import ParamsError
     from genre_tasks.schema import Paths
@@ -267,10 +254,13 @@ def snapshot_params(mlflow_run_id: str) -> dict:
     context = get_current_context()
     root = project_root()
     ws = W.workspace(root, context["ti"].run_id)
-    overrides = overrides_from_params(context["params"])
     with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
         paths = Paths(root)
         try:
+            # run-size knobs an operator edits in the UI (Admin > Variables), read here at run
+            # time, never at parse time; the trigger form wins over them
+            knobs = variable_overrides()
+            overrides = config.deep_merge(knobs, overrides_from_params(context["params"]))
             form = context["params"]
             if form.get("force_promote") and not (form.get("force_reason") or "").strip():
                 raise ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
@@ -284,6 +274,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
         tracking.log_artifact(mlflow_run_id, ws.path / "dvc.yaml", paths, "run")  # the pipeline as run
         tracking.set_tags(mlflow_run_id, {W.WORKSPACE_TAG: str(ws.path)}, paths)
     out = {"params_hash": logged["params_hash"], "overrides": overrides,
+           "variable": {PARAMS_VARIABLE: knobs} if knobs else {},
            "override_files": os.environ.get("GENRE_PARAMS_OVERRIDE", ""), "workspace": str(ws.path),
            "mlflow_artifact": W.PARAMS_ARTIFACT}
     log.info("params snapshot %s", out)
@@ -359,16 +350,12 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
     not_run = sorted(t for t, s in states.items() if str(s) == "upstream_failed")
     root = project_root()
     paths = Paths(root)
+    if failed:
+        outcome = f"failed: {', '.join(failed)}" + (f" (not run: {', '.join(not_run)})" if not_run else "")
+    else:
+        outcome = "dry_run" if context["params"].get("dry_run") else "success"
+    published = {"published": False}
     with stage_environment(root, None):
-        client = tracking.client(paths)
-        run = client.get_run(mlflow_run_id)
-        if failed:
-            outcome = f"failed: {', '.join(failed)}" + (f" (not run: {', '.join(not_run)})" if not_run else "")
-        else:
-            outcome = "dry_run" if context["params"].get("dry_run") else "success"
-        client.set_tag(mlflow_run_id, "airflow.outcome", outcome)
-        status = "FAILED" if failed else "FINISHED"
-        published = {"published": False}
         if outcome == "success":
             from genre_tasks.registry import workspace as W
 
@@ -376,8 +363,7 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
             if ws.lock_file.exists():  # this worker has the run's workspace (local default)
                 published = W.publish(ws)
                 log.info("published the run into %s: %s", root, published)
-        if run.info.status == "RUNNING" or failed:
-            client.set_terminated(mlflow_run_id, status)
+        status = tracking.finish_pipeline_run(paths, mlflow_run_id, outcome, bool(failed))
     log.info("MLflow run %s -> %s (%s)", mlflow_run_id, status, outcome)
     return {"mlflow_run_id": mlflow_run_id, "status": status, "outcome": outcome,
             "published": published.get("published")}

@@ -11,8 +11,9 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from genre_tasks.errors import exit_code
 
 #: stage name -> module in genre_tasks exposing ``main(params: dict, paths: Paths) -> dict``
 STAGES: dict[str, str] = {
@@ -30,7 +31,7 @@ STAGES: dict[str, str] = {
 #: commands with their own parser: name -> (module, function taking argv with the global
 #: options forwarded, help)
 TOOLS: dict[str, tuple[str, str, str]] = {
-    "feedback": ("genre_tasks.feedback", "feedback_cli",
+    "feedback": ("genre_tasks.feedback.cli", "feedback_cli",
                  "feedback batches: run | status | record | replay --init/--next/--status"),
     "history": ("genre_tasks.feedback.history", "history_cli",
                 "successive model versions with prequential and test metrics"),
@@ -83,26 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
         tool = sub.add_parser(name, help=help_text, add_help=False)
         tool.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
-
-
-def exit_code(command: str, body: Callable[[], object]) -> int:
-    """Run ``body`` for `genre <command>`: a dict result is printed as JSON (exit 0), an int is
-    the exit code; bad params exit 2 and input a stage refused exits 1, each with its message."""
-    from genre_tasks.config import ParamsError
-    from genre_tasks.errors import StageError
-
-    try:
-        result = body()
-    except ParamsError as exc:
-        print(f"genre {command}: bad params: {exc}", file=sys.stderr)
-        return 2
-    except StageError as exc:
-        print(f"genre {command}: FAILED\n{exc}", file=sys.stderr)
-        return 1
-    if isinstance(result, int):
-        return result
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
-    return 0
 
 
 def run_tool(name: str, args: argparse.Namespace) -> int:

@@ -21,6 +21,13 @@ T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
 #: Environment variable naming extra override files (os.pathsep-separated).
 OVERRIDE_ENV = "GENRE_PARAMS_OVERRIDE"
+#: The project root (params.yaml, data/, mlflow.db) where a worker runs the stages.
+ROOT_ENV = "GENRE_PROJECT_ROOT"
+#: The MLflow run of a pipeline (Airflow DAG) run: genre_tasks.registry.tracking resumes it.
+RUN_ID_ENV = "GENRE_MLFLOW_RUN_ID"
+#: Who forces a promotion and why (read by genre_tasks.registry.promote).
+ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
+REASON_ENV = "GENRE_PROMOTE_REASON"
 
 
 class ParamsError(ValueError):

@@ -59,6 +59,10 @@ SOURCE_LINE = "source_line"  # its 1-based line (text files) or row (parquet fil
 
 SPLITS = ("train", "valid", "test")
 SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
+#: input formats (genre_tasks.data.adapters.ADAPTERS) and registrable model strategies
+#: (genre_tasks.models.train.STRATEGIES): the choice lists of the CLI and the trigger forms
+ADAPTERS = ("movielens-100k", "mind", "tabular")
+STRATEGIES = ("content", "collaborative", "hybrid", "ease", "fusion")
 
 
 class Paths:

@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 sys.path.insert(0, str(DAGS))
-import _common  # noqa: E402  (stdlib only)
+import _common  # noqa: E402  (stdlib + genre_tasks.config/schema only)
 
 HEAVY = ("torch", "transformers", "mlflow", "great_expectations", "sklearn", "pandas")
 
@@ -282,3 +282,31 @@ def test_project_root_and_schedule_from_env(monkeypatch, tmp_path):
     assert _common.schedule_expression() == "0 3 * * 1"
     monkeypatch.setenv(_common.SCHEDULE_ENV, "none")
     assert _common.schedule_expression() is None
+
+
+# --- run-size knobs from an Airflow Variable (read inside snapshot_params, never at parse time)
+@pytest.mark.parametrize("stored, expected", [
+    (None, {}), ("", {}), ('{"ingest": {"max_users": 60}}', {"ingest": {"max_users": 60}}),
+])
+def test_variable_overrides_reads_a_json_object(monkeypatch, stored, expected):
+    from airflow.sdk import Variable
+
+    monkeypatch.setattr(Variable, "get", staticmethod(lambda key, default=None, **kw: stored))
+    assert _common.variable_overrides() == expected
+
+
+@pytest.mark.parametrize("stored, message", [("[1, 2]", "must be a JSON object"), ("{nope", "not JSON")])
+def test_variable_overrides_refuses_bad_values(monkeypatch, stored, message):
+    from airflow.sdk import Variable
+    from genre_tasks.config import ParamsError
+
+    monkeypatch.setattr(Variable, "get", staticmethod(lambda key, default=None, **kw: stored))
+    with pytest.raises(ParamsError, match=message):
+        _common.variable_overrides()
+
+
+def test_landing_folder_follows_params_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("feedback:\n  incoming: drops/in\n")
+    assert _common.landing_folder(tmp_path) == tmp_path / "drops" / "in"
+    (tmp_path / "params.yaml").write_text("ingest: {}\n")
+    assert _common.landing_folder(tmp_path) == tmp_path / "data" / "feedback" / "incoming"

@@ -20,6 +20,7 @@ from conftest import ML_N_INTERACTIONS, ROOT, write_movielens
 from genre_tasks import io
 from genre_tasks.data import adapters
 from genre_tasks import feedback
+from genre_tasks.feedback import apply as feedback_apply
 from genre_tasks.data import ingest
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError, from_dict
@@ -231,7 +232,7 @@ def test_crash_mid_apply_leaves_the_store_without_the_batch_and_a_retry_applies_
 
         monkeypatch.setattr(io.os, "replace", replace)
     else:  # the part is in place, the ledger write fails
-        monkeypatch.setattr(feedback, "_write_ledger", crash)
+        monkeypatch.setattr(feedback_apply, "_write_ledger", crash)
     with pytest.raises(OSError, match="simulated crash"):
         feedback.apply_batches(params, paths, ["w1"], LOGICAL)
     monkeypatch.undo()

@@ -22,6 +22,7 @@ from test_feedback import LOGICAL, T0, params, paths, rows  # noqa: F401 (fixtur
 
 from genre_tasks.data import adapters
 from genre_tasks import feedback
+from genre_tasks.feedback import apply as feedback_apply
 from genre_tasks import schema as S
 
 
@@ -61,19 +62,19 @@ def test_apply_reads_the_store_only_under_the_lock(params, paths, fp, monkeypatc
     rows(("1", "3", T0, 4.0)).to_parquet(fp.incoming / "a.parquet", index=False)
     assert feedback.validate_batch(params, paths, "a", LOGICAL)["status"] == "valid"
     seen = []
-    real = feedback.load_store
+    real = feedback_apply.load_store
 
     def spy(s, fp_):
         seen.append(lock_is_held(fp_))
         return real(s, fp_)
 
-    monkeypatch.setattr(feedback, "load_store", spy)
+    monkeypatch.setattr(feedback_apply, "load_store", spy)
     out = feedback.apply_batches(params, paths, ["a"], LOGICAL)
     assert out["applied"] == ["a"] and seen == [True]
     rows(("2", "3", T0, 4.0)).to_parquet(fp.incoming / "b.parquet", index=False)
-    monkeypatch.setattr(feedback, "load_store", real)
+    monkeypatch.setattr(feedback_apply, "load_store", real)
     assert feedback.validate_batch(params, paths, "b", LOGICAL)["status"] == "valid"
-    monkeypatch.setattr(feedback, "load_store", spy)
+    monkeypatch.setattr(feedback_apply, "load_store", spy)
     assert feedback.apply_batch(params, paths, "b", LOGICAL)["status"] == "applied"
     assert seen == [True, True]
 

@@ -105,25 +105,25 @@ def _bundle_cutoff(cl, name: str, version: str) -> int | None:
 
 def _prequential_runs(cl, paths: S.Paths, name: str) -> dict[str, list[dict]]:
     """{version: [prequential records sorted by batch id]} from MLflow + local records."""
-    from genre_tasks import feedback
+    from genre_tasks.feedback.params import TAG_BATCH, TAG_MODEL, TAG_PREQUENTIAL, TAG_VERSION, FeedbackPaths
     from genre_tasks.registry import tracking
 
     out: dict[str, dict[str, dict]] = {}
     try:
         exp = cl.get_experiment_by_name(tracking.experiment_name())
         runs = cl.search_runs([exp.experiment_id], max_results=5000,
-                              filter_string=f"tags.`{feedback.TAG_PREQUENTIAL}` = '1' and "
-                                            f"tags.`{feedback.TAG_MODEL}` = '{name}'") if exp else []
+                              filter_string=f"tags.`{TAG_PREQUENTIAL}` = '1' and "
+                                            f"tags.`{TAG_MODEL}` = '{name}'") if exp else []
     except Exception as exc:  # noqa: BLE001
         log.warning("prequential runs not readable from MLflow: %s", exc)
         runs = []
     for r in runs:
-        v, b = r.data.tags.get(feedback.TAG_VERSION), r.data.tags.get(feedback.TAG_BATCH)
+        v, b = r.data.tags.get(TAG_VERSION), r.data.tags.get(TAG_BATCH)
         m = r.data.metrics
         out.setdefault(str(v), {})[str(b)] = {
             "batch_id": b, "metrics": {k: m.get(tracking.metric_key(k)) for k in METRICS},
             "eval_users": m.get("count.eval_users"), "n_users": m.get("n_users")}
-    folder = feedback.FeedbackPaths(paths).prequential
+    folder = FeedbackPaths(paths).prequential
     for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         rec = io.read_json(f)
         if rec.get("model_name", name) != name:

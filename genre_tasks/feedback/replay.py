@@ -28,7 +28,6 @@ import dataclasses
 import datetime as dt
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +35,7 @@ import pandas as pd
 from genre_tasks import io, logs
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
+from genre_tasks.feedback.params import FeedbackPaths, settings
 
 log = logging.getLogger("genre.replay")
 
@@ -82,10 +82,8 @@ def weekly_batches(interactions: pd.DataFrame, cutoff_ts: int) -> list[tuple[str
 
 
 def _context(params: dict, paths: S.Paths):
-    from genre_tasks import feedback
-
-    s = feedback.settings(params)
-    fp = feedback.FeedbackPaths(paths, s.feedback)
+    s = settings(params)
+    fp = FeedbackPaths(paths, s.feedback)
     return s, fp, ReplayPaths(fp)
 
 
@@ -242,8 +240,8 @@ def next_batch(params: dict, paths: S.Paths, corrupt: bool = False) -> dict:
     the same content (the feedback loop recognises an applied batch id).
     """
     from genre_tasks.data import adapters
-    from genre_tasks import feedback
     from genre_tasks.data.ingest import write_table
+    from genre_tasks.feedback.batches import load_store
 
     s, fp, rp = _context(params, paths)
     with logs.stage("replay-next") as slog:
@@ -259,7 +257,7 @@ def next_batch(params: dict, paths: S.Paths, corrupt: bool = False) -> dict:
             raise StageError(f"replay: pending batch {src} is missing; re-run --init --reset")
         if corrupt:
             batch = adapters.read_part(src)
-            _, store = feedback.load_store(s, fp)
+            _, store = load_store(s, fp)
             bad, defects = corrupt_batch(batch, store)
             bad_id = f"{batch_id}-corrupt"
             target = fp.incoming / f"{bad_id}.parquet"

@@ -54,9 +54,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous_champion"
 #: who forced a promotion (the Airflow DAG sets it to the triggering user), else the OS user
-ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
+ACTOR_ENV = config.ACTOR_ENV
 #: why (when no ``reason`` argument / --reason is given)
-REASON_ENV = "GENRE_PROMOTE_REASON"
+REASON_ENV = config.REASON_ENV
 #: version tag: sha256 of everything that changes predictions (serving.content_key)
 CONTENT_KEY = "content_key"
 

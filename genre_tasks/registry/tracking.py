@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from genre_tasks import io
+from genre_tasks import config, io
 from genre_tasks import schema as S
 
 log = logging.getLogger("genre.tracking")
@@ -40,7 +40,7 @@ DEFAULT_EXPERIMENT = "genre-mlops"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 ARTIFACTS_ENV = "GENRE_MLFLOW_ARTIFACTS"
-RUN_ID_ENV = "GENRE_MLFLOW_RUN_ID"
+RUN_ID_ENV = config.RUN_ID_ENV
 
 #: tag on a child run naming the strategy it records
 STRATEGY_TAG = "genre.strategy"
@@ -758,3 +758,48 @@ def epoch_logger(strategy: str, paths: S.Paths, phase: str = "valid"):
             log.warning("live metrics not logged: %s", exc)
 
     return on_epoch
+
+
+# --------------------------------------------------------------------------------------
+# the MLflow run of an orchestrated (Airflow) pipeline run
+# --------------------------------------------------------------------------------------
+def start_pipeline_run(paths: S.Paths, dag_id: str, run_id: str, grid_url: str,
+                       run_type: str) -> tuple[str, bool]:
+    """Find (a retried / cleared DAG run) or create the MLflow run of the DAG run ``run_id``.
+
+    The run is looked up by its tags ``airflow.dag_id`` + ``airflow.run_id`` (so a retry never
+    makes a second run), set back to RUNNING if it was terminated, and (re)tagged with a link to
+    the Airflow grid. Returns ``(mlflow_run_id, created)``.
+    """
+    init_store(paths)  # created once, here: never lazily in a stage
+    experiment_id = configure(paths)
+    cl = client(paths)
+    found = cl.search_runs(
+        [experiment_id], max_results=1,
+        filter_string=f"tags.`airflow.dag_id` = '{dag_id}' and tags.`airflow.run_id` = '{run_id}'")
+    tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "airflow.grid_url": grid_url,
+            "airflow.run_type": run_type, "genre.pipeline": "1",
+            "mlflow.source.name": f"airflow:{dag_id}",
+            "mlflow.note.content": f"Airflow DAG run [{dag_id} / {run_id}]({grid_url})"}
+    if found:
+        mlflow_run_id, created = found[0].info.run_id, False
+        if found[0].info.status != "RUNNING":
+            cl.update_run(mlflow_run_id, status="RUNNING")
+    else:
+        mlflow_run_id = cl.create_run(experiment_id, run_name=f"{dag_id}__{run_id}",
+                                      tags=tags).info.run_id
+        created = True
+    set_tags(mlflow_run_id, tags, paths)
+    return mlflow_run_id, created
+
+
+def finish_pipeline_run(paths: S.Paths, mlflow_run_id: str, outcome: str, failed: bool) -> str:
+    """Tag the pipeline run with ``airflow.outcome`` and mark it FINISHED (or FAILED when a stage
+    failed); a run already terminated and not failed keeps its status. Returns the status."""
+    cl = client(paths)
+    run = cl.get_run(mlflow_run_id)
+    cl.set_tag(mlflow_run_id, "airflow.outcome", outcome)
+    status = "FAILED" if failed else "FINISHED"
+    if run.info.status == "RUNNING" or failed:
+        cl.set_terminated(mlflow_run_id, status)
+    return status

@@ -30,12 +30,9 @@ applied parts in batch-id order, then applies ``ingest.max_users``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io as io_module
-import json
 import logging
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("genre.ingest")
 
-_EPOCH = pd.Timestamp(0, tz="UTC")
-_INT64_MAX = float(2**63 - 1024)  # largest float64 safely below the int64 limit
 
 
 # --------------------------------------------------------------------------- located problems
@@ -293,185 +288,25 @@ def read_table(path: Path, key: str) -> pd.DataFrame:
     raise StageError(f"{path}: unsupported file type (params: {key}); use .csv, .tsv or .parquet")
 
 
-# --------------------------------------------------------------------------- value parsing
-def to_str(s: pd.Series) -> pd.Series:
-    """Any column -> pandas ``string`` (integral floats print without ``.0``, nulls stay null)."""
-    if isinstance(s.dtype, pd.StringDtype) and s.dtype.na_value is pd.NA:
-        return s
-    if pd.api.types.is_float_dtype(s):
-        f = s.astype("float64")
-        finite = f[np.isfinite(f)]
-        if len(finite) and (finite == np.round(finite)).all() and finite.abs().max() < 2**53:
-            return f.round().astype("Int64").astype("string")
-    if s.dtype == object:  # arbitrary python objects, e.g. lists: str() them
-        return s.map(lambda v: v if v is None or isinstance(v, str) or _isna(v) else str(v)
-                     ).astype("string")
-    return s.astype("string")
-
-
-def _isna(v: object) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
-def to_float(s: pd.Series) -> pd.Series:
-    """-> float64; anything non-numeric becomes NaN."""
-    return pd.to_numeric(_strip(s), errors="coerce").astype("Float64").astype("float64")
-
-
-def to_label(s: pd.Series) -> pd.Series:
-    """-> Int8; non-numeric, non-integral or out-of-int8-range values become null."""
-    f = to_float(s)
-    ok = np.isfinite(f) & (f == np.round(f)) & (f.abs() <= 127)
-    out = pd.Series(pd.array([pd.NA] * len(f), dtype="Int8"), index=s.index)
-    out[ok] = f[ok].astype("int8")
-    return out
-
-
-def to_timestamp(s: pd.Series) -> pd.Series:
-    """-> nullable Int64 unix seconds (UTC), floored.
-
-    Numbers are taken as seconds; other strings are parsed as date-times (naive = UTC), first
-    with the format pandas infers from the column, then element by element. Unparseable -> null.
-    """
-    if pd.api.types.is_bool_dtype(s):
-        s = s.astype("string")
-    if isinstance(s.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(s):
-        secs = _datetime_seconds(pd.to_datetime(s, utc=True))
-    elif pd.api.types.is_numeric_dtype(s):
-        secs = pd.to_numeric(s, errors="coerce").astype("float64")
-    else:
-        text = _strip(to_str(s))
-        secs = pd.to_numeric(text, errors="coerce").astype("Float64").astype("float64")
-        todo = secs.isna() & text.notna() & (text != "")
-        if todo.any():
-            secs[todo] = _parse_datetimes(text[todo])
-    ok = np.isfinite(secs) & (secs.abs() < _INT64_MAX)
-    out = pd.Series(pd.array([pd.NA] * len(s), dtype="Int64"), index=s.index)
-    out[ok] = np.floor(secs[ok]).astype("int64")
-    return out
-
-
-def _parse_datetimes(text: pd.Series) -> pd.Series:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "could not infer format" etc.
-        dt = pd.to_datetime(text.astype(object), errors="coerce", utc=True)
-        again = dt.isna()
-        if again.any():
-            dt[again] = pd.to_datetime(text[again].astype(object), errors="coerce", utc=True,
-                                       format="mixed")
-    return _datetime_seconds(dt)
-
-
-def _datetime_seconds(dt: pd.Series) -> pd.Series:
-    """tz-aware datetimes -> float64 seconds since the epoch (NaT -> NaN)."""
-    delta = (dt - _EPOCH) / pd.Timedelta(seconds=1)
-    return delta.astype("float64")
-
-
-def _strip(s: pd.Series) -> pd.Series:
-    if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-        return s
-    return to_str(s).str.strip()
-
-
-def split_list(s: pd.Series, sep: str | None) -> pd.Series:
-    """Column -> object column of python ``list[str]`` (split on ``sep``, or whitespace if
-    ``None``; items stripped, empty items dropped; null -> ``[]``; list-like cells kept)."""
-    def one(v: object) -> list[str]:
-        if isinstance(v, (list, tuple, np.ndarray)):
-            return [str(x).strip() for x in v if x is not None and str(x).strip()]
-        if v is None or _isna(v):
-            return []
-        parts = str(v).split(sep) if sep is not None else str(v).split()
-        return [x.strip() for x in parts if x.strip()]
-
-    return pd.Series([one(v) for v in s.astype(object)], index=s.index, dtype=object)
-
-
-def join_text(*parts: pd.Series, sep: str = ". ") -> pd.Series:
-    """Row-wise join of string columns with ``sep``, skipping null/blank parts -> ``string``."""
-    cols = [to_str(p).astype(object) for p in parts]
-    joined = [sep.join(str(v).strip() for v in row if isinstance(v, str) and v.strip())
-              for row in zip(*cols)]
-    index = parts[0].index if parts else None
-    return pd.Series(joined, index=index, dtype="string")
-
-
 # --------------------------------------------------------------------------- canonical frames
-def empty_items() -> pd.DataFrame:
-    """An empty item table with the canonical columns and dtypes."""
-    return pd.DataFrame({schema.ITEM_ID: pd.Series(dtype="string"),
-                         schema.TITLE: pd.Series(dtype="string"),
-                         schema.TEXT: pd.Series(dtype="string"),
-                         schema.GENRES: pd.Series(dtype=object)})
-
-
-def empty_interactions() -> pd.DataFrame:
-    """An empty interaction table with exactly :data:`schema.INTERACTION_DTYPES`."""
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.INTERACTION_DTYPES.items()})
-
-
-def finalize_items(cols: dict[str, pd.Series], lines: pd.Index | None = None) -> pd.DataFrame:
-    """Canonical column order (``ITEM_COLUMNS`` present, then extras) and dtypes.
-
-    ``cols`` maps column name -> Series (all the same length, taken by position); ``genres``
-    must already hold lists. Canonical columns not in ``cols`` are left out (validate reports
-    them). ``lines``: the source line of each row, kept as the index (else a RangeIndex).
-    """
-    order = [c for c in schema.ITEM_COLUMNS if c in cols] + \
-            [c for c in cols if c not in schema.ITEM_COLUMNS]
-    out = {}
-    for c in order:
-        s = cols[c] if c == schema.GENRES else to_str(cols[c])
-        out[c] = s.reset_index(drop=True)
-    df = pd.DataFrame(out, columns=order)
-    return _with_lines(df, lines)
-
-
-def _with_lines(df: pd.DataFrame, lines: pd.Index | np.ndarray | None) -> pd.DataFrame:
-    if lines is None:
-        return df.reset_index(drop=True)
-    df.index = pd.Index(np.asarray(lines, dtype=np.int64), name=schema.SOURCE_LINE)
-    return df
-
-
-def finalize_interactions(cols: dict[str, pd.Series],
-                          lines: pd.Index | np.ndarray | None = None) -> pd.DataFrame:
-    """Canonical column order and :data:`schema.INTERACTION_DTYPES` for the columns present.
-
-    ``timestamp`` must be Int64 seconds: it is ``int64`` when it has no nulls, else it stays
-    nullable ``Int64`` (validate reports the null rows). ``lines``: as in
-    :func:`finalize_items`.
-    """
-    out = {}
-    for c, dtype in schema.INTERACTION_DTYPES.items():
-        if c not in cols:
-            continue
-        s = cols[c]
-        if c in (schema.USER_ID, schema.ITEM_ID, schema.IMPRESSION_ID):
-            s = to_str(s)
-        elif c == schema.TIMESTAMP:
-            s = s if s.dtype == "Int64" else to_timestamp(s)
-            if s.notna().all():
-                s = s.astype("int64")
-            else:
-                log.warning("%d interaction(s) have no valid timestamp (left null)",
-                            int(s.isna().sum()))
-        elif c == schema.RATING:
-            s = to_float(s)
-        elif c == schema.LABEL:
-            s = s if s.dtype == "Int8" else to_label(s)
-        out[c] = s.reset_index(drop=True)
-    return _with_lines(pd.DataFrame(out, columns=list(out)), lines)
-
-
-def null_column(n: int, dtype: str) -> pd.Series:
-    """An all-null column of length ``n`` (``dtype`` from INTERACTION_DTYPES)."""
-    return pd.Series(pd.array([pd.NA] * n, dtype=dtype) if dtype != "float64"
-                     else np.full(n, np.nan))
+from genre_tasks.data.canonical import (  # noqa: E402  (re-exported: the adapters' helpers)
+    to_str,
+    _isna,
+    to_float,
+    to_label,
+    to_timestamp,
+    _parse_datetimes,
+    _datetime_seconds,
+    _strip,
+    split_list,
+    join_text,
+    empty_items,
+    empty_interactions,
+    finalize_items,
+    _with_lines,
+    finalize_interactions,
+    null_column,
+)
 
 
 # --------------------------------------------------------------------------- max_users
@@ -655,16 +490,6 @@ def apply_conventions(p: IngestParams, adapter: Adapter, items: pd.DataFrame,
     return items
 
 
-def _locate(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """The adapter's index (source lines) -> columns SOURCE_FILE / SOURCE_LINE."""
-    lines = (df.index.to_numpy(dtype=np.int64) if df.index.name == schema.SOURCE_LINE
-             else np.arange(1, len(df) + 1, dtype=np.int64))
-    out = df.reset_index(drop=True)
-    out[schema.SOURCE_FILE] = pd.Series([str(path)] * len(out), dtype="string")
-    out[schema.SOURCE_LINE] = lines
-    return out
-
-
 def append_interactions(base: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
     """``base`` then ``extra`` (canonical), keeping ``base``'s columns and dtypes where possible."""
     if not len(extra):
@@ -681,106 +506,18 @@ def append_interactions(base: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame
     return out
 
 
-# --------------------------------------------------------------------------- feedback store
-#: folder under the source dir holding the feedback store (one parquet part per applied batch)
-STORE_DIR = "feedback"
-#: the store's ledger: which parts are applied (written after the part is in place)
-LEDGER_FILE = "applied.json"
-#: what a batch id (file stem) may look like: safe as a file and folder name
-BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def store_dir(source_dir: str | Path) -> Path:
-    """``<source>/feedback``: the feedback store."""
-    return Path(source_dir) / STORE_DIR
-
-
-def ledger_path(source_dir: str | Path) -> Path:
-    return store_dir(source_dir) / LEDGER_FILE
-
-
-def part_path(source_dir: str | Path, batch_id: str) -> Path:
-    """``<source>/feedback/<batch_id>.parquet``: the store part of one applied batch."""
-    return store_dir(source_dir) / f"{batch_id}.parquet"
-
-
-def read_ledger(source_dir: str | Path) -> dict[str, dict]:
-    """``{batch_id: entry}`` of the applied batches (``{}`` when nothing was applied yet).
-
-    An entry holds at least ``rows`` and ``sha1`` (:func:`content_hash` of the part).
-    """
-    path = ledger_path(source_dir)
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as exc:
-        raise StageError(f"{path}: the feedback ledger is not valid JSON ({exc}); restore it "
-                         "with `dvc checkout data/source` or from the remote") from exc
-    return dict(doc.get("batches") or {})
-
-
-def canonical_interactions(df: pd.DataFrame) -> pd.DataFrame:
-    """Exactly :data:`schema.INTERACTION_COLUMNS` with :data:`schema.INTERACTION_DTYPES`
-    (``label`` / ``impression_id`` / ``rating`` added as nulls when absent; values coerced as
-    the adapters do, unparseable values become nulls; a timestamp with nulls stays Int64)."""
-    n = len(df)
-    cols = {c: df[c].reset_index(drop=True) for c in schema.INTERACTION_COLUMNS if c in df.columns}
-    for c in (schema.RATING, schema.LABEL, schema.IMPRESSION_ID):
-        if c not in cols:
-            cols[c] = null_column(n, schema.INTERACTION_DTYPES[c])
-    return finalize_interactions(cols)
-
-
-def content_hash(df: pd.DataFrame) -> str:
-    """sha1 of the canonical content of an interaction table (values and row order, not the
-    file bytes): two parts are identical iff their hashes are equal."""
-    canon = canonical_interactions(df)
-    rows = pd.util.hash_pandas_object(canon, index=False).to_numpy()
-    h = hashlib.sha1(",".join(canon.columns).encode())
-    h.update(rows.tobytes())
-    return h.hexdigest()
-
-
-def read_part(path: str | Path) -> pd.DataFrame:
-    """One store part (or any canonical parquet) as a canonical interaction table."""
-    return canonical_interactions(pd.read_parquet(path))
-
-
-def read_store(source_dir: str | Path, verify: bool = True,
-               locations: bool = False) -> tuple[pd.DataFrame, list[dict]]:
-    """The applied parts of the feedback store, concatenated in batch-id order.
-
-    Returns ``(interactions, parts)``: canonical interactions and ``[{batch_id, rows, path}]``.
-    Only ledger-listed parts count (a part without a ledger entry is an interrupted apply: it is
-    ignored with a warning). A listed part that is missing or whose content differs from the
-    ledger (``verify``) raises StageError. ``locations``: add SOURCE_FILE (the part's path) and
-    SOURCE_LINE (its 1-based row).
-    """
-    ledger = read_ledger(source_dir)
-    folder = store_dir(source_dir)
-    if folder.is_dir():
-        orphans = sorted(p.stem for p in folder.glob("*.parquet") if p.stem not in ledger)
-        if orphans:
-            log.warning("feedback store: part(s) %s are not in the ledger %s (an interrupted apply; "
-                        "the next feedback run completes or replaces them): ignored", orphans,
-                        ledger_path(source_dir))
-    frames, parts = [], []
-    for batch_id in sorted(ledger):
-        entry = ledger[batch_id]
-        path = part_path(source_dir, batch_id)
-        if not path.is_file():
-            raise StageError(f"{path}: the store part of applied batch {batch_id} is missing "
-                             f"(listed in {ledger_path(source_dir)}); restore data/source with "
-                             "`dvc checkout data/source` / `dvc pull`")
-        df = read_part(path)
-        if len(df) != int(entry.get("rows", -1)) or (verify and entry.get("sha1")
-                                                      and content_hash(df) != entry["sha1"]):
-            raise StageError(f"{path}: content differs from the ledger entry of batch {batch_id} "
-                             f"({len(df)} rows, ledger says {entry.get('rows')}); the store was "
-                             "modified outside `genre feedback`")
-        frames.append(_locate(df, path) if locations else df)
-        parts.append({"batch_id": batch_id, "rows": int(len(df)), "path": str(path)})
-    if not frames:
-        return empty_interactions(), parts
-    return pd.concat(frames, ignore_index=True), parts
+# --------------------------------------------------------------------------- the interaction store
+from genre_tasks.data.store import (  # noqa: E402  (re-exported for the adapters' callers)
+    STORE_DIR,
+    LEDGER_FILE,
+    BATCH_ID_PATTERN,
+    store_dir,
+    ledger_path,
+    part_path,
+    read_ledger,
+    canonical_interactions,
+    content_hash,
+    read_part,
+    read_store,
+    _locate,
+)
