@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "ingest": "genre_tasks.ingest",
     "validate": "genre_tasks.validate",
     "preprocess": "genre_tasks.preprocess",
+    "augment": "genre_tasks.features.augment.stage",
     "embed": "genre_tasks.embed",
     "genre": "genre_tasks.genre",
     "train": "genre_tasks.train",
@@ -34,6 +35,8 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                  "feedback batches: run | status | record | replay --init/--next/--status"),
     "history": ("genre_tasks.history", "history_cli",
                 "successive model versions with prequential and test metrics"),
+    "llm-serve": ("genre_tasks.features.augment.server", "cli",
+                  "OpenAI-compatible server around the local SmolLM2 model (127.0.0.1)"),
 }
 
 

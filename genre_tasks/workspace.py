@@ -436,6 +436,7 @@ SECTIONS = {
     "ingest": ("genre_tasks.ingest", "IngestParams"),
     "validate": ("genre_tasks.validate", "ValidateParams"),
     "preprocess": ("genre_tasks.preprocess", "PreprocessParams"),
+    "augment": ("genre_tasks.features.augment.params", "AugmentParams"),
     "embed": ("genre_tasks.embed", "EmbedParams"),
     "genre": ("genre_tasks.genre", "GenreParams"),
     "train": ("genre_tasks.train", "TrainParams"),
