@@ -63,8 +63,7 @@ def test_templates_carry_versions_and_fence_data():
     messages, prefill = tpl.render(vocabulary="Drama", item=block)
     user = messages[-1]["content"]
     assert user.count("</item>") == 1 and "<|im_start|>" not in user and "\n" not in block
-    assert prefill == '{"summary": "'
-    assert "A group of friends explore a strange island and fight to get home." in tpl.example_strings()
+    assert templates.split_prefill(prefill) == (['{"summary": "', '", "genres": ["', '"]}'], ['"', '"'])
 
 
 def test_template_file_errors_name_the_file_and_line(tmp_path):
@@ -123,7 +122,7 @@ def test_repair_then_reject_is_logged_never_data(tmp_path, caplog):
     assert items[S.TEXT].str.startswith("[generated] ").all() and items["generated"].all()
     rejects = [json.loads(line) for line in (paths / "data" / "augment" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["subject"], r["status"], len(r["attempts"])) for r in rejects] == [("i2", "rejected", 2)]
-    assert "not valid JSON" in rejects[0]["error"] or "no JSON" in rejects[0]["error"]
+    assert "'this is not json' is not one of" in rejects[0]["error"]  # the program wrote the JSON around it
     op = summary["per_operation"]["enrich_items"]
     assert (op["repaired"], op["rejected"], op["generations"]) == (1, 1, 5)  # 3 first tries + 2 repairs
     assert "REJECTED enrich_items i2" in caplog.text
@@ -144,7 +143,7 @@ def test_prompt_injection_is_rejected_and_never_leaks(tmp_path):
         assert not df.astype(str).apply(lambda col: col.str.contains("PWNED")).any().any(), table
     # one item per prompt: the injected text never reached another item's prompt
     other_prompts = [c for c in backend.calls if "<item>" in c and "Evil Title" not in c]
-    assert len(other_prompts) == 2 and not any("PWNED" in c for c in other_prompts)
+    assert len(set(other_prompts)) == 2 and not any("PWNED" in c for c in other_prompts)
 
 
 # --- cache, resume -----------------------------------------------------------------------------
@@ -169,7 +168,7 @@ def test_unchanged_rerun_generates_nothing_and_template_change_regenerates(tmp_p
 def test_crash_mid_run_resumes_without_generating_twice(tmp_path):
     paths = write_processed(tmp_path, [f"Film {k}" for k in range(7)], {"u1": [0]})
     p = params(operations=["enrich_items"], batch_size=2)
-    crashing = FakeBackend(fail_after=2)  # 2 batches (4 items) done, then the process "dies"
+    crashing = FakeBackend(fail_after=4)  # 2 batches (4 items, 2 values each) done, then it "dies"
     with pytest.raises(RuntimeError, match="crashed"):
         stage.run(p, paths, backend=crashing)
     resumed = FakeBackend()
@@ -245,7 +244,7 @@ def test_profiles_and_cold_users(tmp_path):
     profiles = pd.read_parquet(d / "profiles.parquet")
     synthetic = pd.read_parquet(d / "synthetic_items.parquet")
     assert sorted(profiles[S.USER_ID]) == ["cold", "warm"]  # a user without history gets none
-    assert list(synthetic[S.USER_ID]) == ["cold"] and synthetic[S.TEXT].str.startswith("[generated]").all()
+    assert set(synthetic[S.USER_ID]) == {"cold"} and len(synthetic) == 2 and synthetic[S.TEXT].str.startswith("[generated]").all()
     assert summary["per_operation"]["synthesize_cold_users"]["jobs"] == 1
 
 

@@ -44,6 +44,14 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Chat = tuple[list[dict], str]  # (messages, assistant prefill)
 
 
+def cut(text: str, stop: str | None) -> str:
+    """``text`` up to (without) the first ``stop``."""
+    if not stop:
+        return text
+    at = text.find(stop)
+    return text if at < 0 else text[:at]
+
+
 @dataclass(frozen=True)
 class Reply:
     text: str  # generated continuation (without the prefill)
@@ -54,7 +62,7 @@ class Reply:
 class Backend(Protocol):
     model_id: str
 
-    def generate(self, chats: Sequence[Chat], max_new_tokens: int) -> list[Reply]:
+    def generate(self, chats: Sequence[Chat], max_new_tokens: int, stop: str | None = None) -> list[Reply]:
         ...
 
 
@@ -137,7 +145,7 @@ class LocalBackend:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + prefill
 
-    def generate(self, chats: Sequence[Chat], max_new_tokens: int) -> list[Reply]:
+    def generate(self, chats: Sequence[Chat], max_new_tokens: int, stop: str | None = None) -> list[Reply]:
         import torch
 
         if not chats:
@@ -151,8 +159,9 @@ class LocalBackend:
                 t0 = time.perf_counter()
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 with torch.inference_mode():
+                    extra = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
                     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
+                                         pad_token_id=tokenizer.pad_token_id, **extra)
                 seconds = time.perf_counter() - t0
             finally:
                 torch.set_num_threads(before)
@@ -161,7 +170,7 @@ class LocalBackend:
         eos = tokenizer.eos_token_id
         for row in new.tolist():
             n = next((i for i, t in enumerate(row) if t in (eos, tokenizer.pad_token_id)), len(row))
-            replies.append(Reply(tokenizer.decode(row[:n], skip_special_tokens=True), n, seconds))
+            replies.append(Reply(cut(tokenizer.decode(row[:n], skip_special_tokens=True), stop), n, seconds))
         return replies
 
 
@@ -225,12 +234,15 @@ class HttpBackend:
             logger.warning("augment http: attempt %d/%d failed (%s)", attempt + 1, self.retries + 1, last)
         raise HttpError(f"augment: {url} failed after {self.retries + 1} attempt(s): {last}")
 
-    def _one(self, chat: Chat, max_new_tokens: int) -> Reply:
+    def _one(self, chat: Chat, max_new_tokens: int, stop: str | None) -> Reply:
         messages, prefill = chat
         msgs = list(messages) + ([{"role": "assistant", "content": prefill}] if prefill else [])
         t0 = time.perf_counter()
-        data = self._post({"model": self.model, "messages": msgs, "max_tokens": max_new_tokens,
-                           "temperature": 0.0, "stream": False})
+        payload = {"model": self.model, "messages": msgs, "max_tokens": max_new_tokens,
+                   "temperature": 0.0, "stream": False}
+        if stop:
+            payload["stop"] = [stop]
+        data = self._post(payload)
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
@@ -239,13 +251,13 @@ class HttpBackend:
         if prefill and text.startswith(prefill):
             text = text[len(prefill):]
         tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
-        return Reply(text, tokens, time.perf_counter() - t0)
+        return Reply(cut(text, stop), tokens, time.perf_counter() - t0)
 
-    def generate(self, chats: Sequence[Chat], max_new_tokens: int) -> list[Reply]:
+    def generate(self, chats: Sequence[Chat], max_new_tokens: int, stop: str | None = None) -> list[Reply]:
         if not chats:
             return []
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chats))) as pool:
-            return list(pool.map(lambda c: self._one(c, max_new_tokens), chats))
+            return list(pool.map(lambda c: self._one(c, max_new_tokens, stop), chats))
 
 
 def make_backend(p) -> Backend:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from genre_tasks.features.augment import templates
-from genre_tasks.features.augment.backends import Backend, Chat
+from genre_tasks.features.augment.backends import Backend, Chat, Reply
 from genre_tasks.features.augment.cache import GenerationCache, cache_key, input_hash
 from genre_tasks.features.augment.validation import InvalidOutput, parse_reply
 
@@ -60,7 +60,34 @@ def _repair_chat(job: Job, reply: str, error: str) -> Chat:
     repair = templates.load("repair")
     messages, prefill = job.chat
     turns, _ = repair.render(error=error, prefill=prefill)
-    return ([*messages, {"role": "assistant", "content": prefill + reply}, *turns], prefill)
+    return ([*messages, {"role": "assistant", "content": reply}, *turns], prefill)
+
+
+def generate_structured(backend: Backend, chats: Sequence[Chat], max_new_tokens: int) -> list[Reply]:
+    """The full assistant reply of each chat: the prefill's literals with the model's values
+    generated in between (:func:`templates.split_prefill`), ``max_new_tokens`` per value.
+    Chats of one template take the same steps, so each step is one batched call."""
+    plans = [templates.split_prefill(prefill) for _, prefill in chats]
+    texts = [lits[0] for lits, _ in plans]
+    tokens = [0] * len(chats)
+    seconds = 0.0
+    steps = max((len(stops) for _, stops in plans), default=0)
+    if steps == 0:
+        replies = backend.generate([(m, t) for (m, _), t in zip(chats, texts)], max_new_tokens)
+        return [Reply(t + r.text, r.tokens, r.seconds) for t, r in zip(texts, replies)]
+    for s in range(steps):
+        groups: dict[str, list[int]] = {}
+        for i, (_, stops) in enumerate(plans):
+            if s < len(stops):
+                groups.setdefault(stops[s], []).append(i)
+        for stop, idx in groups.items():
+            t0 = time.perf_counter()
+            replies = backend.generate([(chats[i][0], texts[i]) for i in idx], max_new_tokens, stop)
+            seconds += time.perf_counter() - t0
+            for i, r in zip(idx, replies):
+                texts[i] += r.text + plans[i][0][s + 1]
+                tokens[i] += r.tokens
+    return [Reply(t, n, seconds) for t, n in zip(texts, tokens)]
 
 
 def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, batch_size: int = 8,
@@ -95,7 +122,7 @@ def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, b
             for round_ in range(max_repairs + 1):
                 if not pending:
                     break
-                replies = backend.generate([chats[i] for i in pending], max_new_tokens)
+                replies = generate_structured(backend, [chats[i] for i in pending], max_new_tokens)
                 stats.generations += len(pending)
                 still = []
                 for i, reply in zip(pending, replies):
@@ -103,7 +130,7 @@ def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, b
                     attempts[i].append(reply.text)
                     tokens[i] += reply.tokens
                     try:
-                        results[i] = parse_reply(job.chat[1] + reply.text, job.operation,
+                        results[i] = parse_reply(reply.text, job.operation,
                                                  job.vocabulary, job.n_items, job.forbidden)
                         if round_:
                             stats.repaired += 1

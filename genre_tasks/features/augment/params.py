@@ -40,7 +40,7 @@ class AugmentParams:
     max_users        profile / synthesize for the first N eligible users by user_idx (null = all)
     profile_history  most recent liked items the profiler reads
     cold_max_history a user with 1..N liked items (train split) is cold: gets synthetic items
-    n_synthetic      synthetic items per cold user at most
+    n_synthetic      most synthetic items per cold user the schema accepts (the template asks for 2)
     """
 
     enabled: bool = False

@@ -36,9 +36,9 @@ class Batcher:
         self.max_batch = 0
         threading.Thread(target=self._loop, daemon=True, name="llm-batcher").start()
 
-    def submit(self, chat, max_tokens: int) -> Future:
+    def submit(self, chat, max_tokens: int, stop: str | None = None) -> Future:
         fut: Future = Future()
-        self.q.put((chat, max_tokens, fut))
+        self.q.put((chat, max_tokens, stop, fut))
         return fut
 
     def _loop(self) -> None:
@@ -56,13 +56,17 @@ class Batcher:
                     break
             self.batches += 1
             self.max_batch = max(self.max_batch, len(batch))
-            try:
-                replies = self.backend.generate([b[0] for b in batch], max(b[1] for b in batch))
-                for (_, _, fut), reply in zip(batch, replies):
-                    fut.set_result(reply)
-            except Exception as exc:  # the request threads answer 500 with the message
-                for _, _, fut in batch:
-                    fut.set_exception(exc)
+            groups: dict = {}
+            for b in batch:  # one generate per stop string (a batch shares its stopping rule)
+                groups.setdefault(b[2], []).append(b)
+            for stop, group in groups.items():
+                try:
+                    replies = self.backend.generate([b[0] for b in group], max(b[1] for b in group), stop)
+                    for (_, _, _, fut), reply in zip(group, replies):
+                        fut.set_result(reply)
+                except Exception as exc:  # the request threads answer 500 with the message
+                    for *_, fut in group:
+                        fut.set_exception(exc)
 
 
 def make_handler(batcher: Batcher, model_name: str, api_key: str | None):
@@ -122,6 +126,10 @@ def make_handler(batcher: Batcher, model_name: str, api_key: str | None):
                     raise ValueError(f"max_tokens must be 1..{MAX_TOKENS_CAP}")
                 if float(req.get("temperature", 0) or 0) != 0:
                     raise ValueError("only greedy decoding (temperature 0) is served")
+                stop = req.get("stop")
+                stop = [stop] if isinstance(stop, str) else (stop or [])
+                if len(stop) > 1 or not all(isinstance(x, str) and x for x in stop):
+                    raise ValueError("stop: at most one non-empty string is supported")
             except (ValueError, KeyError, TypeError) as exc:
                 return self._error(400, f"bad request: {exc}")
             prefill = ""
@@ -129,7 +137,7 @@ def make_handler(batcher: Batcher, model_name: str, api_key: str | None):
                 prefill = messages[-1]["content"]
                 messages = messages[:-1]
             try:
-                reply = batcher.submit((messages, prefill), max_tokens).result(timeout=600)
+                reply = batcher.submit((messages, prefill), max_tokens, stop[0] if stop else None).result(timeout=600)
             except Exception as exc:
                 logger.exception("generation failed")
                 return self._error(500, f"generation failed: {type(exc).__name__}: {exc}")

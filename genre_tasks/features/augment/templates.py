@@ -26,6 +26,9 @@ PROMPTS_DIR = Path(__file__).with_name("prompts")
 ROLES = ("system", "user", "assistant")
 _SECTION = re.compile(r"^--- (system|user|assistant)\s*$", re.M)
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+#: in an assistant prefill: "generate here until this stop string" (the program writes the JSON
+#: keys and punctuation, the model only the values: a 135M model cannot be trusted with syntax)
+_GEN = re.compile(r"\{\{gen:(.+?)\}\}")
 
 
 class TemplateError(ValueError):
@@ -64,6 +67,15 @@ class Template:
             return _PLACEHOLDER.sub(one, text)
 
         return [{"role": r, "content": fill(t)} for r, t in self.turns], fill(self.prefill)
+
+
+def split_prefill(prefill: str) -> tuple[list[str], list[str]]:
+    """``'{"a": "{{gen:"}}", "b": 1}'`` -> (literals ``['{"a": "', '", "b": 1}']``, stops ``['"']``).
+
+    The reply is literals[0] + gen_0 + literals[1] + ... where gen_k is generated until stops[k]
+    (excluded). Without markers: ([prefill], []) - one free generation after the prefill."""
+    parts = _GEN.split(prefill)
+    return parts[0::2], parts[1::2]
 
 
 def json_strings(obj) -> list[str]:
