@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recommend":
             from genre_tasks.recommend import main as recommend_main
 
-            return recommend_main(params, Paths(args.root), args.user, args.k, args.alias)
+            return recommend_main(params, Paths(args.root), args.user, args.k, args.alias, args.llm_reasons)
         if args.command in ("lineage", "checkout"):
             from genre_tasks import lineage
 
