@@ -32,11 +32,11 @@ import pandas as pd
 from genre_tasks import schema as S
 from genre_tasks.cli import run_stage
 from genre_tasks.config import deep_merge, load_params, section
-from genre_tasks.data import Dataset
-from genre_tasks.embed import EmbedParams, encode_texts
-from genre_tasks.evaluation import evaluate_recommender
+from genre_tasks.models.views import Dataset
+from genre_tasks.features.embed import EmbedParams, encode_texts
+from genre_tasks.evaluation.protocol import evaluate_recommender
 from genre_tasks.features.augment.use import AugmentedUsers, PseudoItems, pseudo_items
-from genre_tasks.train import load_recommender
+from genre_tasks.models.train import load_recommender
 
 SHARED = ("data/raw", "data/validation", "data/augment", ".cache/embeddings")
 METRICS = ("ndcg@10", "recall@10", "recall@20", "mrr", "hr@10", "auc", "imp_ndcg@10",

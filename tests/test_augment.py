@@ -256,7 +256,7 @@ def test_params_are_checked():
 
 
 def test_embed_appends_or_replaces_enriched_text(tmp_path):
-    from genre_tasks.embed import augmented_texts
+    from genre_tasks.features.embed import augmented_texts
 
     paths = write_processed(tmp_path, ["A Film", "B Film"], {"u1": [0]})
     stage.run(params(operations=["enrich_items"], max_items=1), paths, backend=FakeBackend())

@@ -1,2 +1,2 @@
-"""Features of items and users: the language-model side of the pipeline (the LLM augmentation
-today; embed and genre move here with the layered layout)."""
+"""features layer: embed (item text -> vectors), genre (genre classifier) and augment (GENRE's
+generative augmentation with an LLM)."""

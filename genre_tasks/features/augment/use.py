@@ -7,7 +7,7 @@
   pooling fuses it with the history encoding. Pseudo-items are never candidates.
 
 :class:`AugmentedUsers` wraps a fitted recommender (any model scoring any catalogue, e.g.
-:class:`genre_tasks.model.TorchRecommender`) and adds the pseudo-items at scoring time; the
+:class:`genre_tasks.models.model.TorchRecommender`) and adds the pseudo-items at scoring time; the
 wrapped model is not retrained.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def pseudo_items(tables: Sequence[pd.DataFrame], user_index: dict[str, int], enc
 
 
 def extend_catalogue(fit, extra: PseudoItems):
-    """``fit`` (a :class:`genre_tasks.data.FitData`) with the pseudo-items appended after its
+    """``fit`` (a :class:`genre_tasks.models.views.FitData`) with the pseudo-items appended after its
     n_items real ones (zero popularity, no interactions)."""
     from scipy import sparse
 
@@ -87,7 +87,7 @@ class AugmentedUsers:
     """A fitted recommender whose users' histories get their pseudo-items (scoring time).
 
     ``score(histories, fit)`` must be called with ``fit.histories[u]`` arrays of the ``fit`` given
-    here (as :func:`genre_tasks.evaluation.evaluate_recommender` does): a history is matched to
+    here (as :func:`genre_tasks.evaluation.protocol.evaluate_recommender` does): a history is matched to
     its user by identity, so two users with equal histories still get their own pseudo-items.
     """
 
