@@ -343,3 +343,65 @@ def test_http_backend_retries_with_backoff_then_fails_clearly():
     with pytest.raises(StageError, match="GENRE_TEST_UNSET_URL"):
         from genre_tasks.features.augment.params import HttpParams
         HttpBackend.from_env(HttpParams(base_url_env="GENRE_TEST_UNSET_URL"))
+
+
+# --- downstream: pseudo-items in the user representation; grounded reasons ------------------------
+
+class MeanVector:
+    """A content recommender: user = mean of the history's vectors, score = dot product."""
+
+    name = "mean"
+
+    def score(self, histories, data):
+        out = np.zeros((len(histories), data.n_items), np.float32)
+        for j, h in enumerate(histories):
+            if len(h):
+                out[j] = data.item_vectors[np.asarray(h)].mean(0) @ data.item_vectors.T
+        return out
+
+
+def test_pseudo_items_change_only_their_users_and_are_never_candidates():
+    from scipy import sparse
+
+    from genre_tasks.features.augment.use import AugmentedUsers, PseudoItems, extend_catalogue
+    from genre_tasks.models.views import FitData
+
+    vec = np.eye(3, dtype=np.float32)
+    z = sparse.csr_matrix((2, 3), dtype=np.float32)
+    fit = FitData(phase="test", n_users=2, n_items=3, item_ids=np.array(["a", "b", "c"], dtype=object),
+                  user_ids=np.array(["u0", "u1"], dtype=object), rows=pd.DataFrame(), positives=z,
+                  seen=z.astype(bool), histories=[np.array([0]), np.array([0])], item_vectors=vec,
+                  item_genres=np.zeros((3, 1), np.float32), genre_names=["Drama"],
+                  popularity=np.zeros(3, np.int64), timestamps=np.zeros(3, np.int64))
+    extra = PseudoItems(np.array([1]), np.array([[0.0, 0.0, 1.0]], np.float32), [["Drama"]], ["generated:x"])
+    assert extend_catalogue(fit, extra).n_items == 4
+    aug = AugmentedUsers(MeanVector(), fit, extra)
+    base = MeanVector().score(fit.histories, fit)
+    scores = aug.score(fit.histories, fit)  # equal histories, but only u1 has a profile
+    assert scores.shape == (2, 3)
+    np.testing.assert_allclose(scores[0], base[0])
+    assert scores[1, 2] > base[1, 2] and scores[1, 0] < base[1, 0]
+
+
+def test_llm_reasons_are_grounded_or_fall_back(tmp_path):
+    from genre_tasks.features.augment.reasons import grounded, llm_reasons
+
+    facts = [{"recommended": "B (1990)", "similar_to": "A Drama (1980)", "shared_genres": ["Drama"]},
+             {"recommended": "C (1991)", "similar_to": "Other (1970)", "shared_genres": []}]
+
+    class Says(FakeBackend):
+        def generate(self, chats, max_new_tokens, stop=None):
+            fact = chats[0][0][-1]["content"]
+            text = ("Because you liked A Drama, another drama." if "A Drama" in fact
+                    else "A horror film you will love.")
+            return [Reply(text, 5, 0.0) for _ in chats]
+
+    from genre_tasks.features.augment.backends import Reply
+
+    out = llm_reasons(facts[:1], ["det-1"], Says(), tmp_path, VOCAB)
+    assert out[0]["generated"] and out[0]["reason"] == "[generated] Because you liked A Drama, another drama."
+    out = llm_reasons(facts[1:], ["det-2"], Says(), tmp_path, VOCAB)
+    assert out == [{"reason": "det-2", "generated": False,
+                    "error": "not grounded: does not name 'Other (1970)'"}]
+    assert grounded("You liked Other, a horror film.", facts[1], VOCAB) == \
+        "mentions the genre 'Horror', which is not among the facts"
