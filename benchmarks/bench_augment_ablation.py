@@ -43,12 +43,14 @@ METRICS = ("ndcg@10", "recall@10", "recall@20", "mrr", "hr@10", "auc", "imp_ndcg
            "cold_ndcg@10", "cold_recall@10", "cold_recall@20", "cold_mrr")
 
 
-def scratch(project: Path, split: str, variant: str, fresh: bool) -> Path:
+def scratch(project: Path, split: str, variant: str, fresh: bool, need_augment: bool = True) -> Path:
     root = project / ".cache" / "bench_augment" / split / variant
     if fresh and root.exists():
         shutil.rmtree(root)
     for rel in SHARED:
         src, dst = project / rel, root / rel
+        if not src.exists() and rel == "data/augment" and not need_augment:
+            continue
         if not src.exists():
             raise SystemExit(f"{src} missing: run genre source/ingest/validate and the augment stage first")
         if not dst.exists():
@@ -73,10 +75,22 @@ def main() -> None:
     parser.add_argument("--split", default="user_temporal")
     parser.add_argument("--strategies", nargs="+", default=["content", "hybrid"])
     parser.add_argument("--reuse", action="store_true", help="reuse trained scratch models")
+    parser.add_argument("--train-only", choices=["base", "enriched"], default=None,
+                        help="only preprocess/embed/train that variant (e.g. base while augment runs)")
     args = parser.parse_args()
     project = Path(args.root).resolve()
     base = load_params(project / args.params)
     aug = project / "data" / "augment"
+    if args.train_only:
+        root = scratch(project, args.split, args.train_only, fresh=not args.reuse, need_augment=False)
+        params = deep_merge(base, {"preprocess": {"split": {"mode": args.split}},
+                                   "embed": {"augmented_text": "none" if args.train_only == "base" else "append",
+                                             "show_progress": False},
+                                   "train": {"strategies": list(args.strategies)}})
+        for stage in ("preprocess", "embed", "train"):
+            run_stage(stage, params, root)
+        print(f"trained {args.train_only} in {root}")
+        return
     tables = {n: pd.read_parquet(aug / f"{n}.parquet") for n in ("items", "profiles", "synthetic_items")}
     print(f"augment outputs: {len(tables['items'])} enriched items, {len(tables['profiles'])} profiles, "
           f"{len(tables['synthetic_items'])} synthetic items "
