@@ -38,7 +38,7 @@ from genre_tasks.evaluation.protocol import evaluate_recommender
 from genre_tasks.features.augment.use import AugmentedUsers, PseudoItems, pseudo_items
 from genre_tasks.models.train import load_recommender
 
-SHARED = ("data/raw", "data/validation", "data/augment", ".cache/embeddings")
+SHARED = ("data/raw", "data/validation", "data/augment", ".cache/embeddings", ".cache/augment")
 METRICS = ("ndcg@10", "recall@10", "recall@20", "mrr", "hr@10", "auc", "imp_ndcg@10",
            "cold_ndcg@10", "cold_recall@10", "cold_recall@20", "cold_mrr")
 
@@ -49,7 +49,7 @@ def scratch(project: Path, split: str, variant: str, fresh: bool, need_augment: 
         shutil.rmtree(root)
     for rel in SHARED:
         src, dst = project / rel, root / rel
-        if not src.exists() and rel == "data/augment" and not need_augment:
+        if not src.exists() and rel in ("data/augment", ".cache/augment") and not need_augment:
             continue
         if not src.exists():
             raise SystemExit(f"{src} missing: run genre source/ingest/validate and the augment stage first")
@@ -76,7 +76,11 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["content", "hybrid"])
     parser.add_argument("--reuse", action="store_true", help="reuse trained scratch models")
     parser.add_argument("--train-only", choices=["base", "enriched"], default=None,
-                        help="only preprocess/embed/train that variant (e.g. base while augment runs)")
+                        help="only preprocess/embed/train that variant (e.g. base while augment runs); "
+                             "enriched runs its own augment stage (enrich_items only) from the shared "
+                             "generation cache first")
+    parser.add_argument("--augment-override", default="configs/genre.yaml",
+                        help="the augment params of the run whose outputs are measured")
     args = parser.parse_args()
     project = Path(args.root).resolve()
     base = load_params(project / args.params)
@@ -87,7 +91,14 @@ def main() -> None:
                                    "embed": {"augmented_text": "none" if args.train_only == "base" else "append",
                                              "show_progress": False},
                                    "train": {"strategies": list(args.strategies)}})
-        for stage in ("preprocess", "embed", "train"):
+        stages = ("preprocess", "embed", "train")
+        if args.train_only == "enriched":
+            if (root / "data" / "augment").is_symlink():
+                (root / "data" / "augment").unlink()
+            aug_params = load_params(project / args.params, [project / args.augment_override])["augment"]
+            params = deep_merge(params, {"augment": {**aug_params, "operations": ["enrich_items"]}})
+            stages = ("preprocess", "augment", "embed", "train")
+        for stage in stages:
             run_stage(stage, params, root)
         print(f"trained {args.train_only} in {root}")
         return

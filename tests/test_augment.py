@@ -403,5 +403,6 @@ def test_llm_reasons_are_grounded_or_fall_back(tmp_path):
     out = llm_reasons(facts[1:], ["det-2"], Says(), tmp_path, VOCAB)
     assert out == [{"reason": "det-2", "generated": False,
                     "error": "not grounded: does not name 'Other (1970)'"}]
+    assert grounded("Other, The", {"similar_to": "Other, The (1970)"}, VOCAB).startswith("not a sentence")
     assert grounded("You liked Other, a horror film.", facts[1], VOCAB) == \
         "mentions the genre 'Horror', which is not among the facts"

@@ -6,6 +6,7 @@ the ``reason`` template turns those facts into one sentence; the sentence is acc
 
 * passes the ``reason`` schema (one JSON object, 15..240 characters) and the injection check,
 * names the similar history item (or, without history, the recommended item) it is grounded on,
+  and has at least 4 words of its own (a bare title is not a reason),
 * mentions no genre/topic of the dataset's vocabulary that is not among the facts;
 
 otherwise (after the bounded repairs) the deterministic text is shown. Accepted sentences are
@@ -22,6 +23,8 @@ from genre_tasks.features.augment.engine import Job, run_jobs
 from genre_tasks.features.augment.stage import GENERATED
 
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+#: a reason must say something besides the title it names
+MIN_OWN_WORDS = 4
 
 
 def _short(title: str) -> str:
@@ -35,6 +38,9 @@ def grounded(sentence: str, facts: dict, vocabulary: Sequence[str]) -> str | Non
     anchor = facts.get("similar_to") or facts.get("recommended")
     if anchor and _short(anchor) not in text:
         return f"does not name '{anchor}'"
+    rest = text.replace(_short(anchor), " ") if anchor else text
+    if len(re.findall(r"[a-z]+", rest)) < MIN_OWN_WORDS:
+        return f"not a sentence: fewer than {MIN_OWN_WORDS} words besides the item's title"
     allowed = {g.lower() for g in [*(facts.get("shared_genres") or []), *(facts.get("profile_topics") or [])]}
     for g in vocabulary:
         word = g.lower()
