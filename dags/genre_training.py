@@ -18,7 +18,8 @@ numbers); the data travels through the DVC cache/remote.
 | `ingest` | `source` (copy/check the raw files in `data/source`) then `ingest` (-> `data/raw`) | yes |
 | `validate` | Great Expectations suites on `data/raw`; a broken rule fails the run, the GX summary is in the task log, nothing downstream runs | no |
 | `preprocess` | clean, label positives, split (`split_mode`) -> `data/processed` | no (deterministic) |
-| `embed` | item texts -> MiniLM vectors (`data/embeddings`, cached) | yes, backoff |
+| `augment` | GENRE generative augmentation (`data/augment`: enriched items, user profiles, cold-user synthetic items; validated, cached by model/template/input); a no-op writing empty outputs unless `augment.enabled` (e.g. `configs/genre.yaml`) | yes, backoff |
+| `embed` | item texts (+ the enriched text when `embed.augmented_text`) -> MiniLM vectors (`data/embeddings`, cached) | yes, backoff |
 | `genre` | genre classifier on the item vectors -> `data/genre` | no (deterministic) |
 | `train` | one model per strategy, best on validation nDCG@10 -> `data/model` | yes, backoff |
 | `evaluate` | test metrics vs baselines -> `data/eval`, `metrics/evaluate.json` | yes, backoff |
@@ -299,6 +300,12 @@ def preprocess(mlflow_run_id: str) -> dict:
 
 
 @task(multiple_outputs=False, **RETRY)
+def augment(mlflow_run_id: str) -> dict:
+    """LLM augmentation (genre_tasks.features.augment.stage); cheap no-op when disabled."""
+    return _run_stages(("augment",), mlflow_run_id)["augment"]
+
+
+@task(multiple_outputs=False, **RETRY)
 def embed(mlflow_run_id: str) -> dict:
     return _run_stages(("embed",), mlflow_run_id)["embed"]
 
@@ -385,7 +392,8 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
 )
 def genre_training():
     run_id = start_mlflow_run()
-    stages = [snapshot_params(run_id), ingest(run_id), validate(run_id), preprocess(run_id), embed(run_id), genre(run_id),
+    stages = [snapshot_params(run_id), ingest(run_id), validate(run_id), preprocess(run_id), augment(run_id),
+              embed(run_id), genre(run_id),
               train(run_id), evaluate(run_id), promote(run_id)]
     chain(*stages, finish_mlflow_run(run_id))
 

@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "ingest": "genre_tasks.data.ingest",
     "validate": "genre_tasks.data.validate",
     "preprocess": "genre_tasks.data.preprocess",
+    "augment": "genre_tasks.features.augment.stage",
     "embed": "genre_tasks.features.embed",
     "genre": "genre_tasks.features.genre",
     "train": "genre_tasks.models.train",
@@ -35,6 +36,8 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                  "feedback batches: run | status | record | replay --init/--next/--status"),
     "history": ("genre_tasks.feedback.history", "history_cli",
                 "successive model versions with prequential and test metrics"),
+    "llm-serve": ("genre_tasks.features.augment.server", "cli",
+                  "OpenAI-compatible server around the local SmolLM2 model (127.0.0.1)"),
 }
 
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recommend":
             from genre_tasks.registry.recommend import main as recommend_main
 
-            return recommend_main(params, Paths(args.root), args.user, args.k, args.alias)
+            return recommend_main(params, Paths(args.root), args.user, args.k, args.alias, args.llm_reasons)
         if args.command in ("lineage", "checkout"):
             from genre_tasks.registry import lineage
 

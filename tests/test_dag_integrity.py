@@ -191,7 +191,7 @@ def test_guards_catch_a_bad_dag_file(tmp_path):
 def test_training_dag_shape(report):
     dag = report["dags"]["genre_training"]
     tasks = dag["tasks"]
-    stages = ["ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote"]
+    stages = ["ingest", "validate", "preprocess", "augment", "embed", "genre", "train", "evaluate", "promote"]
     assert set(tasks) == {"start_mlflow_run", "snapshot_params", *stages, "finish_mlflow_run"}
     chain = ["start_mlflow_run", "snapshot_params", *stages, "finish_mlflow_run"]
     for before, after in zip(chain[:-1], chain[1:]):

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "genre_training"
 COPY = ("dvc.yaml", "params.yaml", "configs", "genre_tasks", "dags", "scripts", ".dvc", ".dvcignore")
-STAGES = ("ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote")
+STAGES = ("ingest", "validate", "preprocess", "augment", "embed", "genre", "train", "evaluate", "promote")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

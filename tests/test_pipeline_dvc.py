@@ -62,7 +62,7 @@ def first_run(repo):
 
 def test_repro_runs_every_stage_in_order(repo, first_run):
     repo_dir, _ = repo
-    order = ["source", "ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate", "promote"]
+    order = ["source", "ingest", "validate", "preprocess", "augment", "embed", "genre", "train", "evaluate", "promote"]
     assert ran_stages(first_run) == order
     split = json.loads((repo_dir / "metrics" / "preprocess.json").read_text())
     assert split["n_users"] == 60 and split["test"]["users"] == 60

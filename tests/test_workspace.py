@@ -137,7 +137,7 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
             timings[f"{name}:{stage}"] = time.perf_counter() - t0
         return ws
 
-    a = worker("worker-a", ["source", "ingest", "validate", "preprocess", "embed", "genre"])
+    a = worker("worker-a", ["source", "ingest", "validate", "preprocess", "augment", "embed", "genre"])
     b = worker("worker-b", ["train", "evaluate"])  # empty folder, empty cache
     assert not (a.path / "data" / "model").exists()
     # worker B fetched exactly the inputs of its stages: no source/raw data, no DVC-run-cache miss
@@ -157,7 +157,7 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
     # a vector): every stage still runs here, nothing comes from A's DVC cache or remote
     (c.path / ".cache").symlink_to(a.path / ".cache", target_is_directory=True)
     t0 = time.perf_counter()
-    for stage in ["source", "ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate"]:
+    for stage in ["source", "ingest", "validate", "preprocess", "augment", "embed", "genre", "train", "evaluate"]:
         result = W.run_stage(c, stage)
         assert result["computed"], result  # nothing reused from the two workers
     timings["single"] = time.perf_counter() - t0

@@ -72,6 +72,16 @@ def _evaluate(d: Mapping) -> dict:
     return out
 
 
+def _augment(d: Mapping) -> dict:
+    ops = d.get("per_operation") or {}
+    out = {"enabled": d.get("enabled"), "generations": d.get("generations_this_run"),
+           "cached": d.get("cached"), "rejected": d.get("rejected")}
+    for op, s in ops.items():
+        out[f"{op}.accepted"] = s.get("accepted")
+        out[f"{op}.tokens_per_s"] = _r(s.get("tokens_per_second"), 1)
+    return out
+
+
 def _promote(d: Mapping) -> dict:
     return {"decision": d.get("decision"), "version": d.get("version"), "gain": _r(d.get("gain")),
             "ci_lower": _r(d.get("ci_lower"))}
@@ -79,6 +89,7 @@ def _promote(d: Mapping) -> dict:
 
 EXTRACT: dict[str, Callable[[Mapping], dict]] = {
     "ingest": _ingest, "validate": _validate, "preprocess": _preprocess, "embed": _embed,
+    "augment": _augment,
     "genre": _genre, "train": _train, "evaluate": _evaluate, "promote": _promote,
 }
 

@@ -63,6 +63,8 @@ _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab
                 "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model",
                 "merges.txt", "vocab.json")
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+#: embed.augmented_text values
+AUGMENTED_TEXT = ("none", "append", "replace")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class EmbedParams:
     max_length     tokens kept per text incl. [CLS]/[SEP] (2..model's max positions)
     threads        torch intra-op threads (>= 1)
     show_progress  tqdm progress bar on stderr
+    augmented_text none | append | replace: the augment stage's enriched item text
+                   (data/augment/items.parquet, marked [generated]) appended to the item text or
+                   replacing it, for the items that have one (the others keep their text)
     """
 
     model_path: str | None = None
@@ -82,8 +87,12 @@ class EmbedParams:
     max_length: int = 128
     threads: int = 2
     show_progress: bool = True
+    augmented_text: str = "none"
 
     def validate(self) -> None:
+        if self.augmented_text not in AUGMENTED_TEXT:
+            raise ParamsError(f"embed.augmented_text: {self.augmented_text!r} is not one of "
+                              f"{list(AUGMENTED_TEXT)}")
         if self.batch_size < 1:
             raise ParamsError(f"embed.batch_size: must be >= 1, got {self.batch_size}")
         if self.max_length < 2:
@@ -360,6 +369,26 @@ def _read_items(path: Path) -> pd.DataFrame:
     return items.sort_values(S.ITEM_IDX, kind="stable").reset_index(drop=True)
 
 
+def augmented_texts(items: pd.DataFrame, texts: list[str], mode: str, paths: Paths) -> tuple[list[str], int]:
+    """``texts`` with the augment stage's enriched text appended (``append``) or substituted
+    (``replace``) for the items it has one for; (texts, how many were changed)."""
+    path = paths / "data" / "augment" / "items.parquet"
+    if not path.exists():
+        raise StageError(f"embed: augmented_text is {mode!r} but {path} is missing; run the augment "
+                         "stage (augment.enabled: true, e.g. configs/genre.yaml)")
+    enriched = pd.read_parquet(path, columns=[S.ITEM_ID, S.TEXT])
+    by_id = dict(zip(enriched[S.ITEM_ID].astype(str), enriched[S.TEXT].astype(str)))
+    out, n = [], 0
+    for item_id, text in zip(items[S.ITEM_ID].astype(str), texts):
+        gen = by_id.get(item_id)
+        if gen is None:
+            out.append(text)
+            continue
+        n += 1
+        out.append(gen if mode == "replace" else f"{text} {gen}")
+    return out, n
+
+
 def run(p: EmbedParams, paths: Paths) -> dict:
     """Embed every item's text (cache first) and write vectors, index and metrics.
 
@@ -374,6 +403,11 @@ def run(p: EmbedParams, paths: Paths) -> dict:
         items = _read_items(paths.items)
         log.read(paths.items, f"{len(items)} items")
         texts = items[S.TEXT].astype(str).tolist()
+        n_augmented = 0
+        if p.augmented_text != "none":
+            texts, n_augmented = augmented_texts(items, texts, p.augmented_text, paths)
+            log.read(paths / "data" / "augment" / "items.parquet",
+                     f"{n_augmented} enriched texts ({p.augmented_text})")
         hashes = [io.text_sha1(t) for t in texts]
 
         mid = model_id(p.model_path, p.max_length)
@@ -433,6 +467,8 @@ def run(p: EmbedParams, paths: Paths) -> dict:
             "seconds": round(log.seconds, 3),
             "encode_seconds": round(encode_seconds, 3),
             "texts_per_second": round(len(missing) / encode_seconds, 1) if encode_seconds > 0 else 0.0,
+            "augmented_text": p.augmented_text,
+            "n_augmented": n_augmented,
         }
         io.write_json(summary, paths.metrics("embed"))
         log.wrote(paths.metrics("embed"))

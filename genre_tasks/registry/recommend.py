@@ -57,11 +57,15 @@ def load_champion(paths: S.Paths, model_name: str = DEFAULT_MODEL, alias: str = 
 
 
 def recommend(user_id: str, k: int, paths: S.Paths, model_name: str = DEFAULT_MODEL,
-              alias: str = "champion") -> pd.DataFrame:
+              alias: str = "champion", llm_reasons: dict | None = None) -> pd.DataFrame:
     """Top-``k`` for ``user_id``: rank, item_id, title, score, reason (items of the history excluded).
 
     ``df.attrs`` holds ``version`` (the registered version used) and ``history`` (item ids).
     Raises UnknownUserError for a user not in the processed data.
+
+    ``llm_reasons`` (the ``augment`` params section): each reason is phrased by the augment
+    backend from the deterministic facts, validated and grounded, else the deterministic text
+    stays (:mod:`genre_tasks.features.augment.reasons`); column ``reason_generated`` says which.
     """
     if k < 1:
         raise StageError(f"-k must be >= 1, got {k}")
@@ -72,13 +76,41 @@ def recommend(user_id: str, k: int, paths: S.Paths, model_name: str = DEFAULT_MO
     scores = [float(s) for s in out["scores"].iloc[0]]
     py = model.unwrap_python_model()
     reasons = py.explain(history, ids) if hasattr(py, "explain") else [""] * len(ids)
+    generated = [False] * len(ids)
+    if llm_reasons is not None and hasattr(py, "explain_facts"):
+        reasons, generated = _llm_reasons(py, str(user_id), history, ids, reasons, llm_reasons, paths)
     titles = dict(zip(py.items[S.ITEM_ID].astype(str), py.items[S.TITLE].astype(str))) \
         if getattr(py, "items", None) is not None else {}
     df = pd.DataFrame({"rank": range(1, len(ids) + 1), S.ITEM_ID: ids,
-                       S.TITLE: [titles.get(i, "?") for i in ids], "score": scores, "reason": reasons})
+                       S.TITLE: [titles.get(i, "?") for i in ids], "score": scores, "reason": reasons,
+                       "reason_generated": generated})
     df.attrs.update({"version": version, "history": history, "model_name": model_name, "alias": alias,
                      "user_id": str(user_id)})
     return df
+
+
+def _llm_reasons(py, user_id: str, history: list[str], ids: list[str], deterministic: list[str],
+                 section: dict, paths: S.Paths) -> tuple[list[str], list[bool]]:
+    """LLM-phrased reasons grounded in the model's facts (+ the user's generated profile topics)."""
+    from genre_tasks.config import from_dict
+    from genre_tasks.features.augment.backends import make_backend
+    from genre_tasks.features.augment.params import AugmentParams
+    from genre_tasks.features.augment.reasons import llm_reasons
+    from genre_tasks.features.augment.stage import AugmentPaths, NO_GENRE
+
+    p = from_dict(AugmentParams, dict(section or {}), "augment")
+    facts = py.explain_facts(history, ids)
+    ap = AugmentPaths(paths)
+    if ap.profiles.exists():
+        prof = pd.read_parquet(ap.profiles)
+        row = prof[prof[S.USER_ID].astype(str) == user_id]
+        if len(row):
+            topics = [str(t) for t in row["topics"].iloc[0]]
+            facts = [{**f, "profile_topics": topics} if f and not f.get("popular") else f for f in facts]
+    vocab = sorted({str(g) for gs in py.items[S.GENRES] for g in gs if str(g).lower() not in NO_GENRE})
+    out = llm_reasons(facts, deterministic, make_backend(p), ap.cache, vocab,
+                      max_new_tokens=p.max_new_tokens, max_repairs=p.max_repairs)
+    return [o["reason"] for o in out], [o["generated"] for o in out]
 
 
 def format_recommendations(df: pd.DataFrame) -> str:
@@ -94,11 +126,13 @@ def format_recommendations(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(params: dict, paths: S.Paths, user: str, k: int = 10, alias: str = "champion") -> int:
+def main(params: dict, paths: S.Paths, user: str, k: int = 10, alias: str = "champion",
+         llm_reasons: bool = False) -> int:
     """CLI body: print the recommendations; 1 with a clear message on an unknown user."""
     model_name = (params.get("promote") or {}).get("model_name", DEFAULT_MODEL)
     try:
-        df = recommend(user, k, paths, model_name, alias)
+        df = recommend(user, k, paths, model_name, alias,
+                       llm_reasons=(params.get("augment") or {}) if llm_reasons else None)
     except StageError as exc:
         print(f"genre recommend: {exc}", file=sys.stderr)
         return 1
@@ -124,7 +158,7 @@ def cli_recommend(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"genre recommend: bad params: {exc}", file=sys.stderr)
         return 2
-    return main(params, S.Paths(Path(args.root)), args.user, args.k, args.alias)
+    return main(params, S.Paths(Path(args.root)), args.user, args.k, args.alias, args.llm_reasons)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", required=True, help="user id (as in the source data)")
     parser.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     parser.add_argument("--alias", default="champion", help="registry alias to use (default champion)")
+    parser.add_argument("--llm-reasons", action="store_true",
+                        help="phrase each reason with the augment backend (grounded in the deterministic "
+                             "facts, validated; falls back to the deterministic text; marked [generated])")
 
 
 if __name__ == "__main__":

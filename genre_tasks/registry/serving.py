@@ -230,32 +230,49 @@ class GenreRecommenderModel(PythonModel):
         return pd.DataFrame({"item_ids": [r[0] for r in recs], "scores": [r[1] for r in recs]})
 
     # -- explanations (recommend CLI)
-    def explain(self, history_ids: Sequence[str], item_ids: Sequence[str]) -> list[str]:
-        """A short reason per recommended item: the history item closest to it by item
-        representation (cosine), with the genres they share."""
+    def explain_facts(self, history_ids: Sequence[str], item_ids: Sequence[str]) -> list[dict]:
+        """The facts behind each recommended item's reason: ``{"recommended", "similar_to",
+        "similarity", "shared_genres"}`` (the history item closest to it by item representation,
+        cosine); ``{}`` for an unknown item, ``{"recommended", "popular": True}`` without history."""
+        titles = self.items[S.TITLE].astype(str).to_numpy()
         hist = [self._index[str(h)] for h in history_ids if str(h) in self._index]
         if not hist:
-            return ["popular with everyone" for _ in item_ids]
+            return [{"recommended": titles[self._index[str(i)]] if str(i) in self._index else None,
+                     "popular": True} for i in item_ids]
         reps = self.representations
         if self.info.get("representation_bias_column"):
             reps = reps[:, :-1]
         norm = reps / np.maximum(np.linalg.norm(reps, axis=1, keepdims=True), 1e-12)
-        titles = self.items[S.TITLE].astype(str).to_numpy()
         genres = self.items[S.GENRES].to_numpy()
-        reasons = []
+        facts = []
         for iid in item_ids:
             i = self._index.get(str(iid))
             if i is None:
-                reasons.append("")
+                facts.append({})
                 continue
             sims = norm[hist] @ norm[i]
             best = int(np.argmax(sims))
             h = hist[best]
-            shared = sorted(set(genres[i]) & set(genres[h]))
-            reason = f"like '{titles[h]}' (similarity {sims[best]:.2f}"
-            reason += f"; shared genres: {', '.join(shared)})" if shared else ")"
-            reasons.append(reason)
-        return reasons
+            facts.append({"recommended": titles[i], "similar_to": titles[h],
+                          "similarity": round(float(sims[best]), 2),
+                          "shared_genres": sorted(set(genres[i]) & set(genres[h]))})
+        return facts
+
+    def explain(self, history_ids: Sequence[str], item_ids: Sequence[str]) -> list[str]:
+        """A short reason per recommended item: the history item closest to it by item
+        representation (cosine), with the genres they share."""
+        return [deterministic_reason(f) for f in self.explain_facts(history_ids, item_ids)]
+
+
+def deterministic_reason(facts: dict) -> str:
+    """The reason text of :meth:`GenreRecommenderModel.explain_facts`' facts (always available)."""
+    if not facts:
+        return ""
+    if facts.get("popular"):
+        return "popular with everyone"
+    reason = f"like '{facts['similar_to']}' (similarity {facts['similarity']:.2f}"
+    shared = facts.get("shared_genres") or []
+    return reason + (f"; shared genres: {', '.join(shared)})" if shared else ")")
 
 
 def _as_list(value: Any) -> list:

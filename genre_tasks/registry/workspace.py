@@ -436,6 +436,7 @@ SECTIONS = {
     "ingest": ("genre_tasks.data.ingest", "IngestParams"),
     "validate": ("genre_tasks.data.validate", "ValidateParams"),
     "preprocess": ("genre_tasks.data.preprocess", "PreprocessParams"),
+    "augment": ("genre_tasks.features.augment.params", "AugmentParams"),
     "embed": ("genre_tasks.features.embed", "EmbedParams"),
     "genre": ("genre_tasks.features.genre", "GenreParams"),
     "train": ("genre_tasks.models.train", "TrainParams"),

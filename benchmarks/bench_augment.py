@@ -1,0 +1,73 @@
+"""Generation figures of the augment stage's local backend (SmolLM2-135M GGUF, greedy).
+
+    python benchmarks/bench_augment.py [--root .] [--items 8] [--batch 8] [--threads 1]
+                                       [--rerun-override configs/genre.yaml]
+
+1. load time of the GGUF model;
+2. enrich_items on the same ``--items`` MovieLens items (data/processed/items.parquet), one
+   prompt at a time vs ``--batch`` at a time: items/s and tokens/s, side by side in one run
+   (nothing cached: backend calls only), and the time enriching all items would take batched;
+3. with ``--rerun-override``: the augment stage re-run with those params on the project, whose
+   generation cache is complete after a first run: seconds and generations (should be 0).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from genre_tasks import schema as S
+from genre_tasks.config import load_params, section
+from genre_tasks.features.augment import stage
+from genre_tasks.features.augment.backends import LocalBackend
+from genre_tasks.features.augment.engine import generate_structured
+from genre_tasks.features.augment.params import AugmentParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--items", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--rerun-override", default=None)
+    args = parser.parse_args()
+    root = Path(args.root).resolve()
+    print(f"load average {os.getloadavg()[0]:.1f} (2 shared cores)")
+    backend = LocalBackend(threads=args.threads)
+    t0 = time.perf_counter()
+    backend.load()
+    print(f"model {backend.model_id}: loaded in {time.perf_counter() - t0:.1f} s")
+    items = pd.read_parquet(S.Paths(root).items).sort_values(S.ITEM_IDX)
+    vocab = stage.vocabulary(items)
+    jobs = stage.item_jobs(items.head(args.items), vocab)
+    chats = [j.chat for j in jobs]
+    rows = {}
+    for label, size in (("single", 1), (f"batched x{args.batch}", args.batch)):
+        t0 = time.perf_counter()
+        tokens = 0
+        for b in range(0, len(chats), size):
+            tokens += sum(r.tokens for r in generate_structured(backend, chats[b:b + size], args.max_new_tokens))
+        dt = time.perf_counter() - t0
+        rows[label] = (len(chats) / dt, tokens / dt, dt, tokens)
+        print(f"{label:<12} {len(chats)} items in {dt:6.1f} s: {len(chats) / dt:.3f} items/s, "
+              f"{tokens / dt:.1f} tokens/s ({tokens} tokens)", flush=True)
+    single, batched = rows["single"], rows[f"batched x{args.batch}"]
+    print(f"batched / single: {batched[0] / single[0]:.2f}x items/s")
+    print(f"all {len(items)} items batched would take ~{len(items) / batched[0] / 60:.0f} min at this rate "
+          f"(load {os.getloadavg()[0]:.1f})")
+    if args.rerun_override:
+        params = load_params(root / "params.yaml", [root / args.rerun_override])
+        p = section(AugmentParams, "augment", params)
+        t0 = time.perf_counter()
+        summary = stage.run(p, S.Paths(root))
+        print(f"cache-hit re-run of the augment stage ({args.rerun_override}): {time.perf_counter() - t0:.2f} s, "
+              f"{summary['generations_this_run']} generations, {summary['cached']} cached")
+
+
+if __name__ == "__main__":
+    main()
