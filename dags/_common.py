@@ -28,6 +28,13 @@ REGISTRY_POOL = "genre_registry"
 SCHEDULE_ENV = "GENRE_TRAINING_SCHEDULE"
 DEFAULT_SCHEDULE = "@weekly"
 
+#: Celery queue of the tasks that use the project folder itself, i.e. the feedback store (landing
+#: folder, store parts, the project's dvc.lock): every feedback task, and the training tasks
+#: that seed a run from the store and publish a finished run into the project. With several
+#: workers that share no disk, one worker serves this queue and holds the store; the stage
+#: tasks go anywhere (their data travels through the DVC remote). Unset: Airflow's default queue.
+STORE_QUEUE_ENV = "GENRE_STORE_QUEUE"
+
 #: Values the trigger form offers (kept in sync with genre_tasks by tests/test_dag_integrity.py).
 ADAPTERS = ("movielens-100k", "mind", "tabular")
 SPLIT_MODES = ("user_temporal", "cold_items", "global_temporal")
@@ -52,6 +59,12 @@ def project_root() -> Path:
     env = os.environ.get(ROOT_ENV, "").strip()
     root = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent
     return root.resolve()
+
+
+def store_queue() -> dict[str, str]:
+    """``{"queue": $GENRE_STORE_QUEUE}`` for the store's tasks, or ``{}`` (the default queue)."""
+    queue = os.environ.get(STORE_QUEUE_ENV, "").strip()
+    return {"queue": queue} if queue else {}
 
 
 def schedule_expression() -> str | None:

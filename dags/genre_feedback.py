@@ -48,7 +48,7 @@ from airflow.sdk import Asset, CronTriggerTimetable, Param, dag, get_current_con
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import project_root, stage_environment  # noqa: E402
+from _common import project_root, stage_environment, store_queue  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": timedelta(minutes=1),
     "execution_timeout": timedelta(minutes=30),
+    # every task works on the project folder's store: the worker serving $GENRE_STORE_QUEUE
+    **store_queue(),
 }
 
 PARAMS = {
