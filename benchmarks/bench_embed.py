@@ -1,4 +1,4 @@
-"""Benchmark: genre_tasks.embed.encode_texts vs SentenceTransformer.encode on MovieLens-100k.
+"""Benchmark: genre_tasks.features.embed.encode_texts vs SentenceTransformer.encode on MovieLens-100k.
 
 Same 1,682 item texts, same model folder (packaged all-MiniLM-L6-v2), same thread count, same
 batch size and max length; the two encoders run alternately (which one goes first flips every
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genre_tasks import embed  # noqa: E402
+from genre_tasks.features import embed  # noqa: E402
 from genre_tasks.logs import peak_rss_mb  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return st.encode(batch, batch_size=args.batch_size, normalize_embeddings=True,
                          show_progress_bar=False, convert_to_numpy=True)
 
-    runners = {"genre_tasks.embed.encode_texts": ours, "SentenceTransformer.encode": sbert}
+    runners = {"genre_tasks.features.embed.encode_texts": ours, "SentenceTransformer.encode": sbert}
     for fn in runners.values():  # warm-up (allocator, kernels)
         fn(texts[:200])
 

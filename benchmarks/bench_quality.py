@@ -19,7 +19,7 @@ from pathlib import Path
 from genre_tasks import schema as S
 from genre_tasks.cli import run_stage
 from genre_tasks.config import deep_merge, load_params
-from genre_tasks.evaluate import comparison_table
+from genre_tasks.evaluation.evaluate import comparison_table
 
 SHARED = ("data/raw", "data/validation", "data/embeddings", "data/genre", ".cache/embeddings")
 

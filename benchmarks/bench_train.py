@@ -95,7 +95,7 @@ def item_vectors(items: pd.DataFrame, cache: Path) -> np.ndarray:
     path = cache / f"vectors_{key}.npy"
     if path.exists():
         return np.load(path)
-    from genre_tasks.embed import encode_texts
+    from genre_tasks.features.embed import encode_texts
 
     vec = encode_texts(items[S.TEXT].astype(str).tolist(), None, batch_size=64, max_length=128,
                        threads=2, show_progress=False)
@@ -107,7 +107,7 @@ def build_root(root: Path, mode: str = "user_temporal", times: int = 1,
                cache: Path = SCRATCH) -> S.Paths:
     """Processed tables + embeddings of ML-100k (replicated ``times``) under ``root``."""
     from genre_tasks import io
-    from genre_tasks.preprocess import PreprocessParams, SplitParams, preprocess
+    from genre_tasks.data.preprocess import PreprocessParams, SplitParams, preprocess
 
     paths = S.Paths(root)
     if paths.items.exists() and paths.vectors.exists() and paths.vector_index.exists():
@@ -140,7 +140,9 @@ def data_root(args, mode: str = "user_temporal", times: int = 1) -> S.Paths:
 
 def measure(root: str, strategy: str, epochs: int, overrides: dict) -> dict:
     """Train ``strategy`` for ``epochs`` epochs on the valid phase; time epochs and scoring."""
-    from genre_tasks import data, logs, train
+    from genre_tasks import logs
+    from genre_tasks.models import views as data
+    from genre_tasks.models import train
 
     t0 = time.perf_counter()
     ds = data.Dataset.load(S.Paths(root))

@@ -16,11 +16,11 @@ from typing import Any
 #: Project root holding params.yaml, data/, mlflow.db. In production (Celery/K8s workers) set it
 #: to the shared checkout; the default is the parent of the dags folder (local use).
 ROOT_ENV = "GENRE_PROJECT_ROOT"
-#: The MLflow run of a DAG run; genre_tasks.tracking resumes it (promote stage).
+#: The MLflow run of a DAG run; genre_tasks.registry.tracking resumes it (promote stage).
 RUN_ID_ENV = "GENRE_MLFLOW_RUN_ID"
-#: Who forces a promotion (read by genre_tasks.promote).
+#: Who forces a promotion (read by genre_tasks.registry.promote).
 ACTOR_ENV = "GENRE_PROMOTE_ACTOR"
-#: Why a promotion is forced (read by genre_tasks.promote; required with force_promote).
+#: Why a promotion is forced (read by genre_tasks.registry.promote; required with force_promote).
 REASON_ENV = "GENRE_PROMOTE_REASON"
 #: One-slot pool the promote tasks run in: registrations are serialised across workers.
 REGISTRY_POOL = "genre_registry"

@@ -167,7 +167,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
     restored from the DVC run-cache when nothing changed) then ``dvc push``; after each stage
     the run's dvc.lock goes to MLflow and the stage's numbers/artifacts are logged live.
     """
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
     from genre_tasks import workspace as W
     from genre_tasks.schema import Paths
 
@@ -212,7 +212,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
 @task(multiple_outputs=False, **RETRY)
 def start_mlflow_run() -> str:
     """Find (retried/cleared DAG run) or create the MLflow run of this DAG run; return its id."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
     from genre_tasks.schema import Paths
 
     context = get_current_context()
@@ -253,7 +253,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
     form), written ONCE as the params.yaml of the run's workspace (what DVC reads), logged to
     the MLflow run (params + artifact run/params.yaml + tag genre.params_hash); XCom shows the
     hash, the overrides and the workspace. A retry/clear reuses the snapshot already made."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
     from genre_tasks import workspace as W
     from genre_tasks.config import ParamsError
     from genre_tasks.schema import Paths
@@ -344,7 +344,7 @@ def promote(mlflow_run_id: str) -> dict:
 @task(multiple_outputs=False, **RETRY, **store_queue())
 def finish_mlflow_run(mlflow_run_id: str) -> dict:
     """Mark the MLflow run FINISHED, or FAILED if a stage failed (runs even after a failure)."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
     from genre_tasks.schema import Paths
 
     context = get_current_context()

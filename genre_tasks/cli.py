@@ -16,15 +16,15 @@ from pathlib import Path
 
 #: stage name -> module in genre_tasks exposing ``main(params: dict, paths: Paths) -> dict``
 STAGES: dict[str, str] = {
-    "source": "genre_tasks.source",
-    "ingest": "genre_tasks.ingest",
-    "validate": "genre_tasks.validate",
-    "preprocess": "genre_tasks.preprocess",
-    "embed": "genre_tasks.embed",
-    "genre": "genre_tasks.genre",
-    "train": "genre_tasks.train",
-    "evaluate": "genre_tasks.evaluate",
-    "promote": "genre_tasks.promote",
+    "source": "genre_tasks.data.source",
+    "ingest": "genre_tasks.data.ingest",
+    "validate": "genre_tasks.data.validate",
+    "preprocess": "genre_tasks.data.preprocess",
+    "embed": "genre_tasks.features.embed",
+    "genre": "genre_tasks.features.genre",
+    "train": "genre_tasks.models.train",
+    "evaluate": "genre_tasks.evaluation.evaluate",
+    "promote": "genre_tasks.registry.promote",
 }
 
 #: commands with their own parser: name -> (module, function taking argv with the global
@@ -32,17 +32,17 @@ STAGES: dict[str, str] = {
 TOOLS: dict[str, tuple[str, str, str]] = {
     "feedback": ("genre_tasks.feedback", "feedback_cli",
                  "feedback batches: run | status | record | replay --init/--next/--status"),
-    "history": ("genre_tasks.history", "history_cli",
+    "history": ("genre_tasks.feedback.history", "history_cli",
                 "successive model versions with prequential and test metrics"),
 }
 
 
 def run_stage(name: str, params: dict, root: str | Path = ".", **options) -> dict:
     """Run stage ``name`` with already-loaded params under project ``root``; return its summary.
-    Also writes the stage's headline numbers (:mod:`genre_tasks.headline`)."""
+    Also writes the stage's headline numbers (:mod:`genre_tasks.evaluation.headline`)."""
     from genre_tasks.schema import Paths
 
-    from genre_tasks import headline
+    from genre_tasks.evaluation import headline
 
     module = importlib.import_module(STAGES[name])
     summary = module.main(params, Paths(root), **options)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="operator override: promote regardless of the gate (recorded)")
             stage.add_argument("--reason", default=None, help="why (recorded with --force)")
     rec = sub.add_parser("recommend", help="top-k for a user from the @champion model, with reasons")
-    from genre_tasks.recommend import add_arguments
+    from genre_tasks.registry.recommend import add_arguments
 
     add_arguments(rec)
     sub.add_parser("registry", help="registered model versions, aliases and promotion decisions")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "tracking-init":
-        from genre_tasks.tracking import init_store
+        from genre_tasks.registry.tracking import init_store
 
         print(init_store(Paths(args.root)))
         return 0
@@ -141,18 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> dict | int:
         params = load_params(args.params, args.override)
         if args.command == "recommend":
-            from genre_tasks.recommend import main as recommend_main
+            from genre_tasks.registry.recommend import main as recommend_main
 
             return recommend_main(params, Paths(args.root), args.user, args.k, args.alias)
         if args.command in ("lineage", "checkout"):
-            from genre_tasks import lineage
+            from genre_tasks.registry import lineage
 
             if args.command == "lineage":
                 return lineage.record(params, Paths(args.root), args.version)
             result = lineage.checkout(params, Paths(args.root), args.version, args.dir)
             return result if result["ok"] else (print(json.dumps(result, indent=2)) or 1)
         if args.command == "registry":
-            from genre_tasks.promote import registry_main
+            from genre_tasks.registry.promote import registry_main
 
             return registry_main(params, Paths(args.root))
         options = {"force": args.force, "reason": args.reason} if args.command == "promote" else {}

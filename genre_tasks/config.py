@@ -7,6 +7,7 @@ Overrides (e.g. ``configs/tiny.yaml``) are deep-merged on top of ``params.yaml``
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -136,66 +137,70 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str | Path] |
     return params
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ParamsError as exc:
-                errors.append(str(exc))
-        raise ParamsError("; ".join(errors))
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(hint, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ParamsError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool):
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ParamsError(f"{where}: expected {hint.__name__}, got {value!r}")
-        return value
-    return value
+def _adapter(cls: type) -> Any:
+    """A pydantic TypeAdapter for the params dataclass ``cls`` that refuses unknown keys."""
+    import pydantic
+
+    def configure(c: type) -> None:  # the config travels on each (nested) dataclass
+        if "__pydantic_config__" not in vars(c):
+            c.__pydantic_config__ = pydantic.ConfigDict(extra="forbid")
+        for hint in typing.get_type_hints(c).values():
+            for t in (hint, *_type_args(hint)):
+                if dataclasses.is_dataclass(t) and isinstance(t, type):
+                    configure(t)
+
+    configure(cls)
+    return pydantic.TypeAdapter(cls)
+
+
+def _type_args(hint: Any) -> list:
+    out = []
+    for a in typing.get_args(hint):
+        out += [a, *_type_args(a)]
+    return out
+
+
+def _message(cls: type, err: dict, where: str) -> str:
+    loc = [str(x) for x in err["loc"] if not isinstance(x, int)] if err["loc"] else []
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        dotted = ".".join([where, *loc[:-1]] if where else loc[:-1]) or cls.__name__
+        parent = cls
+        for key in loc[:-1]:
+            hint = typing.get_type_hints(parent).get(key)
+            parent = next((t for t in (hint, *_type_args(hint)) if dataclasses.is_dataclass(t)), parent)
+        allowed = sorted(f.name for f in dataclasses.fields(parent))
+        return f"{dotted}: unknown key(s) ['{loc[-1]}']; allowed: {allowed}"
+    dotted = ".".join([where, *loc] if where else loc) or cls.__name__
+    return f"{dotted}: {err['msg']}, got {err.get('input')!r}"
+
+
+def _validate_tree(obj: Any) -> None:
+    """Run each (nested) dataclass's own ``validate()`` rules, innermost first."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _validate_tree(getattr(obj, f.name))
+        check = getattr(obj, "validate", None)
+        if callable(check):
+            check()
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _validate_tree(v)
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ParamsError(f"{where or cls.__name__}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    """Build dataclass ``cls`` from ``data`` (validated by pydantic: unknown keys and wrong
+    types are refused with the dotted key named), then apply its own ``validate()`` rules."""
+    import pydantic
+
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    # validated as JSON, strictly: mappings fill dataclasses, lists fill tuples, an int is a
+    # float, but "5" is no int and 1 no bool; YAML dates (unquoted) arrive as their ISO text
     try:
-        obj = cls(**kwargs)
-    except TypeError as exc:
-        raise ParamsError(f"{where or cls.__name__}: {exc}") from exc
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+        obj = _adapter(cls).validate_json(json.dumps(data, default=str), strict=True)
+    except pydantic.ValidationError as exc:
+        raise ParamsError("; ".join(_message(cls, e, where) for e in exc.errors())) from None
+    _validate_tree(obj)
     return obj
 
 

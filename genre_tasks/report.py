@@ -109,7 +109,7 @@ def section_registry(paths: S.Paths) -> list[str]:
                      f"{vb.get('metric')} {vb['reference']:.4f} vs the challenger {vb['challenger']:.4f} "
                      f"(gain {vb['gain']:+.4f}, 95% bounds [{vb['ci_lower']:+.4f}, {vb['ci_upper']:+.4f}]).")
     try:
-        from genre_tasks.promote import registry_state
+        from genre_tasks.registry.promote import registry_state
 
         lines.append(registry_state(m.get("model_name", "genre-recommender"), paths))
     except Exception as exc:  # the report must not hide the rest of the run

@@ -139,7 +139,7 @@ def effective_params(project: str | Path, overrides: Mapping | None = None) -> d
 
 
 def params_hash(params: Mapping) -> str:
-    from genre_tasks.tracking import params_hash as _hash
+    from genre_tasks.registry.tracking import params_hash as _hash
 
     return _hash(params)
 
@@ -250,7 +250,7 @@ def create(ws: Workspace, params: Mapping) -> Workspace:
 def materialise(ws: Workspace, mlflow_run_id: str | None, tracking_paths) -> Workspace:
     """Make ``ws`` ready on this machine: from the run's MLflow artifacts when the folder is
     empty or its dvc.lock is older than the run's (another worker ran the last stage)."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     if mlflow_run_id is None:
         if not ws.params_file.exists():
@@ -282,7 +282,7 @@ def tracking_env(project: Path) -> dict[str, str]:
     """MLFLOW_TRACKING_URI (+ artifact root) of the project's store, made explicit: code running
     with a workspace as its root must not fall back to ``<workspace>/mlflow.db``."""
     from genre_tasks import schema as S
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     paths = S.Paths(project)
     env = {tracking.TRACKING_URI_ENV: tracking.tracking_uri(paths)}
@@ -433,14 +433,14 @@ def publish(ws: Workspace) -> dict:
 
 #: stage section -> (module, params dataclass) checked before a run starts
 SECTIONS = {
-    "ingest": ("genre_tasks.ingest", "IngestParams"),
-    "validate": ("genre_tasks.validate", "ValidateParams"),
-    "preprocess": ("genre_tasks.preprocess", "PreprocessParams"),
-    "embed": ("genre_tasks.embed", "EmbedParams"),
-    "genre": ("genre_tasks.genre", "GenreParams"),
-    "train": ("genre_tasks.train", "TrainParams"),
-    "evaluate": ("genre_tasks.evaluate", "EvaluateParams"),
-    "promote": ("genre_tasks.promote", "PromoteParams"),
+    "ingest": ("genre_tasks.data.ingest", "IngestParams"),
+    "validate": ("genre_tasks.data.validate", "ValidateParams"),
+    "preprocess": ("genre_tasks.data.preprocess", "PreprocessParams"),
+    "embed": ("genre_tasks.features.embed", "EmbedParams"),
+    "genre": ("genre_tasks.features.genre", "GenreParams"),
+    "train": ("genre_tasks.models.train", "TrainParams"),
+    "evaluate": ("genre_tasks.evaluation.evaluate", "EvaluateParams"),
+    "promote": ("genre_tasks.registry.promote", "PromoteParams"),
 }
 
 

@@ -61,9 +61,10 @@ def degraded(kind: str, paths, params: dict):
     the CLI)."""
     import torch
 
-    from genre_tasks import config, train
-    from genre_tasks import data as D
-    from genre_tasks import model as M
+    from genre_tasks import config
+    from genre_tasks.models import train
+    from genre_tasks.models import views as D
+    from genre_tasks.models import model as M
 
     p = config.section(train.TrainParams, "train", params)
     fit, _ = D.Dataset.load(paths).phase("test")
@@ -93,7 +94,7 @@ def put_model(paths, name: str, rec) -> None:
     """Save ``rec`` as data/model/<name>, select it and write the train record a training run
     leaves (same inputs as the last train run)."""
     from genre_tasks import io
-    from genre_tasks import model as M
+    from genre_tasks.models import model as M
 
     d = paths.model_dir / name
     if d.exists():
@@ -219,7 +220,8 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "tests"))
         from test_promote import TINY_TRAIN, build_data
 
-        from genre_tasks import evaluate, train
+        from genre_tasks.evaluation import evaluate
+        from genre_tasks.models import train
 
         syn = work / "synthetic"
         if syn.exists():

@@ -134,7 +134,7 @@ def tabular_source(tmp_path: Path) -> Path:
 def make_ingest_params():
     """Factory: ``IngestParams`` from params.yaml ``ingest`` deep-merged with ``overrides``."""
     from genre_tasks import config
-    from genre_tasks.ingest import IngestParams
+    from genre_tasks.data.ingest import IngestParams
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["ingest"]
 
@@ -147,7 +147,7 @@ def make_ingest_params():
 @pytest.fixture
 def tiny_paths(tmp_path: Path, make_ingest_params):
     """``Paths`` of a project root whose ``data/raw`` holds the ingested tiny MovieLens set."""
-    from genre_tasks import ingest
+    from genre_tasks.data import ingest
     from genre_tasks.schema import Paths
 
     paths = Paths(tmp_path / "project")

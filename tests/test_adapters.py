@@ -6,8 +6,9 @@ import pytest
 from conftest import (MIND_BEHAVIORS, MIND_NEWS, ML_INTER, ML_ITEM, ML_N_INTERACTIONS, ML_N_ITEMS,
                       tabular_frames, write_mind, write_movielens, write_tabular)
 
-from genre_tasks import adapters, schema
-from genre_tasks.adapters import to_timestamp
+from genre_tasks import schema
+from genre_tasks.data import adapters
+from genre_tasks.data.adapters import to_timestamp
 from genre_tasks.config import ParamsError
 from genre_tasks.errors import StageError
 

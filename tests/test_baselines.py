@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from genre_tasks import baselines as B
-from genre_tasks import data as D
+from genre_tasks.models import baselines as B
+from genre_tasks.models import views as D
 from genre_tasks import schema as S
-from genre_tasks.evaluation import evaluate_recommender
-from genre_tasks.preprocess import PreprocessParams, SplitParams, preprocess
+from genre_tasks.evaluation.protocol import evaluate_recommender
+from genre_tasks.data.preprocess import PreprocessParams, SplitParams, preprocess
 
 
 def synthetic_raw(n_users: int = 160, n_items: int = 120, n_clusters: int = 4, liked: int = 12,

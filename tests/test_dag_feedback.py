@@ -140,7 +140,9 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
 def project(tmp_path_factory):
     """Scratch project with a @champion trained on the initial store, a DVC repo + remote and
     two batches in the landing folder (1998-W10 and a corrupted copy of 1998-W11)."""
-    from genre_tasks import cli, replay, tracking
+    from genre_tasks import cli
+    from genre_tasks.feedback import replay
+    from genre_tasks.registry import tracking
     from genre_tasks.config import deep_merge
     from genre_tasks.schema import Paths
 
@@ -176,8 +178,8 @@ def project(tmp_path_factory):
                           **({"reason": "e2e fixture: the first champion"} if stage == "promote" else {}))
         # DVC: the project's dvc.yaml, stage source's code dependency, a local remote
         shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-        (root / "genre_tasks").mkdir()
-        shutil.copy(ROOT / "genre_tasks" / "source.py", root / "genre_tasks" / "source.py")
+        (root / "genre_tasks" / "data").mkdir(parents=True)
+        shutil.copy(ROOT / "genre_tasks" / "data" / "source.py", root / "genre_tasks" / "data" / "source.py")
         sh(["git", "init", "-q"], root, env)
         sh([sys.executable, "-m", "dvc", "init", "-q"], root, env)
         sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root / "remote")], root, env)
@@ -205,7 +207,8 @@ def asset_events(root: Path) -> list[dict]:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_feedback_dag_end_to_end(project):
-    from genre_tasks import adapters, io
+    from genre_tasks import io
+    from genre_tasks.data import adapters
     from genre_tasks.feedback import FeedbackPaths
     from genre_tasks.schema import Paths
 

@@ -220,7 +220,9 @@ def test_training_params_refuse_bad_values(report):
 
 # --- the trigger form vs genre_tasks (no Airflow needed) -------------------------------------
 def test_form_choices_match_genre_tasks():
-    from genre_tasks import adapters, schema, train
+    from genre_tasks import schema
+    from genre_tasks.data import adapters
+    from genre_tasks.models import train
 
     assert set(_common.ADAPTERS) == set(adapters.ADAPTERS)
     assert tuple(_common.SPLIT_MODES) == tuple(schema.SPLIT_MODES)
@@ -236,10 +238,10 @@ def test_form_choices_match_genre_tasks():
 ])
 def test_form_values_make_valid_params(form):
     from genre_tasks import config
-    from genre_tasks.ingest import IngestParams
-    from genre_tasks.preprocess import PreprocessParams
-    from genre_tasks.promote import PromoteParams
-    from genre_tasks.train import TrainParams
+    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.preprocess import PreprocessParams
+    from genre_tasks.registry.promote import PromoteParams
+    from genre_tasks.models.train import TrainParams
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = config.deep_merge(base, _common.overrides_from_params(form))

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genre_tasks import embed
+from genre_tasks.features import embed
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError, from_dict
 from genre_tasks.errors import StageError

@@ -1,5 +1,5 @@
 """evaluation + the evaluate stage on tiny synthetic data (a fake train module stands in for
-genre_tasks.train, so these tests do not depend on the trained models)."""
+genre_tasks.models.train, so these tests do not depend on the trained models)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from genre_tasks import baselines as B
+from genre_tasks.models import baselines as B
 from genre_tasks import config, io
-from genre_tasks import data as D
-from genre_tasks import evaluation as E
+from genre_tasks.models import views as D
+from genre_tasks.evaluation import protocol as E
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
-from genre_tasks.evaluate import EvaluateParams, comparison_table, main
-from genre_tasks.preprocess import PreprocessParams, SplitParams, preprocess
+from genre_tasks.evaluation.evaluate import EvaluateParams, comparison_table, main
+from genre_tasks.data.preprocess import PreprocessParams, SplitParams, preprocess
 from test_baselines import synthetic_dataset, synthetic_raw, synthetic_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +190,8 @@ def write_project(root: Path, mode: str = "user_temporal", strategies=("collab",
 
 @pytest.fixture
 def fake_train(monkeypatch):
-    """A stand-in genre_tasks.train whose load_recommender fits a baseline on the test phase."""
-    module = types.ModuleType("genre_tasks.train")
+    """A stand-in genre_tasks.models.train whose load_recommender fits a baseline on the test phase."""
+    module = types.ModuleType("genre_tasks.models.train")
 
     def load_recommender(model_dir: Path):
         paths = S.Paths(Path(model_dir).parents[2])
@@ -200,7 +200,7 @@ def fake_train(monkeypatch):
         return (B.ItemKNN(k=10) if kind == "itemknn" else B.ContentMean()).fit(fit)
 
     module.load_recommender = load_recommender
-    monkeypatch.setitem(sys.modules, "genre_tasks.train", module)
+    monkeypatch.setitem(sys.modules, "genre_tasks.models.train", module)
     return module
 
 

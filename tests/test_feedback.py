@@ -17,7 +17,10 @@ import pytest
 import yaml
 from conftest import ML_N_INTERACTIONS, ROOT, write_movielens
 
-from genre_tasks import adapters, feedback, ingest, io
+from genre_tasks import io
+from genre_tasks.data import adapters
+from genre_tasks import feedback
+from genre_tasks.data import ingest
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError, from_dict
 from genre_tasks.errors import StageError
@@ -277,9 +280,9 @@ def test_dvc_records_and_pushes_each_store_version(tmp_path, params):
     entry of stage source (no dvc.lock before), each later one updates it; the remote holds
     every version and `dvc status` is clean after each record."""
     repo = tmp_path / "repo"
-    (repo / "genre_tasks").mkdir(parents=True)
+    (repo / "genre_tasks" / "data").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(ROOT / "genre_tasks" / "source.py", repo / "genre_tasks" / "source.py")
+    shutil.copy(ROOT / "genre_tasks" / "data" / "source.py", repo / "genre_tasks" / "data" / "source.py")
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     remote = tmp_path / "remote"
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
@@ -333,7 +336,7 @@ class FixedScores:
 
 
 def catalog(n_items: int = 6):
-    from genre_tasks import serving
+    from genre_tasks.registry import serving
 
     items = pd.DataFrame({S.ITEM_ID: [str(i) for i in range(1, n_items + 1)],
                           S.TITLE: [f"t{i}" for i in range(n_items)],
@@ -372,7 +375,7 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("GENRE_MLFLOW_ARTIFACTS", str(tmp_path / "mlartifacts"))
     monkeypatch.delenv("GENRE_MLFLOW_RUN_ID", raising=False)
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     tracking.init_store(S.Paths(tmp_path))  # as `genre tracking-init` does on a real project
     return uri
@@ -384,7 +387,8 @@ def test_prequential_scores_before_apply_logs_and_feeds_the_history(params, path
     versions, their ingest records and their prequential scores back."""
     import mlflow
 
-    from genre_tasks import history, tracking
+    from genre_tasks.feedback import history
+    from genre_tasks.registry import tracking
 
     class Model:  # what serving.load returns: .recommender and .fit (the catalogue)
         recommender = FixedScores([5, 4, 3, 2, 1])

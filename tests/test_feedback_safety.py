@@ -20,7 +20,8 @@ import yaml
 from conftest import ROOT
 from test_feedback import LOGICAL, T0, params, paths, rows  # noqa: F401 (fixtures)
 
-from genre_tasks import adapters, feedback
+from genre_tasks.data import adapters
+from genre_tasks import feedback
 from genre_tasks import schema as S
 
 

@@ -32,7 +32,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from genre_tasks import adapters, feedback, ingest  # noqa: E402
+from genre_tasks.data import adapters  # noqa: E402
+from genre_tasks import feedback
+from genre_tasks.data import ingest
 from genre_tasks import schema as S  # noqa: E402
 from genre_tasks.errors import StageError  # noqa: E402
 

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genre_tasks import embed, genre, io, logs
+from genre_tasks import io, logs
+from genre_tasks.features import embed
+from genre_tasks.features import genre
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError, from_dict
 from genre_tasks.errors import StageError

@@ -6,7 +6,8 @@ import json
 import pandas as pd
 import yaml
 
-from genre_tasks import headline, io
+from genre_tasks import io
+from genre_tasks.evaluation import headline
 from genre_tasks.schema import Paths
 
 
@@ -59,6 +60,6 @@ def test_dvc_yaml_declares_headlines_as_metrics_and_the_plots():
 
 
 def test_the_curve_columns_are_the_epoch_trained_strategies():
-    from genre_tasks import train
+    from genre_tasks.models import train
 
     assert tuple(headline.STRATEGIES) == tuple(train.TWO_TOWER)  # ease: a lambda grid, no epochs

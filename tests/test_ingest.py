@@ -10,7 +10,9 @@ import pytest
 import yaml
 from conftest import ML_N_INTERACTIONS, ML_N_ITEMS, ML_N_USERS, ROOT, write_mind
 
-from genre_tasks import cli, ingest, schema, source
+from genre_tasks import cli, schema
+from genre_tasks.data import ingest
+from genre_tasks.data import source
 from genre_tasks.errors import StageError
 from genre_tasks.schema import Paths
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import sparse
 from sklearn.metrics import roc_auc_score
 
-from genre_tasks import metrics as M
+from genre_tasks.evaluation import metrics as M
 
 D = [1.0 / math.log2(i + 2) for i in range(30)]  # gain of a hit at 0-based rank i
 

@@ -8,7 +8,7 @@ import pytest
 from genre_tasks import io
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
-from genre_tasks.preprocess import (
+from genre_tasks.data.preprocess import (
     PreprocessParams,
     SplitParams,
     clean_text,

@@ -69,7 +69,7 @@ def raw_tables(n_users: int = 150, n_items: int = 60, n_hits: int = 4, seed: int
 
 def build_data(root: Path) -> S.Paths:
     """data/processed + data/embeddings + a passed validation summary under ``root``."""
-    from genre_tasks.preprocess import PreprocessParams, preprocess
+    from genre_tasks.data.preprocess import PreprocessParams, preprocess
 
     paths = S.Paths(root)
     items, inter, vec = raw_tables()
@@ -100,7 +100,8 @@ def retrain_record(paths: S.Paths) -> None:
     """What a train run followed by an evaluate run leave after data/model/ was changed by
     hand here (a degraded model standing in for a real retrain): the train record of the
     current data/model/ and a fresh evaluate."""
-    from genre_tasks import evaluate, manifests
+    from genre_tasks import manifests
+    from genre_tasks.evaluation import evaluate
 
     reads = [paths.root / r for r in manifests.reads(paths, "train")]
     manifests.write(paths, "train", reads, [paths.model_dir])
@@ -109,9 +110,9 @@ def retrain_record(paths: S.Paths) -> None:
 
 def add_bad_model(paths: S.Paths, seed: int, select: bool = True) -> Path:
     """data/model/bad<seed>/: a collaborative two-tower with untrained (random) weights."""
-    from genre_tasks import data as D
-    from genre_tasks import model as M
-    from genre_tasks.train import TrainParams, fit_model
+    from genre_tasks.models import views as D
+    from genre_tasks.models import model as M
+    from genre_tasks.models.train import TrainParams, fit_model
 
     fit, _ = D.Dataset.load(paths).phase("test")
     p = TrainParams(**{**TINY_TRAIN, "strategies": ("collaborative",), "seed": seed})
@@ -139,7 +140,8 @@ _BUILT: dict[str, Path] = {}
 def trained_project(base: Path) -> Path:
     """Build (once per session) data + a trained ``content`` model + evaluate outputs."""
     if "project" not in _BUILT:
-        from genre_tasks import evaluate, train
+        from genre_tasks.evaluation import evaluate
+        from genre_tasks.models import train
 
         paths = build_data(base / "trained")
         train.run(train.TrainParams(**TINY_TRAIN), paths)
@@ -168,7 +170,7 @@ def tracking_env(monkeypatch, mlflow_db):
     monkeypatch.delenv("GENRE_PARAMS_OVERRIDE", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     tracking.init_store(S.Paths("."))  # what make setup / the DAG's first task do
     yield mlflow_db
@@ -206,7 +208,7 @@ def make_params(name: str, **overrides) -> dict:
 def promote(paths: S.Paths, name: str, force: bool = False, reason: str | None = None,
             **overrides) -> dict:
     from genre_tasks import config
-    from genre_tasks.promote import PromoteParams, run
+    from genre_tasks.registry.promote import PromoteParams, run
 
     params = make_params(name, **overrides)
     p = config.section(PromoteParams, "promote", params)
@@ -214,7 +216,7 @@ def promote(paths: S.Paths, name: str, force: bool = False, reason: str | None =
 
 
 def registry(name: str, paths: S.Paths):
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     cl = tracking.client(paths)
     rm = cl.get_registered_model(name)
@@ -230,7 +232,7 @@ class FakeResult:
 
 
 def rule_params(**kw):
-    from genre_tasks.promote import PromoteParams
+    from genre_tasks.registry.promote import PromoteParams
 
     base = dict(min_effect=0.002, confidence=0.95, bootstrap_samples=1000, seed=7,
                 guardrails={"auc": 0.01, "cold_ndcg@10": 0.02})
@@ -239,7 +241,7 @@ def rule_params(**kw):
 
 def test_params_match_params_yaml_and_force_is_not_a_param():
     from genre_tasks import config
-    from genre_tasks.promote import PromoteParams
+    from genre_tasks.registry.promote import PromoteParams
 
     section = params_dict()["promote"]
     assert "force" not in section
@@ -251,7 +253,7 @@ def test_params_match_params_yaml_and_force_is_not_a_param():
 
 
 def test_paired_bootstrap_is_seeded_and_bounds_the_gain():
-    from genre_tasks.gate import paired_bootstrap
+    from genre_tasks.registry.gate import paired_bootstrap
 
     rng = np.random.default_rng(0)
     b = rng.random(300)
@@ -267,7 +269,7 @@ def test_paired_bootstrap_is_seeded_and_bounds_the_gain():
 
 
 def test_decide_promotes_only_a_significant_gain_within_guardrails():
-    from genre_tasks.gate import decide
+    from genre_tasks.registry.gate import decide
 
     rng = np.random.default_rng(1)
     ref = rng.random(400)
@@ -303,7 +305,7 @@ def test_decide_promotes_only_a_significant_gain_within_guardrails():
 def test_the_reference_is_the_best_of_the_run_and_the_floor_holds_even_when_forced():
     """A challenger that beats the champion but loses to a baseline of the same run is never
     promoted (the failure: a model below EASE was promoted because only MostPop was checked)."""
-    from genre_tasks.gate import decide
+    from genre_tasks.registry.gate import decide
 
     rng = np.random.default_rng(2)
     champ = rng.random(500) * 0.5
@@ -406,7 +408,7 @@ def test_force_needs_a_reason_records_who_and_why_and_never_passes_the_floor(pro
 
 @pytest.mark.slow
 def test_failure_while_scoring_leaves_the_registry_untouched(project, model_name, monkeypatch):
-    from genre_tasks import evaluation
+    from genre_tasks.evaluation import protocol as evaluation
 
     champ = promote(project, model_name)
     add_bad_model(project, seed=4)
@@ -427,8 +429,9 @@ def test_failure_while_scoring_leaves_the_registry_untouched(project, model_name
 
 @pytest.mark.slow
 def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, model_name):
-    from genre_tasks import manifests, tracking
-    from genre_tasks import promote as P
+    from genre_tasks import manifests
+    from genre_tasks.registry import tracking
+    from genre_tasks.registry import promote as P
 
     first = promote(project, model_name)
     again = promote(project, model_name)
@@ -457,7 +460,7 @@ def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, mod
 def test_main_entry_point_writes_metrics_and_tags_the_run(project, model_name):
     import mlflow
 
-    from genre_tasks import promote as P
+    from genre_tasks.registry import promote as P
 
     params = params_dict()
     params["promote"] = {**params["promote"], "model_name": model_name, "bootstrap_samples": 200}

@@ -37,7 +37,7 @@ from test_promote import (  # noqa: F401  (fixtures)
 
 def snapshot(name: str, paths: S.Paths) -> dict:
     """Everything promote may write to MLflow: versions with tags/descriptions, aliases, runs."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     cl = tracking.client(paths)
     versions = {mv.version: (dict(mv.tags), mv.description) for mv in cl.search_model_versions(f"name='{name}'")}
@@ -52,7 +52,8 @@ def snapshot(name: str, paths: S.Paths) -> dict:
 def test_shuffled_vectors_are_refused_and_nothing_is_written(project, model_name):
     """Original failure: vectors.npy rows shuffled, model retrained, and the challenger 'won'
     because the champion was re-scored on the shuffled vectors."""
-    from genre_tasks import evaluate, train
+    from genre_tasks.evaluation import evaluate
+    from genre_tasks.models import train
 
     from test_promote import TINY_TRAIN
 
@@ -74,9 +75,10 @@ def test_shuffled_vectors_are_refused_and_nothing_is_written(project, model_name
 @pytest.mark.slow
 def test_the_champion_is_scored_on_its_own_bundle(project, model_name):
     """Today's vectors (here: shuffled) do not change the champion's score."""
-    from genre_tasks import data as D
-    from genre_tasks import evaluation, serving
-    from genre_tasks.promote import _Named
+    from genre_tasks.models import views as D
+    from genre_tasks.evaluation import protocol as evaluation
+    from genre_tasks.registry import serving
+    from genre_tasks.registry.promote import _Named
 
     promote(project, model_name)
     champion = _Named(serving.load(f"models:/{model_name}@champion"), "champion")
@@ -218,7 +220,7 @@ def test_stale_bundle_folders_are_swept(project, model_name):
 
 # --- the tracking store ----------------------------------------------------------------------------------
 def test_the_tracking_store_is_created_once_explicitly_and_never_half_made(tmp_path, monkeypatch):
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
@@ -246,7 +248,7 @@ def test_a_kill_during_store_creation_leaves_no_half_made_store(tmp_path):
     import signal
     import time
 
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "genre_tasks.cli", "--root", str(tmp_path), "tracking-init"]
@@ -269,8 +271,13 @@ def test_ease_is_a_registrable_strategy_judged_against_the_other_baselines(proje
     """EASE trained as a strategy scores exactly like the EASE baseline with the same lambda,
     serves from its bundle like the two-tower models, and the gate compares it with the best
     *other* baseline (it cannot beat itself) while the floor still covers every baseline."""
-    from genre_tasks import baselines, evaluate, evaluation, linear, serving, train
-    from genre_tasks import data as D
+    from genre_tasks.models import baselines
+    from genre_tasks.evaluation import evaluate
+    from genre_tasks.evaluation import protocol as evaluation
+    from genre_tasks.models import linear
+    from genre_tasks.registry import serving
+    from genre_tasks.models import train
+    from genre_tasks.models import views as D
 
     from test_promote import TINY_TRAIN
 
@@ -298,7 +305,7 @@ def test_ease_is_a_registrable_strategy_judged_against_the_other_baselines(proje
     assert isinstance(served.recommender, linear.EaseRecommender)
     out = served.predict(None, __import__("pandas").DataFrame({"history": [["m0", "m6"]], "k": [3]}))
     assert len(out["item_ids"][0]) == 3 and "m0" not in out["item_ids"][0]
-    again = evaluation.evaluate_recommender(__import__("genre_tasks.promote", fromlist=["_Named"])._Named(served, "c"),
+    again = evaluation.evaluate_recommender(__import__("genre_tasks.registry.promote", fromlist=["_Named"])._Named(served, "c"),
                                             fit, ev, 42)
     assert abs(again.metrics["ndcg@10"] - res["challenger"]) < 1e-9
 
@@ -327,7 +334,7 @@ def test_a_model_version_carries_the_data_its_run_trained_on_not_later_files(pro
         "schema: '2.0'\nstages:\n  source:\n    cmd: genre source\n    outs:\n"
         f"    - path: data/source\n      hash: md5\n      md5: {io.file_md5(store)}.dir\n      size: 1\n")
     res = promote(project, model_name)
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     mv = tracking.client(project).get_model_version(model_name, str(res["version"]))
     assert mv.tags["data.data/source/feedback/store.csv"] == trained_store_md5 != io.file_md5(store)

@@ -11,7 +11,10 @@ import pytest
 import yaml
 from conftest import ML_ITEM, ROOT, write_movielens
 
-from genre_tasks import adapters, feedback, ingest, replay
+from genre_tasks.data import adapters
+from genre_tasks import feedback
+from genre_tasks.data import ingest
+from genre_tasks.feedback import replay
 from genre_tasks import schema as S
 from genre_tasks.config import from_dict
 from genre_tasks.errors import StageError
@@ -146,7 +149,7 @@ def test_corrupt_batch_is_quarantined_and_the_real_batch_stays_pending(project, 
 @pytest.mark.slow
 def test_real_movielens_replay(tmp_path):
     """MovieLens-100k from the recbole wheel with the default cutoff: 78,177 + 8 weekly batches."""
-    from genre_tasks import source
+    from genre_tasks.data import source
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["ingest"] = {**params["ingest"], "adapter": "movielens-100k", "max_users": None,

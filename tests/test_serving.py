@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genre_tasks import data as D
+from genre_tasks.models import views as D
 from genre_tasks import schema as S
 from test_promote import (  # noqa: F401
     mlflow_db,
@@ -26,7 +26,7 @@ from test_promote import (  # noqa: F401
 @pytest.fixture
 def bundle_model(tmp_path, tmp_path_factory):
     """A GenreRecommenderModel loaded straight from a bundle (no MLflow involved)."""
-    from genre_tasks import serving
+    from genre_tasks.registry import serving
 
     paths = S.Paths(trained_project(tmp_path_factory.getbasetemp()))
     ds = D.Dataset.load(paths)
@@ -68,7 +68,7 @@ def test_timestamps_order_the_history_and_k_defaults(bundle_model):
 
 
 def test_rescore_matches_the_trained_model_on_the_project_catalogue(bundle_model):
-    from genre_tasks import train
+    from genre_tasks.models import train
 
     model, fit, paths = bundle_model
     rec = train.load_recommender(paths.model_dir / "content")
@@ -95,7 +95,7 @@ def test_explain_names_the_closest_history_item_and_shared_genres(bundle_model):
 
 
 def test_pip_requirements_are_pinned_without_local_labels():
-    from genre_tasks import serving
+    from genre_tasks.registry import serving
 
     reqs = serving.pip_requirements()
     assert "torch==2.13.0" in reqs and any(r.startswith("mlflow==") for r in reqs)
@@ -107,7 +107,8 @@ def test_registered_model_loads_in_a_fresh_process_without_project_data(project,
     """Log + register + alias, delete the project, then load models:/name@champion elsewhere."""
     import mlflow
 
-    from genre_tasks import serving, tracking
+    from genre_tasks.registry import serving
+    from genre_tasks.registry import tracking
 
     ds = D.Dataset.load(project)
     fit, _ = ds.phase("test")
@@ -147,7 +148,7 @@ def test_registered_model_loads_in_a_fresh_process_without_project_data(project,
 
 @pytest.mark.slow
 def test_recommend_for_a_known_user_with_reasons_and_a_clear_error_otherwise(project, model_name, capsys):
-    from genre_tasks import recommend as R
+    from genre_tasks.registry import recommend as R
 
     params = {"promote": {"model_name": model_name}}
     assert R.main(params, project, "u0", 5) == 1  # no champion yet: a clear error, no traceback

@@ -8,7 +8,7 @@ import pytest
 
 from genre_tasks import io
 from genre_tasks import schema as S
-from genre_tasks import tracking as T
+from genre_tasks.registry import tracking as T
 from test_promote import mlflow_db, params_dict, project, tracking_env, trained_project  # noqa: F401
 
 

@@ -15,13 +15,13 @@ import pytest
 
 from genre_tasks import config, io
 from genre_tasks import schema as S
-from genre_tasks.data import Dataset, FitData
-from genre_tasks.preprocess import PreprocessParams, preprocess
+from genre_tasks.models.views import Dataset, FitData
+from genre_tasks.data.preprocess import PreprocessParams, preprocess
 
 torch = pytest.importorskip("torch")
 
-from genre_tasks import model as M  # noqa: E402
-from genre_tasks import train  # noqa: E402
+from genre_tasks.models import model as M  # noqa: E402
+from genre_tasks.models import train  # noqa: E402
 
 N_CLUSTERS, PER_CLUSTER, N_UNRATED, N_USERS, VEC_DIM = 4, 16, 3, 48, 24
 
@@ -90,7 +90,7 @@ P = train.TrainParams(dim=16, hidden=32, history_max=10, epochs=6, patience=6, b
 
 
 def random_ndcg(fit, ev, seeds=range(5)) -> float:
-    from genre_tasks import metrics
+    from genre_tasks.evaluation import metrics
 
     out = []
     for s in seeds:
@@ -121,7 +121,7 @@ def test_importing_the_stage_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, genre_tasks.train; print('torch' in sys.modules)"
+    code = "import sys, genre_tasks.models.train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -290,7 +290,7 @@ def test_stage_writes_outputs_and_models_reload(synth, tmp_path):
 
 
 def test_refit_through_the_recommender_protocol(synth, fitted):
-    from genre_tasks.data import Recommender
+    from genre_tasks.models.views import Recommender
 
     _, ds, fit, _, _, _ = synth
     r = fitted["content"].recommender

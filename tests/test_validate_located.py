@@ -9,7 +9,10 @@ import pytest
 import yaml
 from conftest import MIND_BEHAVIORS, ROOT, tabular_frames, write_mind, write_movielens, write_tabular
 
-from genre_tasks import adapters, config, ingest, io, validate
+from genre_tasks import config, io
+from genre_tasks.data import adapters
+from genre_tasks.data import ingest
+from genre_tasks.data import validate
 from genre_tasks.errors import DataValidationError, StageError
 from genre_tasks.schema import Paths
 
@@ -150,7 +153,7 @@ def quarantine_params(params: dict, fraction: float = 0.05) -> dict:
 
 
 def test_quarantine_sets_bad_rows_aside_with_reasons_and_the_rest_proceeds(tmp_path, params):
-    from genre_tasks import preprocess
+    from genre_tasks.data import preprocess
     from genre_tasks.report import report
 
     paths = Paths(tmp_path)
@@ -207,7 +210,7 @@ def test_quarantine_has_a_hard_limit_and_never_fixes_a_whole_table_rule(tmp_path
 
 
 def test_preprocess_refuses_raw_tables_changed_after_validation(tmp_path, params):
-    from genre_tasks import preprocess
+    from genre_tasks.data import preprocess
 
     paths = Paths(tmp_path)
     write_movielens(paths.source)

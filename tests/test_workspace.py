@@ -55,7 +55,7 @@ def test_snapshot_merges_override_files_and_form_once(tmp_path, monkeypatch):
     ws = W.create(W.workspace(project, "run-1"), params)
     assert yaml.safe_load(ws.params_file.read_text()) == params
     assert ws.path == project / "runs" / "run-1"
-    assert (ws.path / "genre_tasks" / "train.py").read_bytes() == (ROOT / "genre_tasks" / "train.py").read_bytes()
+    assert (ws.path / "genre_tasks" / "models" / "train.py").read_bytes() == (ROOT / "genre_tasks" / "models" / "train.py").read_bytes()
     config = (ws.path / ".dvc" / "config").read_text()
     assert f"dir = {project / '.dvc' / 'cache'}" in config and "no_scm = true" in config
     assert (ws.path / ".cache").resolve() == (project / ".cache").resolve()  # embedding cache
@@ -103,7 +103,7 @@ def _env(tmp: Path) -> dict:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, monkeypatch):
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
     from genre_tasks.schema import Paths
 
     (tmp_path / "mlflow").mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genre_tasks.data import FitData
+from genre_tasks.models.views import FitData
 
 STRATEGY = "ease"
 WEIGHTS_FILE = "ease_weights.npy"
@@ -44,7 +44,7 @@ class EaseRecommender:
 
     def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
         """[len(histories), data.n_items] float32 for histories of ``data``'s item_idx."""
-        from genre_tasks.baselines import score_blocks
+        from genre_tasks.models.baselines import score_blocks
 
         ids = np.asarray(data.item_ids).astype(str)
         n_own = len(self.item_ids)
@@ -67,7 +67,7 @@ class EaseRecommender:
 
 def fit_ease(fit: FitData, lam: float) -> EaseRecommender:
     """EASE on ``fit``'s binarised positives with L2 weight ``lam``."""
-    from genre_tasks.baselines import EASE
+    from genre_tasks.models.baselines import EASE
 
     base = EASE(lam).fit(fit)
     return EaseRecommender(base.weights, {"strategy": STRATEGY, "lambda": float(lam),

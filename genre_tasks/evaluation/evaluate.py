@@ -7,7 +7,7 @@ Reads the processed tables, the item vectors (+ filled genres) and ``data/model/
   ``lambda``) is tuned on valid (nDCG@10; cold nDCG@10 in the cold_items split), refitted on the
   test-phase fit data with the chosen value; every baseline is evaluated on test;
 * every strategy directory in ``data/model/`` is loaded with
-  ``genre_tasks.train.load_recommender`` (already fitted on the test-phase data) and evaluated
+  ``genre_tasks.models.train.load_recommender`` (already fitted on the test-phase data) and evaluated
   on test; ``data/model/selected.json`` names the one that will be registered.
 
 Writes
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from genre_tasks import baselines as B
+from genre_tasks.models import baselines as B
 from genre_tasks import config, io, logs
-from genre_tasks import data as D
-from genre_tasks import evaluation as E
+from genre_tasks.models import views as D
+from genre_tasks.evaluation import protocol as E
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
 
@@ -136,11 +136,11 @@ def strategy_dirs(model_dir: Path) -> list[Path]:
 
 
 def default_loader(model_dir: Path) -> D.Recommender:
-    """``genre_tasks.train.load_recommender`` (imported lazily: it pulls in torch)."""
+    """``genre_tasks.models.train.load_recommender`` (imported lazily: it pulls in torch)."""
     try:
-        train = importlib.import_module("genre_tasks.train")
+        train = importlib.import_module("genre_tasks.models.train")
     except ImportError as exc:
-        raise StageError(f"{model_dir}: cannot import genre_tasks.train to load the model ({exc})") from exc
+        raise StageError(f"{model_dir}: cannot import genre_tasks.models.train to load the model ({exc})") from exc
     return train.load_recommender(model_dir)
 
 

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from genre_tasks import schema
-from genre_tasks.adapters import (Problems, finalize_interactions, finalize_items, join_text,
+from genre_tasks.data.adapters import (Problems, finalize_interactions, finalize_items, join_text,
                                   log, null_column, read_table, split_list, to_float, to_label,
                                   to_timestamp)
 
 if TYPE_CHECKING:
-    from genre_tasks.ingest import IngestParams, TabularParams
+    from genre_tasks.data.ingest import IngestParams, TabularParams
 
 ITEM_MAPPED = (schema.ITEM_ID, schema.TITLE, schema.GENRES, schema.TEXT)
 INTERACTION_MAPPED = tuple(schema.INTERACTION_DTYPES)

@@ -20,7 +20,7 @@ if it is measurably better than the best model of the run, on the same data.
    ``force`` (operator override, with who and why) skips these rules but never the floor: a
    challenger significantly worse than the best baseline is never promoted.
 4. **Record** under a registry lock: one MLflow run of the pipeline; the version is found by its
-   content key (:func:`genre_tasks.serving.content_key`: weights, serving params, item table,
+   content key (:func:`genre_tasks.registry.serving.content_key`: weights, serving params, item table,
    vectors, code) or registered with that key set atomically, so a re-run after a kill or a
    concurrent promote never makes a second version of one model, and a behaviour change with
    identical weights makes a new one. Decision tags and description first, then the aliases
@@ -46,7 +46,7 @@ import numpy as np
 from genre_tasks import config, io, logs, manifests
 from genre_tasks import schema as S
 from genre_tasks.errors import StageError
-from genre_tasks.gate import SAME_MODEL_BASELINE, Decision, decide, describe
+from genre_tasks.registry.gate import SAME_MODEL_BASELINE, Decision, decide, describe
 
 log = logging.getLogger("genre.promote")
 
@@ -120,7 +120,7 @@ def _find_version(cl, name: str, key: str):
 
 
 def _set_version_tags(cl, name: str, version: str, tags: dict[str, Any]) -> None:
-    from genre_tasks.tracking import metric_key
+    from genre_tasks.registry.tracking import metric_key
 
     for k, v in tags.items():
         cl.set_model_version_tag(name, version, metric_key(k), str(v)[:5000])
@@ -134,7 +134,7 @@ DECISION_TAG_PREFIXES = ("decision", "compared_against", "champion_version_befor
 
 
 def _replace_decision_tags(cl, name: str, version: str, tags: dict[str, str]) -> None:
-    from genre_tasks.tracking import metric_key
+    from genre_tasks.registry.tracking import metric_key
 
     new = {metric_key(k) for k in tags}
     for key in cl.get_model_version(name, version).tags:
@@ -240,7 +240,7 @@ def baseline_results(paths: S.Paths) -> tuple[dict, int]:
     per-unit values ({name: EvalResult}), and the tie-break seed evaluate used."""
     import pandas as pd
 
-    from genre_tasks import evaluation as E
+    from genre_tasks.evaluation import protocol as E
 
     doc = io.read_json(paths.metrics("evaluate"))
     kinds = doc.get("kinds") or {}
@@ -270,7 +270,7 @@ def registry_lock(paths: S.Paths, name: str, timeout: float = 3600.0):
     one-slot pool ``genre_registry``; registration is idempotent on the content key either way."""
     from filelock import FileLock
 
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     db = tracking.sqlite_file(tracking.tracking_uri(paths))
     lock = (db.parent / f".{db.name}.promote-{name}.lock") if db is not None \
@@ -300,8 +300,10 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
     Everything before the decision is read-only (checks, bundle in .cache/, scoring); a refusal
     (StageError) changes no run, tag or alias.
     """
-    from genre_tasks import evaluation, serving, tracking
-    from genre_tasks import data as D
+    from genre_tasks.evaluation import protocol as evaluation
+    from genre_tasks.registry import serving
+    from genre_tasks.registry import tracking
+    from genre_tasks.models import views as D
     from genre_tasks import workspace as W
 
     force = force or p.force
@@ -469,7 +471,7 @@ def _user() -> str:
 
 def registry_state(model_name: str, paths: S.Paths | None = None) -> str:
     """Markdown table of the registered versions: aliases, decision, primary metric, reason."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     paths = paths or S.Paths(".")
     cl = tracking.client(paths)

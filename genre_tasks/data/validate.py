@@ -828,7 +828,7 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
     Raises :class:`DataValidationError` (after writing ``failure.json``) when any rule is broken;
     then no summary, docs or metrics are written and a stale summary.json is gone.
     """
-    from genre_tasks import ingest
+    from genre_tasks.data import ingest
 
     with logs.stage(STAGE, paths) as log:
         # A stale summary must never outlive a failed (or crashed) run: preprocess depends on it.
@@ -914,7 +914,7 @@ def main(params: dict, paths: Paths) -> dict:
     section, when present, is compared with what the raw tables were made with)."""
     ingest_params = None
     if "ingest" in params:
-        from genre_tasks.ingest import IngestParams
+        from genre_tasks.data.ingest import IngestParams
 
         ingest_params = config.section(IngestParams, "ingest", params)
     return run(config.section(ValidateParams, STAGE, params), paths, ingest_params)

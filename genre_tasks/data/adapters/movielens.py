@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from genre_tasks import schema
-from genre_tasks.adapters import (Problems, finalize_interactions, finalize_items, null_column,
+from genre_tasks.data.adapters import (Problems, finalize_interactions, finalize_items, null_column,
                                   read_delimited, split_list, to_float, to_timestamp)
 
 if TYPE_CHECKING:
-    from genre_tasks.ingest import IngestParams
+    from genre_tasks.data.ingest import IngestParams
 
 #: folder under ``Paths.source`` the ``source`` stage copies the files into
 FOLDER = "ml-100k"

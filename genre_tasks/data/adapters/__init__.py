@@ -48,7 +48,7 @@ from genre_tasks import schema
 from genre_tasks.errors import StageError
 
 if TYPE_CHECKING:
-    from genre_tasks.ingest import IngestParams
+    from genre_tasks.data.ingest import IngestParams
 
 log = logging.getLogger("genre.ingest")
 
@@ -506,7 +506,7 @@ class Adapter:
     text_template: Callable[[IngestParams], str]
 
 
-from genre_tasks.adapters import mind, movielens, tabular  # noqa: E402  (use helpers above)
+from genre_tasks.data.adapters import mind, movielens, tabular  # noqa: E402  (use helpers above)
 
 ADAPTERS: dict[str, Adapter] = {
     "movielens-100k": Adapter("movielens-100k", movielens.files, movielens.read,

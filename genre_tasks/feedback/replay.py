@@ -93,7 +93,7 @@ def reset_state(fp, rp: ReplayPaths) -> list[str]:
     """Delete the replay state, the feedback folders and the store (parts + ledger).
 
     For restarting a demo: the store then holds the base data again."""
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     removed = []
     for path in (rp.dir, fp.incoming, fp.quarantine, fp.applied, fp.validated, fp.prequential,
@@ -117,8 +117,8 @@ def init(params: dict, paths: S.Paths, cutoff: str | None = None, reset: bool = 
     holds feedback batches, needs ``reset=True`` (which deletes the replay state, the feedback
     folders and the store parts first).
     """
-    from genre_tasks import adapters
-    from genre_tasks.ingest import iso_timestamp, write_table
+    from genre_tasks.data import adapters
+    from genre_tasks.data.ingest import iso_timestamp, write_table
 
     s, fp, rp = _context(params, paths)
     with logs.stage("replay-init") as slog:
@@ -228,7 +228,7 @@ def corrupt_batch(batch: pd.DataFrame, store: pd.DataFrame, n: int = CORRUPT_ROW
             bad.loc[5, c] = first[c]
         defects.append(f"row 5: an event already in the store (user {first[S.USER_ID]}, "
                        f"item {first[S.ITEM_ID]}, timestamp {first[S.TIMESTAMP]})")
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     return adapters.canonical_interactions(bad), defects
 
@@ -241,8 +241,9 @@ def next_batch(params: dict, paths: S.Paths, corrupt: bool = False) -> dict:
     manifest marks it released, then the pending file goes; a repeat after a crash re-releases
     the same content (the feedback loop recognises an applied batch id).
     """
-    from genre_tasks import adapters, feedback
-    from genre_tasks.ingest import write_table
+    from genre_tasks.data import adapters
+    from genre_tasks import feedback
+    from genre_tasks.data.ingest import write_table
 
     s, fp, rp = _context(params, paths)
     with logs.stage("replay-next") as slog:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
-from genre_tasks.data import FitData
+from genre_tasks.models.views import FitData
 
 #: users scored per block inside ``score`` (bounds the temporaries, not the [n, I] result)
 SCORE_BLOCK = 2048

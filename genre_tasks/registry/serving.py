@@ -44,13 +44,13 @@ try:  # the class must derive from PythonModel; mlflow is imported with this mod
 except ImportError:  # pragma: no cover - mlflow is a hard dependency of the pipeline
     PythonModel = object  # type: ignore[assignment,misc]
 
-from genre_tasks import data as D
+from genre_tasks.models import views as D
 from genre_tasks import io
 from genre_tasks import schema as S
 
 log = logging.getLogger("genre.serving")
 
-DEFAULT_LOADER = "genre_tasks.train:load_recommender"
+DEFAULT_LOADER = "genre_tasks.models.train:load_recommender"
 DEFAULT_K = 10
 BUNDLE = "bundle"
 #: packages the served model imports, pinned to the versions installed here
@@ -346,7 +346,7 @@ MODEL_SCRIPT = """\
 # The GENRE recommender pyfunc (MLflow "models from code"); genre_tasks ships in code_paths.
 import mlflow
 
-from genre_tasks.serving import GenreRecommenderModel
+from genre_tasks.registry.serving import GenreRecommenderModel
 
 mlflow.models.set_model(GenreRecommenderModel())
 """

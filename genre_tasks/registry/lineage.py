@@ -25,7 +25,7 @@ import yaml
 
 from genre_tasks import io
 from genre_tasks import schema as S
-from genre_tasks import tracking
+from genre_tasks.registry import tracking
 from genre_tasks import workspace as W
 
 DVC_YAML_ARTIFACT = "run/dvc.yaml"

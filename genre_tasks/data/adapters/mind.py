@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from genre_tasks import schema
-from genre_tasks.adapters import (Problems, finalize_interactions, finalize_items, join_text,
+from genre_tasks.data.adapters import (Problems, finalize_interactions, finalize_items, join_text,
                                   null_column, read_delimited, to_label, to_timestamp)
 
 if TYPE_CHECKING:
-    from genre_tasks.ingest import IngestParams
+    from genre_tasks.data.ingest import IngestParams
 
 NEWS_COLUMNS = ["news_id", "category", "subcategory", "title", "abstract", "url",
                 "title_entities", "abstract_entities"]

@@ -10,7 +10,7 @@ MovieLens adapter writes "Toy Story (1995). Genres: Animation, Children's, Comed
 makes a classifier on those vectors score near-perfect F1 by reading the answer. So by default
 each item's feature text is its ``text_columns`` values (default ``[title, year]``; null/empty
 values skipped; columns the items do not have are skipped and logged, e.g. MIND has no ``year``)
-joined with " ", encoded with :func:`genre_tasks.embed.encode_texts` (``model_path``,
+joined with " ", encoded with :func:`genre_tasks.features.embed.encode_texts` (``model_path``,
 ``max_length``, ``batch_size``, ``threads`` of this section) through the embed stage's persistent
 cache (``EmbeddingCache`` under ``.cache/embeddings/<model_id>/``), so a re-run encodes nothing.
 ``text_columns: null`` = the old behaviour: the embed stage's vectors (``data/embeddings/``,
@@ -61,7 +61,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from genre_tasks import config, embed, io, logs
+from genre_tasks import config, io, logs
+from genre_tasks.features import embed
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError
 from genre_tasks.errors import StageError
@@ -250,7 +251,7 @@ def predict_items(bundle: dict, items: pd.DataFrame, batch_size: int = 64,
     feats = bundle.get("features") or {}
     if feats.get("source") != "text":
         raise ValueError("this genre model reads the embed stage's vectors (text_columns: null); "
-                         "use predict_genres with genre_tasks.embed.encode_texts(item texts)")
+                         "use predict_genres with genre_tasks.features.embed.encode_texts(item texts)")
     absent = [c for c in feats["text_columns"] if c not in items.columns]
     if absent:
         raise ValueError(f"items lack the model's text column(s) {absent} (use None values for "

@@ -105,7 +105,8 @@ def _bundle_cutoff(cl, name: str, version: str) -> int | None:
 
 def _prequential_runs(cl, paths: S.Paths, name: str) -> dict[str, list[dict]]:
     """{version: [prequential records sorted by batch id]} from MLflow + local records."""
-    from genre_tasks import feedback, tracking
+    from genre_tasks import feedback
+    from genre_tasks.registry import tracking
 
     out: dict[str, dict[str, dict]] = {}
     try:
@@ -137,7 +138,7 @@ def _prequential_runs(cl, paths: S.Paths, name: str) -> dict[str, list[dict]]:
 
 def collect(paths: S.Paths, model_name: str) -> list[VersionRow]:
     """The history rows of ``model_name`` (oldest version first); [] without a registry."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     uri = tracking.tracking_uri(paths)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():

@@ -6,7 +6,7 @@
 * ``mind`` / ``tabular``: checks that the files named in ``ingest.mind`` / ``ingest.tabular``
   are in ``data/source/``; the user puts them there (MIND cannot be downloaded offline).
 
-Params: the ``ingest`` section (:class:`genre_tasks.ingest.IngestParams`).
+Params: the ``ingest`` section (:class:`genre_tasks.data.ingest.IngestParams`).
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from genre_tasks import adapters, config, logs
-from genre_tasks.adapters import movielens
+from genre_tasks import config, logs
+from genre_tasks.data import adapters
+from genre_tasks.data.adapters import movielens
 from genre_tasks.errors import StageError
-from genre_tasks.ingest import IngestParams
+from genre_tasks.data.ingest import IngestParams
 from genre_tasks.io import atomic_path, file_md5
 from genre_tasks.schema import Paths
 

@@ -1,6 +1,6 @@
 """GENRE-style two-tower recommender in torch: items understood through language-model vectors.
 
-Item tower (one per ``strategy``), rows = items of a catalogue (a :class:`~genre_tasks.data.FitData`):
+Item tower (one per ``strategy``), rows = items of a catalogue (a :class:`~genre_tasks.models.views.FitData`):
 
 ``content``        MLP([sqrt(d) * item_vectors, genre multi-hot]) -> ``dim``, plus a linear
                    content bias. Needs nothing but the item's text vector and genres, so it
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genre_tasks.data import FitData
+from genre_tasks.models.views import FitData
 
 STRATEGIES = ("content", "collaborative", "hybrid")
 MODEL_FILE = "model.pt"
@@ -263,7 +263,7 @@ def fallback_scores(kind: str, data: FitData) -> np.ndarray:
 # --- recommender -----------------------------------------------------------------------------
 
 class TorchRecommender:
-    """A trained :class:`TwoTower` that implements :class:`genre_tasks.data.Recommender`.
+    """A trained :class:`TwoTower` that implements :class:`genre_tasks.models.views.Recommender`.
 
     ``meta`` holds what is needed to rebuild and re-fit it: params (the train section),
     strategy, item_ids (the id table's order), genre_names, vec_dim, dim, best_epoch.
@@ -283,7 +283,7 @@ class TorchRecommender:
     # Recommender protocol
     def fit(self, data: FitData) -> "TorchRecommender":
         """Re-train from scratch on ``data`` with the stored params for ``best_epoch`` epochs."""
-        from genre_tasks.train import TrainParams, fit_model
+        from genre_tasks.models.train import TrainParams, fit_model
 
         p = TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()})
         epochs = int(self.meta.get("best_epoch") or p.epochs)

@@ -1,9 +1,9 @@
 """The promotion rule, pure: paired comparisons over users and the decision of the gate.
 
 No MLflow, no files: :func:`decide` takes evaluation results (``metrics`` means, ``per_user``
-values and their ``users``, as :class:`genre_tasks.evaluation.EvalResult`) of the challenger,
+values and their ``users``, as :class:`genre_tasks.evaluation.protocol.EvalResult`) of the challenger,
 the current champion and the baselines of the run on the same test units, and returns a
-:class:`Decision` with its reasons. :mod:`genre_tasks.promote` gathers those results, calls it
+:class:`Decision` with its reasons. :mod:`genre_tasks.registry.promote` gathers those results, calls it
 and records the decision in the registry.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from genre_tasks.errors import StageError
 
 if TYPE_CHECKING:  # the gate's settings live with the stage that reads them
-    from genre_tasks.promote import PromoteParams
+    from genre_tasks.registry.promote import PromoteParams
 
 
 @dataclass

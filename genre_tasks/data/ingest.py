@@ -1,7 +1,7 @@
 """`ingest` stage: source files (any adapter) -> canonical raw tables in ``data/raw/``.
 
 Reads what the ``source`` stage put under ``Paths.source`` with the adapter named by
-``ingest.adapter`` (see :mod:`genre_tasks.adapters`) and writes
+``ingest.adapter`` (see :mod:`genre_tasks.data.adapters`) and writes
 
 * ``Paths.raw_items`` (parquet): ``item_id``, ``title``, ``text`` (string), ``genres``
   (``list<string>``), plus the adapter's extra string columns;
@@ -11,7 +11,7 @@ Reads what the ``source`` stage put under ``Paths.source`` with the adapter name
 
 Feedback: after the adapter's base tables (base interactions cut at ``ingest.until`` when it is
 set), the applied batches of the feedback store ``data/source/feedback/`` are appended in
-batch-id order (see :mod:`genre_tasks.adapters` and :mod:`genre_tasks.feedback`); the summary
+batch-id order (see :mod:`genre_tasks.data.adapters` and :mod:`genre_tasks.feedback`); the summary
 and ``metrics/ingest.json`` say how many batches / rows were added and the newest timestamp.
 
 The adapters are lenient on content (bad values become nulls, missing mapped columns are left
@@ -96,7 +96,7 @@ class TabularParams:
 class IngestParams:
     """The ``ingest`` section of params.yaml (also read by the ``source`` stage)."""
 
-    #: movielens-100k | mind | tabular (see genre_tasks.adapters.ADAPTERS)
+    #: movielens-100k | mind | tabular (see genre_tasks.data.adapters.ADAPTERS)
     adapter: str = "movielens-100k"
     #: keep only the N users with the smallest ids (numeric order if all ids are digits)
     max_users: int | None = None
@@ -186,10 +186,10 @@ def run(p: IngestParams, paths: Paths) -> dict:
     Returns ``{adapter, n_items, n_interactions, n_users, items, interactions, until,
     n_feedback_batches, n_feedback_rows, feedback_batches, max_timestamp, slice, seconds}``.
     Raises :class:`~genre_tasks.errors.StageError` for an unknown adapter, a missing file or a
-    malformed one (:class:`~genre_tasks.adapters.InputError`: file, line, column, value, rule);
+    malformed one (:class:`~genre_tasks.data.adapters.InputError`: file, line, column, value, rule);
     then nothing is written and the previous outputs are removed.
     """
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     with logs.stage("ingest", paths) as log:
         outputs = (paths.raw_items, paths.raw_interactions, paths.raw_input_interactions,
@@ -302,7 +302,7 @@ def _jsonable_params(p: IngestParams) -> dict:
 def source_manifest(p: IngestParams, paths: Paths) -> list[dict]:
     """``[{path, bytes, md5}]`` of every file ingest reads: the adapter's source files and the
     feedback store's ledger (its parts are pinned by the ledger's content hashes)."""
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
     from genre_tasks.io import file_md5
 
     files = [*adapters.source_files(p, paths.source)]

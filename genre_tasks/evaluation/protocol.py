@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from genre_tasks import data as D
-from genre_tasks import metrics as M
+from genre_tasks.models import views as D
+from genre_tasks.evaluation import metrics as M
 
 FULL_METRICS: tuple[str, ...] = M.RANKING_METRICS
 IMPRESSION_METRICS: tuple[str, ...] = ("auc", "imp_mrr", "imp_ndcg@5", "imp_ndcg@10")

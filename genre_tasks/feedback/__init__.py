@@ -10,7 +10,7 @@ silently), the content the canonical interactions schema of
 through, in batch-id order:
 
 1. **validation** (:func:`validate_batch`): the Great Expectations ``interactions`` suite of
-   :mod:`genre_tasks.validate` (the same rules as the main data: required columns, dtypes,
+   :mod:`genre_tasks.data.validate` (the same rules as the main data: required columns, dtypes,
    non-null ids, rating / timestamp bounds, label in {0, 1}, unique events within the batch,
    every ``item_id`` known in the current items table, unless ``feedback.allow_new_items``)
    plus the batch rules, added to the same suite: no timestamp after the run's *logical date*
@@ -142,8 +142,8 @@ class Settings:
 
 def settings(params: dict, **overrides: Any) -> Settings:
     """Settings from loaded params; ``overrides`` replace ``feedback`` fields (None = keep)."""
-    from genre_tasks.ingest import IngestParams
-    from genre_tasks.validate import ValidateParams
+    from genre_tasks.data.ingest import IngestParams
+    from genre_tasks.data.validate import ValidateParams
 
     fb = config.from_dict(FeedbackParams, params.get("feedback") or {}, "feedback")
     changes = {k: v for k, v in overrides.items() if v is not None}
@@ -218,7 +218,7 @@ def _rel(path: Path, root: Path) -> str:
 
 def as_datetime(value: str | dt.datetime | dt.date) -> dt.datetime:
     """An aware UTC datetime from an ISO string / datetime / date (naive = UTC)."""
-    from genre_tasks.ingest import as_utc_datetime
+    from genre_tasks.data.ingest import as_utc_datetime
 
     return as_utc_datetime(value, "logical date")
 
@@ -259,7 +259,7 @@ class BatchReadError(StageError):
 
 def safe_batch_id(stem: str) -> str:
     """The file stem if it is a safe id, else a sanitised one (``bad name`` -> ``bad_name``)."""
-    from genre_tasks.adapters import BATCH_ID_PATTERN
+    from genre_tasks.data.adapters import BATCH_ID_PATTERN
 
     if BATCH_ID_PATTERN.fullmatch(stem):
         return stem
@@ -392,7 +392,7 @@ def read_batch(path: Path, p: FeedbackParams | None = None,
     (the 1-based line / row of each batch row, not JSON: popped by the caller).
     Raises :class:`BatchReadError` (with the located problems) when the batch is refused.
     """
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     p = p or FeedbackParams()
     label = label or str(path)
@@ -444,8 +444,8 @@ def _read_parquet_bytes(data: bytes, label: str, max_rows: int) -> pd.DataFrame:
 
 def _parse_batch(raw: pd.DataFrame, label: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Canonical interactions of a raw batch; a value that does not parse is refused."""
-    from genre_tasks import adapters
-    from genre_tasks.adapters.tabular import PARSERS
+    from genre_tasks.data import adapters
+    from genre_tasks.data.adapters.tabular import PARSERS
 
     lines = (raw.index.to_numpy(dtype=np.int64) if raw.index.name == S.SOURCE_LINE
              else np.arange(1, len(raw) + 1, dtype=np.int64))
@@ -462,7 +462,7 @@ def _parse_batch(raw: pd.DataFrame, label: str) -> tuple[pd.DataFrame, np.ndarra
 
 def event_keys(df: pd.DataFrame) -> pd.MultiIndex:
     """One key per row: (user_id, item_id, timestamp, impression_id) as text (nulls as "")."""
-    from genre_tasks.validate import EVENT_KEY
+    from genre_tasks.data.validate import EVENT_KEY
 
     cols = []
     for c in EVENT_KEY:
@@ -492,13 +492,13 @@ def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s
                 lines: np.ndarray | None = None) -> dict:
     """Validate a canonical batch; return the GX report (``report["success"]``), never raise.
 
-    The ``interactions`` suite of :mod:`genre_tasks.validate` (built by its
+    The ``interactions`` suite of :mod:`genre_tasks.data.validate` (built by its
     ``plan_interactions``, run by its ``run_suites``, reported by its ``build_report``) with two
     batch rules added to the same suite: timestamps not after ``logical_date``, events not
     already in ``store``. Unknown item ids fail the suite's "item_id exists in items" rule
     unless ``feedback.allow_new_items`` (then they are listed in ``report["batch"]``).
     """
-    from genre_tasks import validate as V
+    from genre_tasks.data import validate as V
 
     frame = V.normalize(batch, (S.USER_ID, S.ITEM_ID, S.IMPRESSION_ID))
     item_ids = items[S.ITEM_ID].astype("string") if S.ITEM_ID in items.columns else None
@@ -574,7 +574,7 @@ def quarantine(fp: FeedbackPaths, batch_id: str, files: Sequence[Path], report: 
 
 
 def _message(report: dict, batch_id: str, where: Path, fp: FeedbackPaths) -> str:
-    from genre_tasks.validate import format_failure
+    from genre_tasks.data.validate import format_failure
 
     report["failure_report"] = fp.rel(where / "report.json")
     return f"batch {batch_id} rejected\n" + format_failure(report)
@@ -583,7 +583,7 @@ def _message(report: dict, batch_id: str, where: Path, fp: FeedbackPaths) -> str
 def load_store(s: Settings, fp: FeedbackPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(items, interactions) of the current store: base data (before ``ingest.until``) + the
     applied parts, every user (``max_users`` is a training-time view, not the store)."""
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     return adapters.load(s.ingest, fp.source, feedback=True, slice_users=False)
 
@@ -604,7 +604,7 @@ def validate_batch(params: dict, paths: S.Paths, batch_id: str,
     retried task after the file moved on). Bad data never raises: it is quarantined.
     ``store`` = preloaded (items, interactions) (the CLI validates several batches).
     """
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     s = settings(params, allow_new_items=allow_new_items)
     fp = FeedbackPaths(paths, s.feedback)
@@ -708,7 +708,7 @@ def _time_range(batch: pd.DataFrame) -> dict:
 # apply (the store)
 # --------------------------------------------------------------------------------------
 def _write_ledger(fp: FeedbackPaths, ledger: dict[str, dict]) -> None:
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     io.write_json({"version": 1, "batches": ledger}, adapters.ledger_path(fp.source))
 
@@ -757,8 +757,8 @@ def _apply_locked(s: Settings, fp: FeedbackPaths, batch_id: str, moment: dt.date
 
     Returns ``{batch_id, status: applied | already_applied | quarantined, rows, ...}``.
     """
-    from genre_tasks import adapters
-    from genre_tasks.ingest import write_table
+    from genre_tasks.data import adapters
+    from genre_tasks.data.ingest import write_table
 
     files = batch_files(fp, batch_id)
     ledger = adapters.read_ledger(fp.source)
@@ -785,7 +785,7 @@ def _apply_locked(s: Settings, fp: FeedbackPaths, batch_id: str, moment: dt.date
 
     dups = in_store(batch, store).fillna(False).to_numpy(dtype=bool)
     if dups.any():
-        from genre_tasks.validate import add_failure
+        from genre_tasks.data.validate import add_failure
 
         report = add_failure(record["report"], "event is not already in the interaction store "
                              "(checked again at apply time)",
@@ -820,7 +820,7 @@ def apply_batches(params: dict, paths: S.Paths, batch_ids: Sequence[str],
     """Apply ``batch_ids`` in batch-id order under ONE hold of the store lock, the store read
     after the lock is taken; return ``{"batches": [...summaries], "applied": [ids newly
     applied], "unrecorded": [ledger ids DVC has not recorded yet]}``."""
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     s = settings(params)
     fp = FeedbackPaths(paths, s.feedback)
@@ -860,9 +860,9 @@ def score_batch(rec: Any, catalog: Any, store: pd.DataFrame, batch: pd.DataFrame
     """
     from scipy import sparse
 
-    from genre_tasks import data as D
-    from genre_tasks import evaluation
-    from genre_tasks.preprocess import positive_labels
+    from genre_tasks.models import views as D
+    from genre_tasks.evaluation import protocol as evaluation
+    from genre_tasks.data.preprocess import positive_labels
 
     index = pd.Series(np.arange(catalog.n_items, dtype=np.int64),
                       index=pd.Index(np.asarray(catalog.item_ids).astype(str)))
@@ -942,7 +942,7 @@ def score_batch(rec: Any, catalog: Any, store: pd.DataFrame, batch: pd.DataFrame
 def load_champion(paths: S.Paths, model_name: str) -> tuple[Any, str | None, str]:
     """``(model, version, reason)``: the ``@champion`` as a serving.GenreRecommenderModel, or
     ``(None, None, why not)`` when there is no registry / registered model / champion yet."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     uri = tracking.tracking_uri(paths)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -955,7 +955,7 @@ def load_champion(paths: S.Paths, model_name: str) -> tuple[Any, str | None, str
         mv = cl.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None, None, f"no {model_name}@{CHAMPION} in the registry yet"
-    from genre_tasks import serving
+    from genre_tasks.registry import serving
 
     model = serving.load(f"models:/{model_name}/{mv.version}")
     return model, str(mv.version), ""
@@ -964,7 +964,7 @@ def load_champion(paths: S.Paths, model_name: str) -> tuple[Any, str | None, str
 def log_prequential(paths: S.Paths, record: dict) -> str:
     """Log a prequential record to MLflow (one run per batch x model version; an existing
     finished run of the same batch content and version is reused). Returns the run id."""
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     exp_id = tracking.configure(paths)
     cl = tracking.client(paths)
@@ -1000,7 +1000,7 @@ def prequential(params: dict, paths: S.Paths, batch_ids: Sequence[str],
     (status ``scored`` | ``reused`` | ``skipped``). ``model``/``version`` replace the champion
     (tests). An existing record of the same content and champion version is reused.
     """
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     s = settings(params, prequential=enabled)
     fp = FeedbackPaths(paths, s.feedback)
@@ -1070,7 +1070,7 @@ def _fmt(x: Any) -> str:
 # --------------------------------------------------------------------------------------
 def unrecorded(fp: FeedbackPaths) -> list[str]:
     """Applied batch ids whose store version has not been recorded (DVC) yet."""
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     done = set(io.read_json(fp.recorded).get("batches", [])) if fp.recorded.exists() else set()
     return sorted(set(adapters.read_ledger(fp.source)) - done)
@@ -1155,7 +1155,7 @@ def record_store(params: dict, paths: S.Paths, *, dvc: bool | None = None,
     "source_md5": ...}``; ``recorded.json`` lists the batches whose version is recorded.
     DVC errors raise RuntimeError (retry); the batches then stay unrecorded.
     """
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     s = settings(params, dvc=dvc, dvc_push=push)
     fp = FeedbackPaths(paths, s.feedback)
@@ -1225,7 +1225,7 @@ def run(params: dict, paths: S.Paths, logical_date: str | dt.datetime, *,
 
 def status(params: dict, paths: S.Paths) -> dict:
     """The loop's state: landing folder, quarantine, store (base + parts), DVC record."""
-    from genre_tasks import adapters
+    from genre_tasks.data import adapters
 
     s = settings(params)
     fp = FeedbackPaths(paths, s.feedback)
@@ -1296,7 +1296,7 @@ def feedback_cli(argv: list[str] | None = None) -> int:
 
     Prints a JSON summary; exit code 0, 1 (a stage refused: message on stderr) or 2 (params).
     """
-    from genre_tasks import replay
+    from genre_tasks.feedback import replay
     from genre_tasks.cli import exit_code
 
     parser = build_parser()

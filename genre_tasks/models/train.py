@@ -1,4 +1,4 @@
-"""train stage: fit the two-tower recommender (genre_tasks.model) per strategy, pick the best.
+"""train stage: fit the two-tower recommender (genre_tasks.models.model) per strategy, pick the best.
 
 For each strategy in ``train.strategies``:
 
@@ -13,7 +13,7 @@ on the validation split only.
 
 Outputs (``data/model`` is written as a whole, atomically):
 
-``data/model/<strategy>/model.pt``   state_dict of genre_tasks.model.TwoTower
+``data/model/<strategy>/model.pt``   state_dict of genre_tasks.models.model.TwoTower
 ``data/model/<strategy>/meta.json``  params, strategy, item_ids (id-table order), genre_names,
                                      vec_dim, dim, hidden, best_epoch, fit_phase "test",
                                      history (per epoch: train_loss, valid_ndcg@10); no
@@ -48,12 +48,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from genre_tasks import config, io, logs, tracking
+from genre_tasks import config, io, logs
+from genre_tasks.registry import tracking
 from genre_tasks import schema as S
 from genre_tasks.config import ParamsError
-from genre_tasks.data import Dataset, EvalData, FitData
+from genre_tasks.models.views import Dataset, EvalData, FitData
 
-#: two-tower item towers (genre_tasks.model) + the registrable EASE (genre_tasks.linear)
+#: two-tower item towers (genre_tasks.models.model) + the registrable EASE (genre_tasks.models.linear)
 TWO_TOWER = ("content", "collaborative", "hybrid")
 STRATEGIES = (*TWO_TOWER, "ease")
 DEFAULT_STRATEGIES = STRATEGIES
@@ -182,7 +183,7 @@ def eval_users(ev: EvalData) -> tuple[np.ndarray, list, np.ndarray | None]:
 
 def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int = 2048) -> float:
     """Mean nDCG@10 of ``rec`` on ``ev`` (seen items of ``fit`` excluded); NaN without users."""
-    from genre_tasks import metrics
+    from genre_tasks.evaluation import metrics
 
     users, targets, candidates = eval_users(ev)
     if users is None or len(users) == 0:
@@ -202,7 +203,7 @@ def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int 
 
 @dataclass
 class FitResult:
-    recommender: Any  # genre_tasks.model.TorchRecommender
+    recommender: Any  # genre_tasks.models.model.TorchRecommender
     curve: list[dict]  # per epoch: epoch, train_loss, valid_ndcg@10 (None without eval), seconds
     best_epoch: int
     best_ndcg: float
@@ -224,7 +225,7 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
     _passive_openmp()
     from tqdm.auto import tqdm
 
-    from genre_tasks import model as M
+    from genre_tasks.models import model as M
 
     epochs = p.epochs if epochs is None else int(epochs)
     t_start = time.perf_counter()
@@ -281,13 +282,13 @@ def _untimed(curve: list[dict]) -> list[dict]:
 
 
 def load_recommender(model_dir: str | Path):
-    """The recommender saved under ``model_dir``: an EaseRecommender (genre_tasks.linear) or a
-    TorchRecommender (genre_tasks.model.load_recommender)."""
-    from genre_tasks import linear
+    """The recommender saved under ``model_dir``: an EaseRecommender (genre_tasks.models.linear) or a
+    TorchRecommender (genre_tasks.models.model.load_recommender)."""
+    from genre_tasks.models import linear
 
     if linear.is_saved(model_dir):
         return linear.load(model_dir)
-    from genre_tasks.model import load_recommender as _load
+    from genre_tasks.models.model import load_recommender as _load
 
     return _load(model_dir)
 
@@ -298,7 +299,7 @@ def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: Fit
     test-phase data. Returns (recommender, curve rows (one per grid value), best valid nDCG@10,
     index of the best value, 1-based). ``live(step, loss, seconds, ndcg)`` is called after each
     grid value (step = its 1-based index), like fit_model's per-epoch callback."""
-    from genre_tasks import linear
+    from genre_tasks.models import linear
 
     curve, best, best_i = [], -math.inf, 1
     for i, lam in enumerate(p.ease_lambda, 1):
@@ -343,7 +344,7 @@ def _finite(x: float) -> float | None:
 
 def run(p: TrainParams, paths: S.Paths) -> dict:
     _passive_openmp()
-    from genre_tasks import model as M
+    from genre_tasks.models import model as M
 
     with logs.stage("train", paths) as log:
         ds = Dataset.load(paths)
@@ -417,7 +418,7 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                 d = tmp / strategy
                 d.mkdir(parents=True, exist_ok=True)
                 if strategy == "ease":
-                    from genre_tasks import linear
+                    from genre_tasks.models import linear
 
                     linear.save(rec, d)
                 else:

@@ -45,7 +45,7 @@ def load_champion(paths: S.Paths, model_name: str = DEFAULT_MODEL, alias: str = 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from genre_tasks import tracking
+    from genre_tasks.registry import tracking
 
     uri = tracking.set_uris(paths)
     try:
@@ -107,7 +107,7 @@ def main(params: dict, paths: S.Paths, user: str, k: int = 10, alias: str = "cha
 
 
 def cli_recommend(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m genre_tasks.recommend --user 1 -k 10``."""
+    """Stand-alone entry: ``python -m genre_tasks.registry.recommend --user 1 -k 10``."""
     from genre_tasks.config import ParamsError, load_params
     from genre_tasks.logs import setup_logging
 
