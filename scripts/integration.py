@@ -98,6 +98,9 @@ class Stack:
         self.logs = base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        #: the signal that stops a service cleanly (Postgres: SIGINT = fast shutdown; its SIGTERM
+        #: "smart" shutdown waits for every client to disconnect first)
+        self.stop_signal: dict[str, int] = {"postgres": signal.SIGINT}
         self.ports: dict[str, int] = {}
         self.run_as_postgres = os.geteuid() == 0
 
@@ -135,7 +138,7 @@ class Stack:
         """SIGTERM each process group (reverse start order), SIGKILL what is left after 30 s."""
         for name, proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, self.stop_signal.get(name, signal.SIGTERM))
         deadline = time.monotonic() + 30
         for name, proc in reversed(self.procs):
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -311,7 +314,7 @@ def worker_folder(base: Path, name: str, remote: Path) -> Path:
         (project / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, project / f)
     (project / ".dvc" / "config.local").write_text(
-        f"[core]\n    remote = shared\n['remote \"shared\"']\n    url = {remote}\n")
+        f"[core]\n    remote = shared\n    no_scm = true\n['remote \"shared\"']\n    url = {remote}\n")
     return w
 
 
@@ -454,11 +457,9 @@ def pull_in_clean_folder(base: Path, ml: MLflow, version: dict, remote: Path) ->
     say(f"dvc pull in {d}: {out.stdout.strip().splitlines()[-1] if out.stdout.strip() else '?'} "
         f"({time.monotonic() - t0:.1f} s); {len(files)} files under data/")
     # the pulled model folder hashes to the md5 the run's dvc.lock recorded
-    sys.path.insert(0, str(ROOT))
-    from dvc.repo import Repo
-
-    with Repo(str(d)) as repo:
-        st = repo.status(targets=["train", "evaluate"], check_updates=False)
+    proc = subprocess.run([str(BIN / "dvc"), "status", "--json", "train", "evaluate"], cwd=d, env=env,
+                          capture_output=True, text=True)
+    st = json.loads(proc.stdout or "{}")
     # the code deps (genre_tasks/) are not in this folder: only the outputs are compared
     outs = {stage: [e for e in entries if isinstance(e, dict) and "changed outs" in e]
             for stage, entries in st.items()}
@@ -573,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         xcom = af.get(f"/dags/genre_training/dagRuns/{run['dag_run_id']}/taskInstances/start_mlflow_run/xcomEntries/return_value")
         mlflow_run = xcom_value(xcom)
         champ = ml.champion()
-        say(f"MLflow REST: {MODEL}@champion = version {champ['version']} (run {champ['run_id']}, "
-            f"decision {tags(champ).get('genre.decision', '?')})")
+        say(f"MLflow REST: {MODEL}@champion = version {champ['version']} (run {champ['run_id']} = this DAG "
+            f"run's MLflow run; artifacts sha256 {tags(champ).get('genre.artifacts_sha256', '-')[:12]})")
         assert champ["run_id"] == mlflow_run, (champ["run_id"], mlflow_run)
         result["champion"] = {"version": champ["version"], "run_id": champ["run_id"],
                               "source": champ["source"], "tags": {k: v for k, v in tags(champ).items()
