@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ENV := source scripts/env.sh && export PATH="$(CURDIR)/$(BIN):$$PATH" &&
 
-.PHONY: setup run repro test test-fast bench clean airflow-init airflow-train airflow airflow-ui airflow-stop airflow-screenshot
+.PHONY: setup run repro test test-fast integration bench clean airflow-init airflow-train airflow airflow-ui airflow-stop airflow-screenshot
 CONF ?= {}
 
 setup:
@@ -27,6 +27,14 @@ test: setup
 
 test-fast: setup  ## unit tier only: the edit-test loop (no slow or end-to-end tests)
 	$(ENV) pytest -q -m "not slow and not e2e"
+
+# The production topology without Docker (issue 11): Postgres + Redis (Debian packages), an MLflow
+# server, Airflow CeleryExecutor with two workers in empty folders; ~30 min on 2 busy cores, so
+# not part of `make test` (pytest -m integration runs the same thing through a test).
+integration: setup
+	bash scripts/system-deps.sh postgresql redis-server
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -r docker/requirements-stack.txt
+	$(ENV) python scripts/integration.py $(INTEGRATION_ARGS)
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(ENV) python $$b || exit 1; done

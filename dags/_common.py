@@ -36,6 +36,13 @@ DEFAULT_INCOMING = "data/feedback/incoming"
 #: (scheduled, asset-triggered, manual): edited in the UI, read by snapshot_params at run time
 PARAMS_VARIABLE = "genre_params_override"
 
+#: Celery queue of the tasks that use the project folder itself, i.e. the feedback store (landing
+#: folder, store parts, the project's dvc.lock): every feedback task, and the training tasks
+#: that seed a run from the store and publish a finished run into the project. With several
+#: workers that share no disk, one worker serves this queue and holds the store; the stage
+#: tasks go anywhere (their data travels through the DVC remote). Unset: Airflow's default queue.
+STORE_QUEUE_ENV = "GENRE_STORE_QUEUE"
+
 #: Values the trigger form offers (the lists of genre_tasks.schema)
 ADAPTERS = schema.ADAPTERS
 SPLIT_MODES = schema.SPLIT_MODES
@@ -74,6 +81,12 @@ def landing_folder(root: Path | None = None) -> Path:
         incoming = DEFAULT_INCOMING
     path = Path(incoming).expanduser()
     return path if path.is_absolute() else root / path
+
+
+def store_queue() -> dict[str, str]:
+    """``{"queue": $GENRE_STORE_QUEUE}`` for the store's tasks, or ``{}`` (the default queue)."""
+    queue = os.environ.get(STORE_QUEUE_ENV, "").strip()
+    return {"queue": queue} if queue else {}
 
 
 def schedule_expression() -> str | None:

@@ -64,7 +64,7 @@ for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent
     if str(_folder) not in sys.path:
         sys.path.append(str(_folder))
 
-from _common import landing_folder, project_root, stage_environment  # noqa: E402
+from _common import landing_folder, project_root, stage_environment, store_queue  # noqa: E402
 from genre_airflow.triggers import LandingFolderTrigger  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": timedelta(minutes=1),
     "execution_timeout": timedelta(minutes=30),
+    # every task works on the project folder's store: the worker serving $GENRE_STORE_QUEUE
+    **store_queue(),
 }
 
 PARAMS = {

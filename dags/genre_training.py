@@ -78,6 +78,7 @@ from _common import (  # noqa: E402
     schedule_expression,
     small_summary,
     stage_environment,
+    store_queue,
     variable_overrides,
 )
 
@@ -240,7 +241,7 @@ def start_mlflow_run() -> str:
     return mlflow_run_id
 
 
-@task(multiple_outputs=False, **RETRY)
+@task(multiple_outputs=False, **RETRY, **store_queue())
 def snapshot_params(mlflow_run_id: str) -> dict:
     """The effective params of this DAG run (params.yaml + $GENRE_PARAMS_OVERRIDE + trigger
     form), written ONCE as the params.yaml of the run's workspace (what DVC reads), logged to
@@ -272,6 +273,8 @@ def snapshot_params(mlflow_run_id: str) -> dict:
             raise AirflowFailException(f"bad params: {exc}") from exc
         W.create(ws, params)
         logged = tracking.log_params_snapshot(mlflow_run_id, params, ws.params_file, paths)
+        if ws.lock_file.exists():  # seeded from the project's feedback store: the record travels
+            tracking.log_run_lock(mlflow_run_id, ws.lock_file, paths)
         tracking.log_artifact(mlflow_run_id, ws.path / "dvc.yaml", paths, "run")  # the pipeline as run
         tracking.set_tags(mlflow_run_id, {W.WORKSPACE_TAG: str(ws.path)}, paths)
     out = {"params_hash": logged["params_hash"], "overrides": overrides,
@@ -343,7 +346,7 @@ def promote(mlflow_run_id: str) -> dict:
 
 
 @teardown
-@task(multiple_outputs=False, **RETRY)
+@task(multiple_outputs=False, **RETRY, **store_queue())
 def finish_mlflow_run(mlflow_run_id: str) -> dict:
     """Mark the MLflow run FINISHED, or FAILED if a stage failed (runs even after a failure)."""
     from genre_tasks.registry import tracking
@@ -367,7 +370,10 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
             from genre_tasks.registry import workspace as W
 
             ws = W.workspace(root, ti.run_id)
-            if ws.lock_file.exists():  # this worker has the run's workspace (local default)
+            if ws.params_file.exists():  # this worker made the run's workspace (the store's)
+                with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+                    W.materialise(ws, mlflow_run_id, paths)  # the run's final dvc.lock
+            if ws.lock_file.exists():
                 published = W.publish(ws)
                 log.info("published the run into %s: %s", root, published)
         status = tracking.finish_pipeline_run(paths, mlflow_run_id, outcome, bool(failed))

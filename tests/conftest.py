@@ -154,3 +154,16 @@ def tiny_paths(tmp_path: Path, make_ingest_params):
     write_movielens(paths.source)
     ingest.run(make_ingest_params(adapter="movielens-100k", max_users=None), paths)
     return paths
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``integration`` (tests/test_integration.py: the whole production topology,
+    ~30 min) run only when the marker expression names them (``pytest -m integration``)."""
+    import pytest
+
+    if "integration" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="production-topology run: select it with -m integration (make integration)")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)

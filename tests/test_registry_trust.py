@@ -342,3 +342,44 @@ def test_a_model_version_carries_the_data_its_run_trained_on_not_later_files(pro
     assert mv.tags["data.data/processed/interactions.parquet"] == io.file_md5(project.interactions)
     run = tracking.client(project).get_run(res["run_id"])
     assert run.data.tags["data.data/source/feedback/store.csv"] == trained_store_md5
+
+
+# --- the artifact store is not trusted ---------------------------------------------------------
+@pytest.mark.slow
+def test_a_file_swapped_in_the_artifact_store_is_refused_before_its_code_runs(project, model_name, tmp_path):
+    """Registration records a sha256 of the version's files as a version tag (in the registry's
+    database); loading re-hashes the downloaded files first. A model file or a shipped source
+    file swapped in the artifact store afterwards is refused, and the swapped code never runs."""
+    from urllib.parse import urlparse
+
+    from genre_tasks.registry import recommend, serving, tracking
+
+    promote(project, model_name, force=True, reason="test: a champion to tamper with")
+    cl = tracking.client(project)
+    mv = cl.get_model_version_by_alias(model_name, "champion")
+    recorded = mv.tags[serving.ARTIFACTS_TAG]
+    assert len(recorded) == 64
+    model = serving.load(f"models:/{model_name}@champion", cl)  # untouched: loads and recommends
+    assert len(model.recommend([np.array([0, 1])], [5])[0][0]) == 5
+
+    store = Path(urlparse(cl.get_model_version_download_uri(model_name, mv.version)).path)
+    shipped = next(store.rglob("registry/serving.py"))  # the code that runs at load
+    marker = tmp_path / "swapped-code-ran"
+    original = shipped.read_bytes()
+    shipped.write_bytes(original + f"\nopen({str(marker)!r}, 'w').write('ran')\n".encode())
+    with pytest.raises(serving.ArtifactsTampered, match="refusing to load"):
+        serving.load(f"models:/{model_name}@champion", cl)
+    with pytest.raises(serving.ArtifactsTampered):
+        recommend.load_champion(project, model_name)
+    assert not marker.exists()
+
+    shipped.write_bytes(original)  # restored: accepted again; now a weight file is swapped
+    serving.load(f"models:/{model_name}/{mv.version}", cl)
+    weights = next(p for p in store.rglob("*") if p.is_file() and p.suffix in (".pt", ".npy"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(serving.ArtifactsTampered, match=recorded):
+        serving.load(f"models:/{model_name}/{mv.version}", cl)
+    # a version with no recorded digest is refused too (never run unverified)
+    cl.delete_model_version_tag(model_name, mv.version, serving.ARTIFACTS_TAG)
+    with pytest.raises(serving.ArtifactsTampered, match="no genre.artifacts_sha256"):
+        serving.load(f"models:/{model_name}/{mv.version}", cl)

@@ -4,6 +4,8 @@ slicing (with a kept/dropped report), and stale raw tables are refused.
 """
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import yaml
@@ -103,6 +105,14 @@ def test_stale_raw_tables_are_refused(tmp_path, params):
     changed = {**params, "ingest": {**params["ingest"], "max_users": 3}}
     with pytest.raises(StageError, match=r"params ingest.\{max_users\} changed"):
         validate.main(changed, paths)
+    # one source file deleted: stale; no source folder at all (a Celery worker that fetched only
+    # validate's DVC inputs, data/raw): not judged, validate runs
+    ingest.main(params, paths)
+    (paths.source / "ml-100k" / "ml-100k.item").rename(tmp_path / "item.bak")
+    with pytest.raises(StageError, match=r"ml-100k.item is gone since ingest read it"):
+        validate.main(params, paths)
+    shutil.rmtree(paths.source)
+    assert validate.main(params, paths)["success"]
 
 
 def test_a_refused_source_file_leaves_no_raw_tables(tmp_path, params):

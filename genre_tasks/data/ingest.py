@@ -218,6 +218,10 @@ def stale_inputs(paths: Paths, p: IngestParams | None = None) -> list[str]:
         old, new = manifest.get("params") or {}, _jsonable_params(p)
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         reasons.append(f"params ingest.{{{', '.join(keys)}}} changed since ingest ran")
+    if not paths.source.exists():
+        # no source folder at all: a worker that fetched only this stage's DVC inputs (data/raw;
+        # the run's dvc.lock ties it to its source) has nothing to compare with - not judged
+        return reasons
     now = {f["path"]: f for f in (source_manifest(p, paths) if p is not None else [])}
     for f in manifest.get("files", []):
         path = paths.root / f["path"] if not Path(f["path"]).is_absolute() else Path(f["path"])

@@ -147,7 +147,7 @@ def load_champion(paths: S.Paths, model_name: str) -> tuple[Any, str | None, str
         return None, None, f"no {model_name}@{CHAMPION} in the registry yet"
     from genre_tasks.registry import serving
 
-    model = serving.load(f"models:/{model_name}/{mv.version}")
+    model = serving.load(f"models:/{model_name}/{mv.version}", cl)
     return model, str(mv.version), ""
 
 

@@ -334,7 +334,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
                 champion = None
                 if champion_before is not None:  # judged on its own bundle: vectors, items, params
                     champion = evaluation.evaluate_recommender(
-                        _Named(serving.load(f"models:/{name}/{champion_before}"), f"champion v{champion_before}"),
+                        _Named(serving.load(f"models:/{name}/{champion_before}", cl), f"champion v{champion_before}"),
                         fit, ev, seed)
                 d = decide(res_c, baselines, p, champion, f"champion v{champion_before}", force=force,
                            itself=SAME_MODEL_BASELINE.get(strategy))
@@ -366,6 +366,9 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
                         _set_version_tags(cl, name, version, {W.PARAMS_HASH_TAG: run_tags[W.PARAMS_HASH_TAG]})
                 else:
                     slog.logger.info("model unchanged since v%s (same content key): reusing it", version)
+                if not cl.get_model_version(name, version).tags.get(serving.ARTIFACTS_TAG):
+                    # the files as the store holds them now; every later load checks against it
+                    serving.record_artifacts_digest(cl, name, version, work)
                 _set_version_tags(cl, name, version, {**lineage, CONTENT_KEY: key, "strategy": strategy,
                                                       "run_id": run_id})
                 cl.set_registered_model_alias(name, CHALLENGER, version)

@@ -42,10 +42,9 @@ def user_history(user_id: str, paths: S.Paths) -> list[str]:
 
 def load_champion(paths: S.Paths, model_name: str = DEFAULT_MODEL, alias: str = "champion"):
     """(pyfunc model, registered version) of ``models:/<model_name>@<alias>``."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import serving, tracking
 
     uri = tracking.set_uris(paths)
     try:
@@ -53,7 +52,8 @@ def load_champion(paths: S.Paths, model_name: str = DEFAULT_MODEL, alias: str = 
     except MlflowException as exc:
         raise StageError(f"no model version '{model_name}@{alias}' in {uri}: run `genre promote` first "
                          f"({exc.message if hasattr(exc, 'message') else exc})") from exc
-    return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}"), str(mv.version)
+    # verified: the version's files must hash to what registration recorded
+    return serving.load_pyfunc(f"models:/{model_name}/{mv.version}", tracking.client(paths)), str(mv.version)
 
 
 def recommend(user_id: str, k: int, paths: S.Paths, model_name: str = DEFAULT_MODEL,

@@ -397,10 +397,107 @@ def log_model(model_dir: Path | None, fit: D.FitData, titles: Sequence[str], wor
             signature=signature(), input_example=example, tags=tags)
 
 
-def load(uri: str) -> GenreRecommenderModel:
-    """``mlflow.pyfunc.load_model(uri)`` unwrapped to the GenreRecommenderModel."""
+# --- integrity of the registered artifacts ----------------------------------------------------
+#: model version tag: sha256 over every file of the version's model folder in the artifact
+#: store (see :func:`artifacts_digest`), recorded at registration, in the registry database
+ARTIFACTS_TAG = "genre.artifacts_sha256"
+
+
+class ArtifactsTampered(RuntimeError):
+    """A registered version's files differ from those recorded at registration (or nothing was
+    recorded): the model is not loaded, none of its code runs."""
+
+
+def artifacts_digest(folder: Path) -> str:
+    """sha256 over ``<relative path>=<sha256 of the file>`` lines of every file under ``folder``
+    (sorted; symlinks refused). Covers the pyfunc's code (``code/``, ``python_model.py``), the
+    ``MLmodel`` file, requirements and the bundle: whatever would run or be read at load."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_symlink():
+            raise ArtifactsTampered(f"{f}: a symlink in a model's artifacts")
+        if f.is_file():
+            digest = hashlib.sha256()
+            with open(f, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            h.update(f"{f.relative_to(folder).as_posix()}={digest.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def _version_of(client, uri: str):
+    """The ModelVersion a ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` URI names."""
+    rest = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if rest.count("/") == 1:
+        name, version = rest.split("/")
+        return client.get_model_version(name, version)
+    raise ValueError(f"{uri}: not a registered model URI (models:/<name>/<version> or models:/<name>@<alias>)")
+
+
+def _download_version(client, mv, dst: Path) -> Path:
+    """The version's model folder, downloaded from the artifact store into ``dst``."""
     import mlflow
 
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
+                                                dst_path=str(dst), tracking_uri=client.tracking_uri)
+    return Path(local)
+
+
+def record_artifacts_digest(client, name: str, version: str, work: Path) -> str:
+    """At registration: hash the version's files as the artifact store now holds them and tag
+    the version with it (the tag lives in the registry's database, not beside the files)."""
+    mv = client.get_model_version(name, version)
+    dst = Path(work) / f"verify-{version}"
+    shutil.rmtree(dst, ignore_errors=True)
+    digest = artifacts_digest(_download_version(client, mv, dst))
+    client.set_model_version_tag(name, version, ARTIFACTS_TAG, digest)
+    shutil.rmtree(dst, ignore_errors=True)
+    log.info("%s v%s: artifacts sha256 %s recorded", name, version, digest)
+    return digest
+
+
+def load_pyfunc(uri: str, client=None):
+    """``mlflow.pyfunc.load_model`` of a registered version, verified first: the version's files
+    are downloaded into a private folder, hashed, and compared with the version's
+    :data:`ARTIFACTS_TAG`; only a match is loaded (from that folder, so the files that run are
+    the files that were checked). Raises :class:`ArtifactsTampered` otherwise."""
+    import atexit
+    import tempfile
+
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    mv = _version_of(client, uri)
+    expected = (mv.tags or {}).get(ARTIFACTS_TAG)
+    if not expected:
+        raise ArtifactsTampered(f"{uri} (v{mv.version}): no {ARTIFACTS_TAG} tag recorded at registration; "
+                                "refusing to run code from the artifact store unverified")
+    # kept for the life of the process: the loaded model imports its shipped code from there
+    tmp = Path(tempfile.mkdtemp(prefix="genre-model-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    local = _download_version(client, mv, tmp)
+    actual = artifacts_digest(local)
+    if actual != expected:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactsTampered(f"{uri} (v{mv.version}): artifacts in the store hash to {actual}, "
+                                f"registration recorded {expected}; refusing to load")
+    log.info("%s v%s: artifacts verified (sha256 %s)", mv.name, mv.version, actual[:12])
+    return mlflow.pyfunc.load_model(str(local))
+
+
+def load(uri: str, client=None) -> GenreRecommenderModel:
+    """The verified pyfunc of a registered version (:func:`load_pyfunc`), unwrapped to the
+    GenreRecommenderModel. Any other URI (a run's or a logged model's) loads unverified."""
+    import mlflow
+
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+        return load_pyfunc(uri, client).unwrap_python_model()
     return mlflow.pyfunc.load_model(uri).unwrap_python_model()
 
 
