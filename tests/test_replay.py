@@ -114,6 +114,15 @@ def test_next_releases_batches_in_order_and_the_loop_applies_them(project):
     summary = ingest.run(p, paths)
     assert summary["n_interactions"] == len(full) > n_initial
     assert summary["feedback_batches"] == released
+    # the base rows after ingest.until are not input (the replay re-released them as batches):
+    # validation sees each event once and passes
+    assert summary["slice"]["dropped_by_until"] == len(full) - n_initial
+    assert summary["slice"]["rows_kept"] == len(full) and not paths.raw_input_interactions.exists()
+    from genre_tasks.data.validate import ValidateParams
+    from genre_tasks.data.validate import run as validate_run
+
+    checked = validate_run(from_dict(ValidateParams, params["validate"], "validate"), paths, p)
+    assert checked["success"], checked
     # a new --init with another cutoff needs --reset, which restores the base-only store
     params["ingest"]["until"] = "1998-03-09"
     with pytest.raises(StageError, match="--reset"):

@@ -64,8 +64,9 @@ def run(p: IngestParams, paths: Paths) -> dict:
 
     * ``data/raw/items.parquet``, ``data/raw/interactions.parquet``: canonical; the
       interactions after ``ingest.until`` / ``ingest.max_users`` (what preprocess trains on);
-    * ``data/raw/input_interactions.parquet``: every interaction the user gave, written only
-      when slicing dropped rows (validate checks everything the user gave, then the slice);
+    * ``data/raw/input_interactions.parquet``: every interaction of the data set (the base cut
+      at ``ingest.until`` + the feedback store), written only when ``ingest.max_users`` dropped
+      rows (validate checks all of it, then the slice);
     * ``data/raw/lines.parquet``: ``table, row, source_file, source_line`` - where each row of
       items / the validated interactions table is in the user's files (validate's messages);
     * ``data/raw/manifest.json``: the source files read (path, bytes, md5), the ingest params
@@ -96,10 +97,20 @@ def run(p: IngestParams, paths: Paths) -> dict:
             for out in outputs:  # no stale tables for a later stage to pick up
                 out.unlink(missing_ok=True)
             raise
+        # ingest.until defines the dataset (base rows before it + the feedback store): the base
+        # rows after it are not input (a replay re-releases them as feedback batches, so keeping
+        # them would make every replayed event a duplicate). validate checks this table for
+        # every user; ingest.max_users only samples users from it.
+        cut_report: dict = {}
+        full = adapters.slice_view(p, full, cut_report, paths.source, users=False)
         sliced_report: dict = {}
         full[ROW] = np.arange(len(full), dtype=np.int64)
-        interactions = adapters.slice_view(p, full, sliced_report, paths.source)
-        sliced = sliced_report["rows_dropped"] > 0
+        interactions = adapters.slice_view(p, full, sliced_report, paths.source, until=False)
+        sliced_report.update(until=p.until, rows_in=cut_report["rows_in"],
+                             users_in=cut_report["users_in"],
+                             dropped_by_until=cut_report["dropped_by_until"],
+                             rows_dropped=cut_report["rows_in"] - sliced_report["rows_kept"])
+        sliced = len(interactions) < len(full)
         kept = np.full(len(full), -1, dtype=np.int64)  # validated row -> row of the slice
         kept[interactions[ROW].to_numpy(dtype=np.int64)] = np.arange(len(interactions))
         full, interactions = full.drop(columns=[ROW]), interactions.drop(columns=[ROW])
