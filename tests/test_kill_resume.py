@@ -186,10 +186,10 @@ def test_train_killed_mid_fit_keeps_previous_version_then_resumed(projects):
     before_metrics = (a / "metrics" / "train.json").read_bytes()
     mtime = (a / "metrics" / "train.json").stat().st_mtime_ns
 
-    # the first strategy's "best epoch" line: its refit and the second strategy are still to
-    # come, nothing has been written yet
-    err = kill_when(a, "train", lambda t: "content: best epoch" in t)
-    assert "hybrid: best epoch" not in err and "wrote" not in err.split("valid phase:", 1)[1], err[-2000:]
+    # the first strategy's first seed's "best epoch" line: its refit, the other seeds and the
+    # second strategy are still to come, nothing has been written yet
+    err = kill_when(a, "train", lambda t: "content seed 42: best epoch" in t)
+    assert "hybrid seed" not in err and "wrote" not in err.split("valid phase:", 1)[1], err[-2000:]
 
     # the previous version is intact, byte for byte; nothing partial beside it
     assert tree_bytes(a / "data" / "model") == before_model
