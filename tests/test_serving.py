@@ -156,7 +156,8 @@ def test_recommend_for_a_known_user_with_reasons_and_a_clear_error_otherwise(pro
     assert promote(project, model_name)["decision"] == "promoted"
 
     df = R.recommend("u0", 5, project, model_name)
-    assert list(df.columns) == ["rank", "item_id", "title", "score", "reason"] and len(df) == 5
+    assert list(df.columns) == ["rank", "item_id", "title", "score", "reason", "reason_generated"]
+    assert len(df) == 5 and not df["reason_generated"].any()  # no LLM asked: every reason is the model's own
     assert not set(df["item_id"]) & set(df.attrs["history"]) and df.attrs["history"]
     assert df["title"].str.contains("movie").all() and df["reason"].str.startswith("like '").all()
     assert R.main(params, project, "u0", 3) == 0
