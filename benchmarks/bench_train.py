@@ -142,7 +142,9 @@ def measure(root: str, strategy: str, epochs: int, overrides: dict) -> dict:
     """Train ``strategy`` for ``epochs`` epochs on the valid phase; time epochs and scoring."""
     from genre_tasks import logs
     from genre_tasks.models import views as data
+    from genre_tasks.models import model as M
     from genre_tasks.models import train
+    from genre_tasks.models.validation import validation_ndcg
 
     t0 = time.perf_counter()
     ds = data.Dataset.load(S.Paths(root))
@@ -151,10 +153,10 @@ def measure(root: str, strategy: str, epochs: int, overrides: dict) -> dict:
     p = dataclasses.replace(train.TrainParams(), strategies=(strategy,), epochs=epochs,
                             **overrides)
     times: list[float] = []
-    res = train.fit_model(p, strategy, fit, ev=None, epochs=epochs, show_progress=False,
+    res = M.fit_model(p, strategy, fit, ev=None, epochs=epochs, show_progress=False,
                           on_epoch=lambda e, loss, sec: times.append(sec))
     t1 = time.perf_counter()
-    ndcg = train.validation_ndcg(res.recommender, fit, ev)
+    ndcg = validation_ndcg(res.recommender, fit, ev)
     score_s = time.perf_counter() - t1
     return {"strategy": strategy, "users": int(fit.n_users), "items": int(fit.n_items),
             "examples": int(res.n_examples), "load_s": round(load_s, 2),

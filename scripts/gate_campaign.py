@@ -70,17 +70,17 @@ def degraded(kind: str, paths, params: dict):
     fit, _ = D.Dataset.load(paths).phase("test")
     strategy = json.loads((paths.model_dir / "selected.json").read_text())["strategy"]
     if kind == "epochs1":
-        return train.fit_model(p, strategy, fit, None, epochs=1, show_progress=False).recommender
+        return M.fit_model(p, strategy, fit, None, epochs=1, show_progress=False).recommender
     if kind == "dim2":
         q = dataclasses.replace(p, dim=2)
-        return train.fit_model(q, strategy, fit, None, epochs=p.epochs // 3 or 1, show_progress=False).recommender
+        return M.fit_model(q, strategy, fit, None, epochs=p.epochs // 3 or 1, show_progress=False).recommender
     if kind == "shuffled_labels":
         perm = np.random.default_rng(0).permutation(fit.n_items)
         inv = np.argsort(perm)
         bad = dataclasses.replace(fit, histories=[perm[h] for h in fit.histories],
                                   positives=fit.positives[:, inv], seen=fit.seen[:, inv],
                                   popularity=fit.popularity[inv])
-        return train.fit_model(p, strategy, bad, None, epochs=p.epochs // 3 or 1, show_progress=False).recommender
+        return M.fit_model(p, strategy, bad, None, epochs=p.epochs // 3 or 1, show_progress=False).recommender
     if kind == "popularity":
         rec = M.load_recommender(paths.model_dir / strategy)
         with torch.no_grad():

@@ -241,7 +241,7 @@ def test_form_values_make_valid_params(form):
     from genre_tasks.data.adapters.params import IngestParams
     from genre_tasks.data.preprocess import PreprocessParams
     from genre_tasks.registry.gate import PromoteParams
-    from genre_tasks.models.train import TrainParams
+    from genre_tasks.models.params import TrainParams
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = config.deep_merge(base, _common.overrides_from_params(form))

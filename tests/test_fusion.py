@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from genre_tasks.evaluation import evaluate as EV  # noqa: E402
 from genre_tasks.evaluation import protocol as E  # noqa: E402
 from genre_tasks.models import fusion, linear, train  # noqa: E402
+from genre_tasks.models import model as M  # noqa: E402
 from test_train import P, copy_processed, write_processed  # noqa: E402
 
 
@@ -152,12 +153,12 @@ def test_warm_start_begins_from_the_given_weights(staged):
     fit, ev = Dataset.load(paths).phase("valid")
     init = train.load_recommender(paths.model_dir / "content")
     p = dataclasses.replace(P, lr=1e-12, epochs=1, ema_decay=0.0)
-    res = train.fit_model(p, "content", fit, None, epochs=1, show_progress=False, init=init)
+    res = M.fit_model(p, "content", fit, None, epochs=1, show_progress=False, init=init)
     got, want = res.recommender.net.state_dict(), init.net.state_dict()
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), atol=1e-6)
-    cold = train.fit_model(p, "content", fit, None, epochs=1, show_progress=False)
+    cold = M.fit_model(p, "content", fit, None, epochs=1, show_progress=False)
     assert not np.allclose(cold.recommender.net.state_dict()["content.0.weight"].numpy(),
                            want["content.0.weight"].numpy())
 

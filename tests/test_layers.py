@@ -48,15 +48,15 @@ def _exists(name: str) -> bool:
     return (PKG / rel).with_suffix(".py").is_file() or (PKG / rel / "__init__.py").is_file()
 
 
-#: known exceptions, each to be removed (a new one fails the tests): the trainer logs its live
-#: curve into MLflow and scores valid nDCG with the evaluation metrics; the torch recommender's
-#: protocol ``fit`` retrains through the trainer; a warm start loads the @champion from the
-#: registry.
+#: known exceptions, each to be removed (a new one fails the tests), all upward, none a cycle:
+#: the train stage logs its live curve into MLflow and warm-starts from the @champion in the
+#: registry; the validation metric models are early-stopped and selected on is the evaluation's
+#: nDCG (one definition of the metric for selection and for the report).
 KNOWN = {
     ("genre_tasks.models.train", "genre_tasks.registry.serving"),
     ("genre_tasks.models.train", "genre_tasks.registry.tracking"),
     ("genre_tasks.models.train", "genre_tasks.evaluation.metrics"),
-    ("genre_tasks.models.model", "genre_tasks.models.train"),
+    ("genre_tasks.models.validation", "genre_tasks.evaluation.metrics"),
 }
 GRAPH = {module_name(p): imports(p) for p in sorted(PKG.rglob("*.py"))}
 GRAPH = {m: {d for d in deps if (m, d) not in KNOWN} for m, deps in GRAPH.items()}

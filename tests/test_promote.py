@@ -112,7 +112,8 @@ def add_bad_model(paths: S.Paths, seed: int, select: bool = True) -> Path:
     """data/model/bad<seed>/: a collaborative two-tower with untrained (random) weights."""
     from genre_tasks.models import views as D
     from genre_tasks.models import model as M
-    from genre_tasks.models.train import TrainParams, fit_model
+    from genre_tasks.models.model import fit_model
+    from genre_tasks.models.params import TrainParams
 
     fit, _ = D.Dataset.load(paths).phase("test")
     p = TrainParams(**{**TINY_TRAIN, "strategies": ("collaborative",), "seed": seed})

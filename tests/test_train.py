@@ -21,6 +21,7 @@ from genre_tasks.data.preprocess import PreprocessParams, preprocess
 torch = pytest.importorskip("torch")
 
 from genre_tasks.models import model as M  # noqa: E402
+from genre_tasks.models import tower  # noqa: E402
 from genre_tasks.models import train  # noqa: E402
 
 N_CLUSTERS, PER_CLUSTER, N_UNRATED, N_USERS, VEC_DIM = 4, 16, 3, 48, 24
@@ -103,7 +104,7 @@ def random_ndcg(fit, ev, seeds=range(5)) -> float:
 @pytest.fixture(scope="module")
 def fitted(synth):
     _, _, fit, ev, _, _ = synth
-    return {s: train.fit_model(P, s, fit, ev, show_progress=False) for s in train.TWO_TOWER}
+    return {s: M.fit_model(P, s, fit, ev, show_progress=False) for s in train.TWO_TOWER}
 
 
 def test_params_match_params_yaml():
@@ -127,7 +128,7 @@ def test_importing_the_stage_module_does_not_import_torch():
 
 
 def test_training_examples_are_leave_future_out():
-    flat, pos, start = M.training_examples([np.array([5, 6, 7]), np.array([], np.int64), np.array([1, 2])])
+    flat, pos, start = tower.training_examples([np.array([5, 6, 7]), np.array([], np.int64), np.array([1, 2])])
     assert flat.tolist() == [5, 6, 7, 1, 2]
     # targets 6, 7 (user 0) and 2 (user 2); each history = the earlier positives only
     assert [flat[p] for p in pos] == [6, 7, 2]
@@ -147,8 +148,8 @@ def test_training_reduces_loss_and_beats_random(synth, fitted, strategy):
 def test_training_is_deterministic(synth, tmp_path):
     _, _, fit, ev, _, _ = synth
     p = dataclasses.replace(P, epochs=2)
-    a = train.fit_model(p, "hybrid", fit, ev, show_progress=False)
-    b = train.fit_model(p, "hybrid", fit, ev, show_progress=False)
+    a = M.fit_model(p, "hybrid", fit, ev, show_progress=False)
+    b = M.fit_model(p, "hybrid", fit, ev, show_progress=False)
     assert [c["valid_ndcg@10"] for c in a.curve] == [c["valid_ndcg@10"] for c in b.curve]
     assert [c["train_loss"] for c in a.curve] == [c["train_loss"] for c in b.curve]
     h = [fit.histories[u] for u in range(fit.n_users)]
@@ -162,7 +163,7 @@ def test_training_is_deterministic(synth, tmp_path):
 
 def test_early_stopping_respects_patience(synth):
     _, _, fit, ev, _, _ = synth
-    res = train.fit_model(dataclasses.replace(P, epochs=40, patience=2), "collaborative", fit, ev,
+    res = M.fit_model(dataclasses.replace(P, epochs=40, patience=2), "collaborative", fit, ev,
                           show_progress=False)
     assert len(res.curve) == min(40, res.best_epoch + 2)
 
@@ -247,7 +248,7 @@ def test_empty_history_gets_the_fallback(synth, fitted):
 ])
 def test_loss_and_pooling_variants_train(synth, overrides):
     _, _, fit, _, _, _ = synth
-    res = train.fit_model(dataclasses.replace(P, **overrides), "hybrid", fit, None, epochs=2,
+    res = M.fit_model(dataclasses.replace(P, **overrides), "hybrid", fit, None, epochs=2,
                           show_progress=False)
     assert res.best_epoch == 2 and all(np.isfinite(c["train_loss"]) for c in res.curve)
     assert np.isfinite(res.recommender.score([fit.histories[0]], fit)).all()
@@ -302,7 +303,7 @@ def test_refit_through_the_recommender_protocol(synth, fitted):
     r = fitted["content"].recommender
     assert isinstance(r, Recommender)
     fit_t, _ = ds.phase("test")
-    clone = M.TorchRecommender(M.build_net(r.meta), {**r.meta, "best_epoch": 1})
+    clone = M.TorchRecommender(tower.build_net(r.meta), {**r.meta, "best_epoch": 1})
     clone.fit(fit_t)
     assert clone.meta["fit_phase"] == "test"
     assert np.isfinite(clone.score([fit_t.histories[1]], fit_t)).all()

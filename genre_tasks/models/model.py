@@ -1,46 +1,17 @@
-"""GENRE-style two-tower recommender in torch: items understood through language-model vectors.
+"""The two-tower recommender (:class:`TorchRecommender`): scoring any catalogue, fitting
+(:func:`fit_model`, the loop around :class:`genre_tasks.models.tower.Trainer` with early stopping
+on validation nDCG@10), persistence. The network itself is :mod:`genre_tasks.models.tower`; the
+``train`` stage that fits every strategy and selects one is :mod:`genre_tasks.models.train`.
 
-Item tower (one per ``strategy``), rows = items of a catalogue (a :class:`~genre_tasks.models.views.FitData`):
-
-``content``        MLP([sqrt(d) * item_vectors, genre multi-hot]) -> ``dim``, plus a linear
-                   content bias. Needs nothing but the item's text vector and genres, so it
-                   scores items no one interacted with (cold items).
-``collaborative``  a learned id embedding and id bias per item of the fit catalogue.
-``hybrid``         content projection + id embedding, content bias + id bias. During training
-                   the id part of each item is dropped with probability ``id_dropout`` so the
-                   content part alone is a usable representation.
-
-Id embeddings only count for *known* items: items with at least one interaction (any rating)
-in the data the model was fitted on (``id_known``). Any other item (cold, new, or absent from the fit catalogue)
-gets no id contribution, so ``hybrid`` falls back to its content part and ``collaborative``
-gives all of them the same score (0: it cannot tell them apart).
-
-User tower: the item-tower outputs of the user's ``history_max`` most recent positives,
-pooled by NRMS-style additive attention (``a_j = softmax_j(q . tanh(W h_j + b) + r_j)`` with a
-learned recency term ``r_j`` per position from the end) or by a plain mean (``pooling``),
-then a linear projection. There are no per-user parameters: any history can be scored
-(inductive), which serving needs.
-
-Score of item i for user u = ``user(u) . item(i) + bias(i)``; equivalently the dot product of
-:meth:`TorchRecommender.user_vectors` [n, dim + 1] and :meth:`TorchRecommender.item_representations`
-[I, dim + 1] (the last column carries the bias). Users with an empty history get the
-``no_history_fallback`` scores instead: ``popularity`` (log1p of the catalogue's fit
-popularity) or ``genre_prior`` (item genres . the genre distribution of the catalogue's
-positives).
-
-The training loop (:class:`Trainer`) turns each positive of the fit rows into a next-item
-example: target = that positive, history = the user's earlier positives (leave-future-out);
-a user's first positive has no history and is not an example. Losses: sampled softmax over the
-positive and ``negatives`` negatives drawn per example from popularity^0.75 or uniformly
-(optional logQ correction), full softmax over the catalogue when ``negatives`` is 0, or BPR.
-Negatives and the full softmax range over the known items only, so items the fit data never
-mentions (e.g. cold items) are never pushed down.
+Score of item i for user u = ``user(u) . item(i) + bias(i)``; users with an empty history get
+the ``no_history_fallback`` scores instead (:func:`fallback_scores`).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -48,200 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from genre_tasks.models.views import FitData
+from genre_tasks.models.determinism import deterministic, passive_openmp
 
-STRATEGIES = ("content", "collaborative", "hybrid")
+passive_openmp()  # before torch's first import: see its docstring
+import torch  # noqa: E402
+
+from genre_tasks.models.params import TrainParams  # noqa: E402
+from genre_tasks.models.tower import (Catalogue, Trainer, TwoTower, build_catalogue, build_net,
+                                      history_matrix)
+from genre_tasks.models.validation import eval_users, validation_ndcg
+from genre_tasks.models.views import EvalData, FitData
+
 #: score parts (:meth:`TorchRecommender.score`): the whole score, the item-bias prior alone
 #: (non-personalised), the user . item part alone
 PARTS = ("full", "prior", "personal")
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
-#: Exponent of the popularity distribution negatives are sampled from.
-POP_EXPONENT = 0.75
-
-
-def uses_content(strategy: str) -> bool:
-    return strategy in ("content", "hybrid")
-
-
-def uses_ids(strategy: str) -> bool:
-    return strategy in ("collaborative", "hybrid")
-
-
-# --- catalogue features ----------------------------------------------------------------------
-
-@dataclass
-class Catalogue:
-    """Item-tower inputs for the items of one FitData, plus one padding row at index I.
-
-    feats     [I + 1, vec_dim + G] float32 content features (None for collaborative)
-    id_rows   [I + 1] int64 row of the model's id table (the unknown row for unknown items)
-    known     [I + 1] float32 1 = the id part counts (known item), else 0
-    n_items   I
-    """
-
-    feats: torch.Tensor | None
-    id_rows: torch.Tensor
-    known: torch.Tensor
-    n_items: int
-
-    @property
-    def pad(self) -> int:
-        return self.n_items
-
-
-def genre_columns(model_genres: Sequence[str], data_genres: Sequence[str], item_genres: np.ndarray) -> np.ndarray:
-    """item_genres [I, len(data_genres)] re-indexed to ``model_genres`` by name (missing -> 0)."""
-    col = {g: j for j, g in enumerate(data_genres)}
-    out = np.zeros((item_genres.shape[0], len(model_genres)), dtype=np.float32)
-    for k, g in enumerate(model_genres):
-        j = col.get(g)
-        if j is not None:
-            out[:, k] = item_genres[:, j]
-    return out
-
-
-# --- modules ---------------------------------------------------------------------------------
-
-class AdditiveAttention(nn.Module):
-    """NRMS additive attention pooling with a learned recency bias per position.
-
-    The attention logit of a history item, ``q . tanh(W h + b)``, depends on the item only, so
-    it is computed once per distinct item (:meth:`item_logits`) and gathered per position;
-    :meth:`weights` adds the recency term and normalises over the real positions.
-    """
-
-    def __init__(self, dim: int, hidden: int, max_len: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-        self.query = nn.Linear(hidden, 1, bias=False)
-        self.recency = nn.Parameter(torch.zeros(max_len))
-
-    def item_logits(self, rep: torch.Tensor) -> torch.Tensor:
-        """rep [U, D] -> [U] attention logits."""
-        return self.query(torch.tanh(self.proj(rep))).squeeze(-1)
-
-    def weights(self, item_logit: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hist [B, L] rows of item_logit (right-aligned; L-1 = most recent), mask [B, L] -> [B, L]."""
-        L = hist.shape[1]
-        logits = item_logit[hist] + self.recency[-L:]
-        w = torch.softmax(logits.masked_fill(~mask, -1e30), dim=1)
-        return w * mask.to(w.dtype)  # rows without any item: all zero
-
-
-class TwoTower(nn.Module):
-    """Item tower (by strategy) + history-pooling user tower; see the module docstring."""
-
-    def __init__(self, strategy: str, n_ids: int, vec_dim: int, n_genres: int, dim: int = 64,
-                 hidden: int = 256, pooling: str = "attention", dropout: float = 0.1,
-                 history_max: int = 50, id_dropout: float = 0.0) -> None:
-        super().__init__()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy {strategy!r} not in {STRATEGIES}")
-        if pooling not in ("attention", "mean"):
-            raise ValueError(f"pooling {pooling!r} not in ('attention', 'mean')")
-        self.strategy, self.pooling, self.dim = strategy, pooling, dim
-        self.n_ids, self.vec_dim, self.n_genres = n_ids, vec_dim, n_genres
-        self.history_max, self.id_dropout = history_max, id_dropout
-        if uses_content(strategy):
-            in_dim = vec_dim + n_genres
-            self.content = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                         nn.Linear(hidden, dim))
-            self.content_bias = nn.Linear(in_dim, 1)
-            nn.init.zeros_(self.content_bias.weight)
-            nn.init.zeros_(self.content_bias.bias)
-        if uses_ids(strategy):
-            # row n_ids = unknown item: zero and never trained (padding_idx)
-            self.id_emb = nn.Embedding(n_ids + 1, dim, padding_idx=n_ids)
-            nn.init.normal_(self.id_emb.weight, std=0.1 if strategy == "collaborative" else 0.01)
-            with torch.no_grad():
-                self.id_emb.weight[n_ids].zero_()
-            self.id_bias = nn.Embedding(n_ids + 1, 1, padding_idx=n_ids)
-            nn.init.zeros_(self.id_bias.weight)
-        self.register_buffer("id_known", torch.zeros(n_ids + 1))
-        self.user_dropout = nn.Dropout(dropout)
-        self.attention = AdditiveAttention(dim, dim, history_max) if pooling == "attention" else None
-        self.user_proj = nn.Linear(dim, dim)
-
-    # items
-    def items(self, cat: Catalogue, idx: torch.Tensor, drop_ids: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Representations [n, dim] and biases [n] of catalogue rows ``idx`` [n]."""
-        rep = None
-        bias = torch.zeros(len(idx))
-        if uses_content(self.strategy):
-            x = cat.feats[idx]
-            rep = self.content(x)
-            bias = bias + self.content_bias(x).squeeze(-1)
-        if uses_ids(self.strategy):
-            rows = cat.id_rows[idx]
-            known = cat.known[idx]
-            if drop_ids and self.training and self.id_dropout > 0:
-                keep = (torch.rand(len(idx)) >= self.id_dropout).to(known.dtype)
-                known = known * keep
-            emb = self.id_emb(rows) * known.unsqueeze(-1)
-            rep = emb if rep is None else rep + emb
-            bias = bias + self.id_bias(rows).squeeze(-1) * known
-        return rep, bias
-
-    # users
-    def pool(self, rep: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """User vectors [B, dim] and pooling weights [B, L].
-
-        rep [U, dim] item representations, hist [B, L] rows of ``rep`` (the user's most recent
-        positives, right-aligned), mask [B, L] True = real item.
-        """
-        if self.attention is not None:
-            w = self.attention.weights(self.attention.item_logits(rep), hist, mask)
-        else:
-            m = mask.to(rep.dtype)
-            w = m / m.sum(1, keepdim=True).clamp_min(1.0)
-        # weighted sum of the history rows (embedding_bag: fast, deterministic backward on CPU)
-        pooled = nn.functional.embedding_bag(hist, rep, per_sample_weights=w, mode="sum")
-        return self.user_proj(self.user_dropout(pooled)), w
-
-
-def build_catalogue(net: TwoTower, data: FitData, model_item_ids: Sequence[str] | None,
-                    model_genres: Sequence[str], use_genres: bool) -> Catalogue:
-    """Item-tower inputs of ``data``'s catalogue for ``net``.
-
-    Content features come from data.item_vectors (scaled by sqrt(d)) and data.item_genres
-    mapped by genre name onto ``model_genres``; id rows map data.item_ids onto
-    ``model_item_ids`` by id (None = the catalogue *is* the model's: row i = item i).
-    """
-    n = data.n_items
-    feats = None
-    if uses_content(net.strategy):
-        vec = np.asarray(data.item_vectors, dtype=np.float32)
-        if vec.shape != (n, net.vec_dim):
-            raise ValueError(f"item_vectors {vec.shape} do not match the model's vec_dim {net.vec_dim}")
-        g = genre_columns(model_genres, data.genre_names, np.asarray(data.item_genres, dtype=np.float32))
-        if not use_genres:
-            g[:] = 0.0
-        f = np.concatenate([vec * math.sqrt(net.vec_dim), g], axis=1)
-        feats = torch.from_numpy(np.concatenate([f, np.zeros((1, f.shape[1]), np.float32)]))
-    if model_item_ids is None:
-        rows = np.arange(n, dtype=np.int64)
-    else:
-        pos = {str(i): k for k, i in enumerate(model_item_ids)}
-        rows = np.array([pos.get(str(i), net.n_ids) for i in data.item_ids], dtype=np.int64)
-    rows = np.concatenate([rows, [net.n_ids]]).astype(np.int64)
-    id_rows = torch.from_numpy(rows)
-    known = net.id_known[id_rows].clone()
-    return Catalogue(feats=feats, id_rows=id_rows, known=known, n_items=n)
-
-
-def history_matrix(histories: Sequence[np.ndarray], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """The last ``length`` items of each history, right-aligned: ([n, L] int64, [n, L] bool)."""
-    n = len(histories)
-    out = np.full((n, length), pad, dtype=np.int64)
-    for j, h in enumerate(histories):
-        h = np.asarray(h, dtype=np.int64)[-length:] if length > 0 else np.zeros(0, np.int64)
-        if len(h):
-            out[j, length - len(h):] = h
-    return out, out != pad
 
 
 def fallback_scores(kind: str, data: FitData) -> np.ndarray:
@@ -261,6 +55,8 @@ def fallback_scores(kind: str, data: FitData) -> np.ndarray:
         dist = dist / total if total > 0 else np.full(g.shape[1], 1.0 / max(g.shape[1], 1))
         return (g @ dist).astype(np.float32)
     raise ValueError(f"no_history_fallback {kind!r} not in ('popularity', 'genre_prior')")
+
+
 
 
 # --- recommender -----------------------------------------------------------------------------
@@ -286,8 +82,6 @@ class TorchRecommender:
     # Recommender protocol
     def fit(self, data: FitData) -> "TorchRecommender":
         """Re-train from scratch on ``data`` with the stored params for ``best_epoch`` epochs."""
-        from genre_tasks.models.train import TrainParams, fit_model
-
         p = TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.params.items()})
         epochs = int(self.meta.get("best_epoch") or p.epochs)
         fitted = fit_model(p, self.strategy, data, ev=None, epochs=epochs, show_progress=False).recommender
@@ -392,14 +186,6 @@ class TorchRecommender:
 
 # --- persistence -----------------------------------------------------------------------------
 
-def build_net(meta: dict) -> TwoTower:
-    p = meta["params"]
-    return TwoTower(meta["strategy"], n_ids=len(meta["item_ids"]), vec_dim=int(meta["vec_dim"]),
-                    n_genres=len(meta["genre_names"]), dim=int(p["dim"]), hidden=int(meta["hidden"]),
-                    pooling=p["pooling"], dropout=float(p["dropout"]), history_max=int(p["history_max"]),
-                    id_dropout=float(meta.get("id_dropout", 0.0)))
-
-
 def save(rec: TorchRecommender, model_dir: str | Path) -> tuple[Path, Path]:
     """Write model.pt (state_dict) and meta.json into ``model_dir`` atomically."""
     from genre_tasks import io
@@ -423,176 +209,115 @@ def load_recommender(model_dir: str | Path) -> TorchRecommender:
     return TorchRecommender(net, meta)
 
 
-# --- training --------------------------------------------------------------------------------
+# --- fitting ---------------------------------------------------------------------------------
 
-def training_examples(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Next-item examples: (flat positives [P], example position in flat [E], user start [E]).
+@dataclass
+class FitResult:
+    recommender: Any  # genre_tasks.models.model.TorchRecommender
+    curve: list[dict]  # per epoch: epoch, train_loss, valid_ndcg@10 (None without eval), seconds
+    best_epoch: int
+    best_ndcg: float
+    n_examples: int
+    seconds: float
 
-    Example e has target ``flat[pos[e]]`` and history ``flat[start[e]:pos[e]]`` (the user's
-    earlier positives); every positive except each user's first is an example.
+
+def warm_state(net, init, item_ids) -> dict:
+    """``init``'s (a TorchRecommender) weights for ``net`` (same strategy and sizes): every tensor
+    as it is, except the id tables, whose rows are matched by item id (items ``init`` never saw
+    keep their fresh initialisation: new ids are appended, not re-learnt from scratch)."""
+    state = {k: v.clone() for k, v in init.net.state_dict().items()}
+    own = net.state_dict()
+    if "id_emb.weight" in own:
+        pos = {iid: k for k, iid in enumerate(init.item_ids)}
+        for key in ("id_emb.weight", "id_bias.weight"):
+            fresh = own[key].clone()
+            for row, iid in enumerate(item_ids):
+                k = pos.get(str(iid))
+                if k is not None:
+                    fresh[row] = state[key][k]
+            state[key] = fresh
+        state["id_known"] = own["id_known"].clone()
+    return state
+
+
+def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None = None,
+              epochs: int | None = None, show_progress: bool = True,
+              on_epoch: Callable[[int, float, float], None] | None = None,
+              live: Callable[..., None] | None = None, init: Any = None) -> FitResult:
+    """Train ``strategy`` on ``fit``.
+
+    With ``ev``: up to ``epochs`` (default p.epochs) epochs, evaluating nDCG@10 after each and
+    stopping after ``p.patience`` epochs without improvement; best_epoch = the best one.
+    Without ``ev``: exactly ``epochs`` epochs (best_epoch = epochs). The returned recommender
+    holds the weights of the best epoch (with ``ev``) or of the last one (without).
+    ``init``: a TorchRecommender of the same strategy to start from (warm start: its weights,
+    its genre vocabulary, id rows matched by item id) instead of a random initialisation.
     """
-    lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-    flat = (np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
-            if len(histories) and lens.sum() else np.zeros(0, np.int64))
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    user_start = np.repeat(starts, lens)
-    pos = np.arange(len(flat), dtype=np.int64)
-    keep = pos > user_start
-    return flat, pos[keep], user_start[keep]
+    passive_openmp()
+    from tqdm.auto import tqdm
 
-
-class Trainer:
-    """Trains a :class:`TwoTower` on one FitData, one epoch per :meth:`epoch` call.
-
-    Deterministic for a given seed: batches and negatives come from a seeded numpy Generator,
-    dropout from torch's seeded generator (callers set torch.manual_seed and deterministic mode).
-    """
-
-    def __init__(self, net: TwoTower, data: FitData, *, loss: str, negatives: int, negative_sampling: str,
-                 logq_correction: bool, batch_size: int, lr: float, weight_decay: float,
-                 use_genres: bool, genre_names: Sequence[str], seed: int, ema_decay: float = 0.0,
-                 dislike_weight: float = 0.0) -> None:
-        self.net, self.data = net, data
-        self.loss, self.k, self.batch_size = loss, negatives, batch_size
-        self.logq = logq_correction
-        self.rng = np.random.default_rng(seed)
-        pop = np.asarray(data.popularity, dtype=np.float64)
-        seen_any = np.asarray(data.seen.sum(axis=0)).ravel() > 0
-        known = seen_any.astype(np.float32)
-        with torch.no_grad():
-            net.id_known.zero_()
-            net.id_known[:data.n_items] = torch.from_numpy(known)
-        self.cat = build_catalogue(net, data, None, genre_names, use_genres)
-        self.candidates = np.flatnonzero(seen_any)  # items negatives are drawn from
-        if negative_sampling == "popularity":
-            w = np.maximum(pop[self.candidates], 1.0) ** POP_EXPONENT
-        elif negative_sampling == "uniform":
-            w = np.ones(len(self.candidates))
-        else:
-            raise ValueError(f"negative_sampling {negative_sampling!r} not in ('popularity', 'uniform')")
-        self.q = w / w.sum() if len(w) else w
-        self.cdf = np.cumsum(self.q)
-        logq = np.zeros(data.n_items + 1, np.float32)
-        if len(self.candidates):
-            logq[self.candidates] = np.log(self.q)
-        self.log_q = torch.from_numpy(logq)
-        self.known_mask = torch.from_numpy(np.concatenate([seen_any, [False]]))
-        self.flat, self.ex_pos, self.ex_start = training_examples(data.histories)
-        self.flat_padded = np.concatenate([self.flat, [self.cat.pad]])
-        # "seen, not liked": per user, the fit items rated below the positive threshold; with
-        # dislike_weight > 0 each example also pushes its target above one of them (pairwise)
-        self.dislike_weight = float(dislike_weight)
-        if self.dislike_weight > 0:
-            lens = np.fromiter((len(h) for h in data.histories), dtype=np.int64, count=len(data.histories))
-            ex_user = np.repeat(np.arange(len(lens)), lens)[self.ex_pos]
-            neg = (data.seen.astype(np.float32) - data.positives.astype(np.float32)).tocsr()
-            neg.data = (neg.data > 0).astype(np.float32)
-            neg.eliminate_zeros()
-            self.dis_ptr, self.dis_items = neg.indptr.astype(np.int64), neg.indices.astype(np.int64)
-            self.ex_user = ex_user
-        self.opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-        # ``model``: the network to evaluate and save; an exponential moving average of the
-        # trained weights when ema_decay > 0 (smooths the epoch-to-epoch noise of Adam)
-        self.ema_decay, self.steps = ema_decay, 0
-        self.model = copy.deepcopy(net).eval() if ema_decay > 0 else net
-        if ema_decay > 0:
-            for q in self.model.parameters():
-                q.requires_grad_(False)
-
-    @property
-    def n_examples(self) -> int:
-        return len(self.ex_pos)
-
-    def _batch(self, ex: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        L = self.net.history_max
-        pos, start = self.ex_pos[ex], self.ex_start[ex]
-        idx = pos[:, None] - L + np.arange(L)[None, :]
-        valid = idx >= start[:, None]
-        hist = np.where(valid, self.flat_padded[np.clip(idx, 0, None)], self.cat.pad)
-        return torch.from_numpy(hist), torch.from_numpy(valid), torch.from_numpy(self.flat[pos])
-
-    def _sample(self, n: int) -> np.ndarray:
-        u = self.rng.random((n, self.k))
-        j = np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.candidates) - 1)
-        return self.candidates[j]
-
-    def _dislikes(self, ex: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """One "seen, not liked" item per example of ``ex`` (uniform over its user's), and a mask
-        of the examples whose user has one."""
-        u = self.ex_user[ex]
-        lo, hi = self.dis_ptr[u], self.dis_ptr[u + 1]
-        has = hi > lo
-        pick = lo + np.floor(self.rng.random(len(ex)) * np.maximum(hi - lo, 1)).astype(np.int64)
-        items = np.where(has, self.dis_items[np.minimum(pick, max(len(self.dis_items) - 1, 0))]
-                         if len(self.dis_items) else 0, 0)
-        return torch.from_numpy(items.astype(np.int64)), torch.from_numpy(has)
-
-    def step(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-             dislikes: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        net = self.net
-        B = len(target)
-        if self.k <= 0:  # full softmax over the known items of the catalogue
-            rep, bias = net.items(self.cat, torch.arange(self.cat.n_items + 1), drop_ids=True)
-            u, _ = net.pool(rep, hist, mask)
-            logits = u @ rep.T + bias
-            logits = logits.masked_fill(~self.known_mask, float("-inf"))
-            if self.logq:
-                logits = logits - self.log_q
-            loss = nn.functional.cross_entropy(logits, target)
-            if dislikes is not None and bool(dislikes[1].any()):
-                items, has = dislikes
-                s_pos = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-                s_dis = (u * rep[items]).sum(1) + bias[items]
-                pair = nn.functional.softplus(-(s_pos - s_dis))[has]
-                loss = loss + self.dislike_weight * pair.mean()
-        else:
-            neg = torch.from_numpy(self._sample(B))
-            n_h = hist.numel()
-            uniq, inv = torch.unique(torch.cat([hist.reshape(-1), target, neg.reshape(-1)]),
-                                     return_inverse=True)
-            rep, bias = net.items(self.cat, uniq, drop_ids=True)
-            u, _ = net.pool(rep, inv[:n_h].reshape(hist.shape), mask)
-            logits = u @ rep.T + bias  # [B, U]: every distinct item of the batch
-            s_pos = logits.gather(1, inv[n_h:n_h + B].unsqueeze(1)).squeeze(1)
-            s_neg = logits.gather(1, inv[n_h + B:].reshape(B, -1))
-            same = neg == target.unsqueeze(1)
-            if self.loss == "bpr":
-                diff = s_pos.unsqueeze(1) - s_neg
-                w = (~same).to(diff.dtype)
-                loss = (nn.functional.softplus(-diff) * w).sum() / w.sum().clamp_min(1.0)
+    epochs = p.epochs if epochs is None else int(epochs)
+    t_start = time.perf_counter()
+    with deterministic(p.seed, p.threads):
+        genre_names = list(init.genre_names) if init is not None else list(fit.genre_names)
+        if init is not None:  # the architecture is the one being warm-started
+            ip = init.params
+            p = dataclasses.replace(p, dim=int(ip["dim"]), hidden=int(init.meta["hidden"]),
+                                    pooling=ip["pooling"], history_max=int(ip["history_max"]))
+        net = TwoTower(strategy, n_ids=fit.n_items, vec_dim=int(fit.item_vectors.shape[1]),
+                         n_genres=len(genre_names), dim=p.dim, hidden=p.hidden, pooling=p.pooling,
+                         dropout=p.dropout, history_max=p.history_max,
+                         id_dropout=p.id_dropout if strategy == "hybrid" else 0.0)
+        if init is not None:
+            if init.strategy != strategy:
+                raise ValueError(f"warm start: {init.strategy} weights for a {strategy} model")
+            net.load_state_dict(warm_state(net, init, fit.item_ids))
+        trainer = Trainer(net, fit, loss=p.loss, negatives=p.negatives,
+                            negative_sampling=p.negative_sampling, logq_correction=p.logq_correction,
+                            batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                            use_genres=p.use_genres, genre_names=genre_names, seed=p.seed,
+                            ema_decay=p.ema_decay, dislike_weight=p.dislike_weight)
+        meta = {"strategy": strategy, "params": p.as_dict(), "item_ids": [str(i) for i in fit.item_ids],
+                "genre_names": genre_names, "vec_dim": int(fit.item_vectors.shape[1]),
+                "dim": p.dim, "hidden": p.hidden, "id_dropout": net.id_dropout,
+                "fit_phase": fit.phase, "n_examples": trainer.n_examples}
+        rec = TorchRecommender(trainer.model, meta)
+        eval_u = eval_users(ev)[0] if ev is not None else None
+        use_eval = eval_u is not None and len(eval_u) > 0
+        curve: list[dict] = []
+        best, best_epoch, since = -math.inf, 0, 0
+        best_state = None
+        for e in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            bar = (lambda it, e=e: tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch",
+                                        leave=False, disable=None if show_progress else True))
+            loss = trainer.epoch(bar)
+            seconds = time.perf_counter() - t0
+            ndcg = validation_ndcg(rec, fit, ev, p.seed) if use_eval else None
+            curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": ndcg, "seconds": seconds})
+            if on_epoch is not None:
+                on_epoch(e, loss, seconds)
+            if live is not None:
+                live(e, loss, seconds, ndcg)
+            if not use_eval:
+                best_epoch = e
+                continue
+            if ndcg > best:
+                best, best_epoch, since = ndcg, e, 0
+                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
             else:
-                if self.logq:
-                    s_pos = s_pos - self.log_q[target]
-                    s_neg = s_neg - self.log_q[neg]
-                s_neg = s_neg.masked_fill(same, float("-inf"))
-                loss = nn.functional.cross_entropy(torch.cat([s_pos.unsqueeze(1), s_neg], dim=1),
-                                                   torch.zeros(B, dtype=torch.long))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.ema_decay > 0:
-            # warm-up (as TensorFlow's ExponentialMovingAverage with num_updates): the average
-            # follows the weights closely in the first steps, so short runs are not dominated
-            # by the random initialisation
-            self.steps += 1
-            decay = min(self.ema_decay, (1.0 + self.steps) / (10.0 + self.steps))
-            with torch.no_grad():
-                for q, w in zip(self.model.parameters(), net.parameters()):
-                    q.lerp_(w, 1.0 - decay)
-        return float(loss.detach())
+                since += 1
+                if since >= p.patience:
+                    break
+        if best_state is not None:  # the early-stopping run ends on its best epoch's weights
+            trainer.model.load_state_dict(best_state)
+        net.eval()
+    rec.meta["best_epoch"] = best_epoch
+    rec.meta["history"] = untimed(curve)
+    return FitResult(recommender=rec, curve=curve, best_epoch=best_epoch,
+                     best_ndcg=best if use_eval else float("nan"), n_examples=trainer.n_examples,
+                     seconds=time.perf_counter() - t_start)
 
-    def epoch(self, progress: Callable[[Any], Any] | None = None) -> float:
-        """One pass over the shuffled examples; returns the mean training loss."""
-        self.net.train()
-        order = self.rng.permutation(self.n_examples)
-        total, n = 0.0, 0
-        batches = range(0, len(order), self.batch_size)
-        it = progress(batches) if progress is not None else batches
-        for s in it:
-            ex = order[s:s + self.batch_size]
-            hist, mask, target = self._batch(ex)
-            loss = self.step(hist, mask, target, self._dislikes(ex) if self.dislike_weight > 0 else None)
-            total += loss * len(ex)
-            n += len(ex)
-        self.net.eval()
-        return total / max(n, 1)
+
+def untimed(curve: list[dict]) -> list[dict]:
+    return [{k: v for k, v in c.items() if k != "seconds"} for c in curve]

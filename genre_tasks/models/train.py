@@ -20,7 +20,7 @@ EASE lambda (:func:`warm_plan`).
 
 Outputs (``data/model`` is written as a whole, atomically):
 
-``data/model/<strategy>/model.pt``   state_dict of genre_tasks.models.model.TwoTower
+``data/model/<strategy>/model.pt``   state_dict of genre_tasks.models.tower.TwoTower
 ``data/model/<strategy>/meta.json``  params, strategy, item_ids (id-table order), genre_names,
                                      vec_dim, dim, hidden, best_epoch, fit_phase "test",
                                      history (per epoch: train_loss, valid_ndcg@10); no
@@ -43,17 +43,13 @@ torch is imported inside functions only, so importing this module is cheap.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -61,332 +57,17 @@ import pandas as pd
 from genre_tasks import config, io, logs
 from genre_tasks.registry import tracking
 from genre_tasks import schema as S
-from genre_tasks.config import ParamsError
+from genre_tasks.models.determinism import passive_openmp
+from genre_tasks.models.params import (  # noqa: F401  (the strategy names, also for train's readers)
+    DEFAULT_FUSION_WEIGHTS, DEFAULT_STRATEGIES, METRIC, STRATEGIES, TWO_TOWER, TrainParams)
+from genre_tasks.models.validation import eval_users, validation_ndcg
 from genre_tasks.models.views import Dataset, EvalData, FitData
 
-#: two-tower item towers (genre_tasks.models.model) + the registrable EASE
-#: (genre_tasks.models.linear) + the validated blend of both (genre_tasks.models.fusion)
-TWO_TOWER = ("content", "collaborative", "hybrid")
-STRATEGIES = (*TWO_TOWER, "ease", "fusion")
-DEFAULT_STRATEGIES = ("content", "ease", "fusion")
-METRIC = "ndcg@10"
+if TYPE_CHECKING:
+    from genre_tasks.models.model import FitResult
+
 #: extra-seed models (for selection and the mean ± sd report): data/model/_seeds/<strategy>/<seed>/
 SEEDS_DIR = "_seeds"
-DEFAULT_FUSION_WEIGHTS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """``train`` section of params.yaml.
-
-    strategies           what to train: content | collaborative | hybrid (two-tower item towers)
-                         | ease (EASE, closed form, lambda chosen on valid from ``ease_lambda``)
-                         | fusion (the validated blend of ease and ``fusion_tower``; both must be
-                         listed too: their models are its components)
-    ease_lambda          the validation grid of the ``ease`` strategy's L2 weight
-    extra_seeds          stochastic strategies (two-tower, fusion) are also trained with these
-                         seeds; selection uses the mean validation metric over ``seed`` and these,
-                         the evaluate stage reports mean ± sd over them. The registered model is
-                         the ``seed`` one.
-    refit                true: the test-phase model of a two-tower strategy is re-trained from
-                         scratch on train + valid for the best epoch count; false: the
-                         early-stopping run's best-epoch model (fitted on train) is reused
-    fusion_tower         the two-tower strategy fusion blends with ease
-    fusion_weights       the validation grid of the tower's weight w in fusion (0 = ease, 1 = tower)
-    fusion_prior_weights the validation grid of fusion's quality-prior weight v (genre_tasks.models.fusion)
-    fusion_auc_tolerance fusion's (w, v) maximise valid nDCG@10 among the blends whose valid
-                         impression AUC is at least EASE's minus this (the gate's AUC guardrail):
-                         a blend may not buy nDCG with a worse liked-vs-disliked ranking
-    pooling              user tower pooling: attention (NRMS additive) | mean
-    loss                 softmax (sampled softmax) | bpr
-    negatives            negatives per positive; 0 = full softmax over the catalogue (softmax only)
-    negative_sampling    popularity (popularity^0.75) | uniform, over items with >= 1 fit positive
-    use_genres           genre multi-hot features in the content item tower
-    dim                  embedding size of both towers
-    history_max          most recent positives the user tower reads
-    dropout              dropout in the content MLP and on the pooled history
-    epochs               maximum epochs (early stopping may stop sooner)
-    patience             epochs without a better validation nDCG@10 before stopping
-    batch_size, lr, weight_decay   Adam
-    seed, threads        determinism and torch intra-op threads
-    no_history_fallback  scores for users with an empty history: popularity | genre_prior
-    logq_correction      subtract log q(item) of the negative sampler from the logits
-    hidden               hidden width of the content MLP
-    id_dropout           hybrid only: probability of dropping an item's id part in training
-    dislike_weight       weight of a pairwise term pushing each target above one of its user's
-                         "seen, not liked" fit items (rating below the positive threshold); 0 = off
-                         (full softmax only). Teaches the tower liked-vs-disliked (impression AUC)
-    mode                 full = train every strategy from scratch; warm = retrain only the strategy
-                         of ``warm_from`` (and its fusion components), starting from its weights,
-                         one seed, at most ``warm_epochs`` epochs with early stopping (feedback
-                         retrains); without a model at ``warm_from`` it falls back to full
-    warm_from            the model to start from: a strategy folder (relative to the project root,
-                         e.g. a champion's bundle ``model/``) or a registry URI such as
-                         ``models:/genre-recommender@champion``
-    warm_epochs          the epoch budget of a warm start
-    ema_decay            0 = off; else evaluate and save an exponential moving average of the
-                         weights (per step t: ema = d * ema + (1 - d) * weights with
-                         d = min(ema_decay, (1 + t) / (10 + t)))
-    """
-
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
-    ease_lambda: tuple[float, ...] = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
-    extra_seeds: tuple[int, ...] = ()
-    refit: bool = True
-    fusion_tower: Literal["content", "collaborative", "hybrid"] = "content"
-    fusion_weights: tuple[float, ...] = DEFAULT_FUSION_WEIGHTS
-    fusion_prior_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    fusion_auc_tolerance: float = 0.01
-    pooling: Literal["attention", "mean"] = "attention"
-    loss: Literal["softmax", "bpr"] = "softmax"
-    negatives: int = 0
-    negative_sampling: Literal["popularity", "uniform"] = "popularity"
-    use_genres: bool = True
-    dim: int = 64
-    history_max: int = 50
-    dropout: float = 0.0
-    epochs: int = 30
-    patience: int = 3
-    batch_size: int = 1024
-    lr: float = 0.005
-    weight_decay: float = 0.0
-    seed: int = 42
-    threads: int = 2
-    no_history_fallback: Literal["popularity", "genre_prior"] = "popularity"
-    logq_correction: bool = False
-    hidden: int = 256
-    id_dropout: float = 0.1
-    ema_decay: float = 0.98
-    dislike_weight: float = 0.0
-    mode: Literal["full", "warm"] = "full"
-    warm_from: str | None = None
-    warm_epochs: int = 5
-
-    def validate(self) -> None:
-        if not self.strategies:
-            raise ParamsError("train.strategies: at least one strategy is needed")
-        bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad or len(set(self.strategies)) != len(self.strategies):
-            raise ParamsError(f"train.strategies: {list(self.strategies)} must be distinct values "
-                              f"of {list(STRATEGIES)}")
-        for name in ("dim", "history_max", "epochs", "patience", "batch_size", "threads", "hidden"):
-            if getattr(self, name) < 1:
-                raise ParamsError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.negatives < 0 or (self.loss == "bpr" and self.negatives == 0):
-            raise ParamsError(f"train.negatives: must be >= 1 for bpr and >= 0 for softmax, got {self.negatives}")
-        if not all(0.0 <= v < 1.0 for v in (self.dropout, self.id_dropout, self.ema_decay)):
-            raise ParamsError("train.dropout / id_dropout / ema_decay: must be in [0, 1)")
-        if "fusion" in self.strategies:
-            missing = [c for c in ("ease", self.fusion_tower) if c not in self.strategies]
-            if missing:
-                raise ParamsError(f"train.strategies: fusion blends ease and train.fusion_tower "
-                                  f"({self.fusion_tower}); add {missing} to the list")
-            if not self.fusion_weights or not all(0.0 <= w <= 1.0 for w in self.fusion_weights):
-                raise ParamsError(f"train.fusion_weights: need values in [0, 1], got {list(self.fusion_weights)}")
-            if not self.fusion_prior_weights or min(self.fusion_prior_weights) < 0 or self.fusion_auc_tolerance < 0:
-                raise ParamsError("train.fusion_prior_weights / fusion_auc_tolerance: need values >= 0")
-        if self.seed in self.extra_seeds or len(set(self.extra_seeds)) != len(self.extra_seeds):
-            raise ParamsError(f"train.extra_seeds: {list(self.extra_seeds)} must be distinct and differ "
-                              f"from train.seed {self.seed}")
-        if "ease" in self.strategies and (not self.ease_lambda or min(self.ease_lambda) <= 0):
-            raise ParamsError(f"train.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
-        if self.mode == "warm" and not self.warm_from:
-            raise ParamsError("train.warm_from: a model folder or models:/ URI is needed with train.mode warm")
-        if self.warm_epochs < 1 or self.dislike_weight < 0:
-            raise ParamsError("train.warm_epochs must be >= 1 and train.dislike_weight >= 0")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ParamsError("train.lr must be > 0 and train.weight_decay >= 0")
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["strategies"] = list(self.strategies)
-        d["ease_lambda"] = list(self.ease_lambda)
-        d["extra_seeds"] = list(self.extra_seeds)
-        d["fusion_weights"] = list(self.fusion_weights)
-        d["fusion_prior_weights"] = list(self.fusion_prior_weights)
-        return d
-
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        """``seed`` (the registered model's) then ``extra_seeds``."""
-        return (self.seed, *self.extra_seeds)
-
-
-# --- determinism -----------------------------------------------------------------------------
-
-def _passive_openmp() -> None:
-    """Let idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=PASSIVE, unless set).
-
-    Only effective before torch is first imported. On a shared 2-core machine, spinning
-    threads made 2-thread training 5-8x slower than 1 thread under load; passive waiting
-    removed that (measured in benchmarks/bench_train.py's session).
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-@contextlib.contextmanager
-def deterministic(seed: int, threads: int) -> Iterator[None]:
-    """Seed torch, force deterministic algorithms and ``threads`` threads; restore afterwards."""
-    import torch
-
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.set_num_threads(prev_threads)
-
-
-# --- validation metric -----------------------------------------------------------------------
-
-def eval_users(ev: EvalData) -> tuple[np.ndarray, list, np.ndarray | None]:
-    """(users, targets, candidates) the early-stopping metric is computed on.
-
-    cold_items split: the users with cold targets ranking only the cold items; else all
-    evaluated users ranking the whole catalogue.
-    """
-    if ev.cold_items is not None:
-        return ev.cold_users, ev.cold_targets, ev.cold_items
-    return ev.users, ev.targets, None
-
-
-def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int = 2048) -> float:
-    """Mean nDCG@10 of ``rec`` on ``ev`` (seen items of ``fit`` excluded); NaN without users."""
-    from genre_tasks.evaluation import metrics
-
-    users, targets, candidates = eval_users(ev)
-    if users is None or len(users) == 0:
-        return float("nan")
-    tie = metrics.tie_order(fit.n_items, seed)
-    seen = fit.seen.tocsr()
-    out = []
-    for s in range(0, len(users), batch):
-        u = users[s:s + batch]
-        scores = rec.score([fit.histories[i] for i in u], fit)
-        out.append(metrics.ranking_metrics(scores, targets[s:s + batch], tie=tie, exclude=seen[u],
-                                           candidates=candidates)[METRIC])
-    return float(np.mean(np.concatenate(out)))
-
-
-# --- fitting ---------------------------------------------------------------------------------
-
-@dataclass
-class FitResult:
-    recommender: Any  # genre_tasks.models.model.TorchRecommender
-    curve: list[dict]  # per epoch: epoch, train_loss, valid_ndcg@10 (None without eval), seconds
-    best_epoch: int
-    best_ndcg: float
-    n_examples: int
-    seconds: float
-
-
-def warm_state(net, init, item_ids) -> dict:
-    """``init``'s (a TorchRecommender) weights for ``net`` (same strategy and sizes): every tensor
-    as it is, except the id tables, whose rows are matched by item id (items ``init`` never saw
-    keep their fresh initialisation: new ids are appended, not re-learnt from scratch)."""
-    state = {k: v.clone() for k, v in init.net.state_dict().items()}
-    own = net.state_dict()
-    if "id_emb.weight" in own:
-        pos = {iid: k for k, iid in enumerate(init.item_ids)}
-        for key in ("id_emb.weight", "id_bias.weight"):
-            fresh = own[key].clone()
-            for row, iid in enumerate(item_ids):
-                k = pos.get(str(iid))
-                if k is not None:
-                    fresh[row] = state[key][k]
-            state[key] = fresh
-        state["id_known"] = own["id_known"].clone()
-    return state
-
-
-def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None = None,
-              epochs: int | None = None, show_progress: bool = True,
-              on_epoch: Callable[[int, float, float], None] | None = None,
-              live: Callable[..., None] | None = None, init: Any = None) -> FitResult:
-    """Train ``strategy`` on ``fit``.
-
-    With ``ev``: up to ``epochs`` (default p.epochs) epochs, evaluating nDCG@10 after each and
-    stopping after ``p.patience`` epochs without improvement; best_epoch = the best one.
-    Without ``ev``: exactly ``epochs`` epochs (best_epoch = epochs). The returned recommender
-    holds the weights of the best epoch (with ``ev``) or of the last one (without).
-    ``init``: a TorchRecommender of the same strategy to start from (warm start: its weights,
-    its genre vocabulary, id rows matched by item id) instead of a random initialisation.
-    """
-    _passive_openmp()
-    from tqdm.auto import tqdm
-
-    from genre_tasks.models import model as M
-
-    epochs = p.epochs if epochs is None else int(epochs)
-    t_start = time.perf_counter()
-    with deterministic(p.seed, p.threads):
-        genre_names = list(init.genre_names) if init is not None else list(fit.genre_names)
-        if init is not None:  # the architecture is the one being warm-started
-            ip = init.params
-            p = dataclasses.replace(p, dim=int(ip["dim"]), hidden=int(init.meta["hidden"]),
-                                    pooling=ip["pooling"], history_max=int(ip["history_max"]))
-        net = M.TwoTower(strategy, n_ids=fit.n_items, vec_dim=int(fit.item_vectors.shape[1]),
-                         n_genres=len(genre_names), dim=p.dim, hidden=p.hidden, pooling=p.pooling,
-                         dropout=p.dropout, history_max=p.history_max,
-                         id_dropout=p.id_dropout if strategy == "hybrid" else 0.0)
-        if init is not None:
-            if init.strategy != strategy:
-                raise ValueError(f"warm start: {init.strategy} weights for a {strategy} model")
-            net.load_state_dict(warm_state(net, init, fit.item_ids))
-        trainer = M.Trainer(net, fit, loss=p.loss, negatives=p.negatives,
-                            negative_sampling=p.negative_sampling, logq_correction=p.logq_correction,
-                            batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                            use_genres=p.use_genres, genre_names=genre_names, seed=p.seed,
-                            ema_decay=p.ema_decay, dislike_weight=p.dislike_weight)
-        meta = {"strategy": strategy, "params": p.as_dict(), "item_ids": [str(i) for i in fit.item_ids],
-                "genre_names": genre_names, "vec_dim": int(fit.item_vectors.shape[1]),
-                "dim": p.dim, "hidden": p.hidden, "id_dropout": net.id_dropout,
-                "fit_phase": fit.phase, "n_examples": trainer.n_examples}
-        rec = M.TorchRecommender(trainer.model, meta)
-        eval_u = eval_users(ev)[0] if ev is not None else None
-        use_eval = eval_u is not None and len(eval_u) > 0
-        curve: list[dict] = []
-        best, best_epoch, since = -math.inf, 0, 0
-        best_state = None
-        for e in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            bar = (lambda it, e=e: tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch",
-                                        leave=False, disable=None if show_progress else True))
-            loss = trainer.epoch(bar)
-            seconds = time.perf_counter() - t0
-            ndcg = validation_ndcg(rec, fit, ev, p.seed) if use_eval else None
-            curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": ndcg, "seconds": seconds})
-            if on_epoch is not None:
-                on_epoch(e, loss, seconds)
-            if live is not None:
-                live(e, loss, seconds, ndcg)
-            if not use_eval:
-                best_epoch = e
-                continue
-            if ndcg > best:
-                best, best_epoch, since = ndcg, e, 0
-                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-            else:
-                since += 1
-                if since >= p.patience:
-                    break
-        if best_state is not None:  # the early-stopping run ends on its best epoch's weights
-            trainer.model.load_state_dict(best_state)
-        net.eval()
-    rec.meta["best_epoch"] = best_epoch
-    rec.meta["history"] = _untimed(curve)
-    return FitResult(recommender=rec, curve=curve, best_epoch=best_epoch,
-                     best_ndcg=best if use_eval else float("nan"), n_examples=trainer.n_examples,
-                     seconds=time.perf_counter() - t_start)
-
-
-def _untimed(curve: list[dict]) -> list[dict]:
-    return [{k: v for k, v in c.items() if k != "seconds"} for c in curve]
 
 
 def load_recommender(model_dir: str | Path):
@@ -507,6 +188,8 @@ def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit
     model (refit on train + valid for the best epoch count, or the early-stopping run's model
     when ``p.refit`` is false). ``init``: warm start both fits from this model's weights.
     Returns (test-phase model, valid-phase model, record, FitResult)."""
+    from genre_tasks.models.model import fit_model, untimed
+
     res = fit_model(p, strategy, fit_v, ev_v, live=live, init=init)
     valid_rec = res.recommender
     if p.refit:
@@ -522,8 +205,8 @@ def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit
         refit_curve, examples_test = [], None
     # no timings in data/model: two runs must write byte-identical files
     rec.meta.update({"best_epoch": res.best_epoch, "fit_phase": "test" if p.refit else "valid",
-                     "history": _untimed(res.curve), "valid_ndcg@10": _finite(res.best_ndcg),
-                     "selection_metric": selection_metric, "refit_history": _untimed(refit_curve),
+                     "history": untimed(res.curve), "valid_ndcg@10": _finite(res.best_ndcg),
+                     "selection_metric": selection_metric, "refit_history": untimed(refit_curve),
                      "seed": p.seed})
     per_epoch = [c["seconds"] for c in res.curve + refit_curve]
     record = {"best_epoch": res.best_epoch, "valid_ndcg@10": _finite(res.best_ndcg),
@@ -610,7 +293,7 @@ def select(p: TrainParams, valid: dict[str, dict[int, tuple[float, float]]]) -> 
 
 
 def run(p: TrainParams, paths: S.Paths) -> dict:
-    _passive_openmp()
+    passive_openmp()
     from genre_tasks.models import fusion, linear
     from genre_tasks.models import model as M
 

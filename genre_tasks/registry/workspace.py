@@ -439,7 +439,7 @@ SECTIONS = {
     "augment": ("genre_tasks.features.augment.params", "AugmentParams"),
     "embed": ("genre_tasks.features.embed", "EmbedParams"),
     "genre": ("genre_tasks.features.genre", "GenreParams"),
-    "train": ("genre_tasks.models.train", "TrainParams"),
+    "train": ("genre_tasks.models.params", "TrainParams"),
     "evaluate": ("genre_tasks.evaluation.evaluate", "EvaluateParams"),
     "promote": ("genre_tasks.registry.promote", "PromoteParams"),
 }

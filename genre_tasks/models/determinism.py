@@ -1,0 +1,35 @@
+"""Determinism and threading of torch fitting; importing this module does not import torch."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+
+def passive_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spin (OMP_WAIT_POLICY=PASSIVE, unless set).
+
+    Only effective before torch is first imported. On a shared 2-core machine, spinning
+    threads made 2-thread training 5-8x slower than 1 thread under load; passive waiting
+    removed that (measured in benchmarks/bench_train.py's session).
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, threads: int) -> Iterator[None]:
+    """Seed torch, force deterministic algorithms and ``threads`` threads; restore afterwards."""
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)

@@ -1,0 +1,157 @@
+"""``train`` section of params.yaml (:class:`TrainParams`) and the strategy names.
+
+Below both the network (:mod:`genre_tasks.models.model`, which re-fits with these params) and
+the ``train`` stage (:mod:`genre_tasks.models.train`); imports nothing heavy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from genre_tasks.config import ParamsError
+
+#: two-tower item towers (genre_tasks.models.tower) + the registrable EASE
+#: (genre_tasks.models.linear) + the validated blend of both (genre_tasks.models.fusion)
+TWO_TOWER = ("content", "collaborative", "hybrid")
+STRATEGIES = (*TWO_TOWER, "ease", "fusion")
+DEFAULT_STRATEGIES = ("content", "ease", "fusion")
+METRIC = "ndcg@10"
+DEFAULT_FUSION_WEIGHTS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """``train`` section of params.yaml.
+
+    strategies           what to train: content | collaborative | hybrid (two-tower item towers)
+                         | ease (EASE, closed form, lambda chosen on valid from ``ease_lambda``)
+                         | fusion (the validated blend of ease and ``fusion_tower``; both must be
+                         listed too: their models are its components)
+    ease_lambda          the validation grid of the ``ease`` strategy's L2 weight
+    extra_seeds          stochastic strategies (two-tower, fusion) are also trained with these
+                         seeds; selection uses the mean validation metric over ``seed`` and these,
+                         the evaluate stage reports mean ± sd over them. The registered model is
+                         the ``seed`` one.
+    refit                true: the test-phase model of a two-tower strategy is re-trained from
+                         scratch on train + valid for the best epoch count; false: the
+                         early-stopping run's best-epoch model (fitted on train) is reused
+    fusion_tower         the two-tower strategy fusion blends with ease
+    fusion_weights       the validation grid of the tower's weight w in fusion (0 = ease, 1 = tower)
+    fusion_prior_weights the validation grid of fusion's quality-prior weight v (genre_tasks.models.fusion)
+    fusion_auc_tolerance fusion's (w, v) maximise valid nDCG@10 among the blends whose valid
+                         impression AUC is at least EASE's minus this (the gate's AUC guardrail):
+                         a blend may not buy nDCG with a worse liked-vs-disliked ranking
+    pooling              user tower pooling: attention (NRMS additive) | mean
+    loss                 softmax (sampled softmax) | bpr
+    negatives            negatives per positive; 0 = full softmax over the catalogue (softmax only)
+    negative_sampling    popularity (popularity^0.75) | uniform, over items with >= 1 fit positive
+    use_genres           genre multi-hot features in the content item tower
+    dim                  embedding size of both towers
+    history_max          most recent positives the user tower reads
+    dropout              dropout in the content MLP and on the pooled history
+    epochs               maximum epochs (early stopping may stop sooner)
+    patience             epochs without a better validation nDCG@10 before stopping
+    batch_size, lr, weight_decay   Adam
+    seed, threads        determinism and torch intra-op threads
+    no_history_fallback  scores for users with an empty history: popularity | genre_prior
+    logq_correction      subtract log q(item) of the negative sampler from the logits
+    hidden               hidden width of the content MLP
+    id_dropout           hybrid only: probability of dropping an item's id part in training
+    dislike_weight       weight of a pairwise term pushing each target above one of its user's
+                         "seen, not liked" fit items (rating below the positive threshold); 0 = off
+                         (full softmax only). Teaches the tower liked-vs-disliked (impression AUC)
+    mode                 full = train every strategy from scratch; warm = retrain only the strategy
+                         of ``warm_from`` (and its fusion components), starting from its weights,
+                         one seed, at most ``warm_epochs`` epochs with early stopping (feedback
+                         retrains); without a model at ``warm_from`` it falls back to full
+    warm_from            the model to start from: a strategy folder (relative to the project root,
+                         e.g. a champion's bundle ``model/``) or a registry URI such as
+                         ``models:/genre-recommender@champion``
+    warm_epochs          the epoch budget of a warm start
+    ema_decay            0 = off; else evaluate and save an exponential moving average of the
+                         weights (per step t: ema = d * ema + (1 - d) * weights with
+                         d = min(ema_decay, (1 + t) / (10 + t)))
+    """
+
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    ease_lambda: tuple[float, ...] = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
+    extra_seeds: tuple[int, ...] = ()
+    refit: bool = True
+    fusion_tower: Literal["content", "collaborative", "hybrid"] = "content"
+    fusion_weights: tuple[float, ...] = DEFAULT_FUSION_WEIGHTS
+    fusion_prior_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    fusion_auc_tolerance: float = 0.01
+    pooling: Literal["attention", "mean"] = "attention"
+    loss: Literal["softmax", "bpr"] = "softmax"
+    negatives: int = 0
+    negative_sampling: Literal["popularity", "uniform"] = "popularity"
+    use_genres: bool = True
+    dim: int = 64
+    history_max: int = 50
+    dropout: float = 0.0
+    epochs: int = 30
+    patience: int = 3
+    batch_size: int = 1024
+    lr: float = 0.005
+    weight_decay: float = 0.0
+    seed: int = 42
+    threads: int = 2
+    no_history_fallback: Literal["popularity", "genre_prior"] = "popularity"
+    logq_correction: bool = False
+    hidden: int = 256
+    id_dropout: float = 0.1
+    ema_decay: float = 0.98
+    dislike_weight: float = 0.0
+    mode: Literal["full", "warm"] = "full"
+    warm_from: str | None = None
+    warm_epochs: int = 5
+
+    def validate(self) -> None:
+        if not self.strategies:
+            raise ParamsError("train.strategies: at least one strategy is needed")
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if bad or len(set(self.strategies)) != len(self.strategies):
+            raise ParamsError(f"train.strategies: {list(self.strategies)} must be distinct values "
+                              f"of {list(STRATEGIES)}")
+        for name in ("dim", "history_max", "epochs", "patience", "batch_size", "threads", "hidden"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.negatives < 0 or (self.loss == "bpr" and self.negatives == 0):
+            raise ParamsError(f"train.negatives: must be >= 1 for bpr and >= 0 for softmax, got {self.negatives}")
+        if not all(0.0 <= v < 1.0 for v in (self.dropout, self.id_dropout, self.ema_decay)):
+            raise ParamsError("train.dropout / id_dropout / ema_decay: must be in [0, 1)")
+        if "fusion" in self.strategies:
+            missing = [c for c in ("ease", self.fusion_tower) if c not in self.strategies]
+            if missing:
+                raise ParamsError(f"train.strategies: fusion blends ease and train.fusion_tower "
+                                  f"({self.fusion_tower}); add {missing} to the list")
+            if not self.fusion_weights or not all(0.0 <= w <= 1.0 for w in self.fusion_weights):
+                raise ParamsError(f"train.fusion_weights: need values in [0, 1], got {list(self.fusion_weights)}")
+            if not self.fusion_prior_weights or min(self.fusion_prior_weights) < 0 or self.fusion_auc_tolerance < 0:
+                raise ParamsError("train.fusion_prior_weights / fusion_auc_tolerance: need values >= 0")
+        if self.seed in self.extra_seeds or len(set(self.extra_seeds)) != len(self.extra_seeds):
+            raise ParamsError(f"train.extra_seeds: {list(self.extra_seeds)} must be distinct and differ "
+                              f"from train.seed {self.seed}")
+        if "ease" in self.strategies and (not self.ease_lambda or min(self.ease_lambda) <= 0):
+            raise ParamsError(f"train.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
+        if self.mode == "warm" and not self.warm_from:
+            raise ParamsError("train.warm_from: a model folder or models:/ URI is needed with train.mode warm")
+        if self.warm_epochs < 1 or self.dislike_weight < 0:
+            raise ParamsError("train.warm_epochs must be >= 1 and train.dislike_weight >= 0")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ParamsError("train.lr must be > 0 and train.weight_decay >= 0")
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["strategies"] = list(self.strategies)
+        d["ease_lambda"] = list(self.ease_lambda)
+        d["extra_seeds"] = list(self.extra_seeds)
+        d["fusion_weights"] = list(self.fusion_weights)
+        d["fusion_prior_weights"] = list(self.fusion_prior_weights)
+        return d
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """``seed`` (the registered model's) then ``extra_seeds``."""
+        return (self.seed, *self.extra_seeds)
