@@ -146,7 +146,7 @@ class TorchRecommender:
         hist, mask = history_matrix(histories, self.net.history_max, cat.pad)
         _, weights = self._users(histories, rep, cat.pad)
         out = []
-        if self.net.attention is None:
+        if self.net.pooling == "mean":
             for m in mask:
                 out.append(np.full(int(m.sum()), 1.0 / max(int(m.sum()), 1), np.float32))
             return out

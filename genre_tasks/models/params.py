@@ -42,7 +42,9 @@ class TrainParams:
     fusion_auc_tolerance fusion's (w, v) maximise valid nDCG@10 among the blends whose valid
                          impression AUC is at least EASE's minus this (the gate's AUC guardrail):
                          a blend may not buy nDCG with a worse liked-vs-disliked ranking
-    pooling              user tower pooling: attention (NRMS additive) | mean
+    pooling              user tower pooling: attention (NRMS additive, with a recency term) | mean
+                         | self_attention (sequence-aware: a one-layer SASRec block with position
+                         embeddings, read at the most recent position; dim must be even)
     loss                 softmax (sampled softmax) | bpr
     negatives            negatives per positive; 0 = full softmax over the catalogue (softmax only)
     negative_sampling    popularity (popularity^0.75) | uniform, over items with >= 1 fit positive
@@ -82,7 +84,7 @@ class TrainParams:
     fusion_weights: tuple[float, ...] = DEFAULT_FUSION_WEIGHTS
     fusion_prior_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
     fusion_auc_tolerance: float = 0.01
-    pooling: Literal["attention", "mean"] = "attention"
+    pooling: Literal["attention", "mean", "self_attention"] = "attention"
     loss: Literal["softmax", "bpr"] = "softmax"
     negatives: int = 0
     negative_sampling: Literal["popularity", "uniform"] = "popularity"

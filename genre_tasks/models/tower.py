@@ -19,8 +19,9 @@ gives all of them the same score (0: it cannot tell them apart).
 
 User tower: the item-tower outputs of the user's ``history_max`` most recent positives,
 pooled by NRMS-style additive attention (``a_j = softmax_j(q . tanh(W h_j + b) + r_j)`` with a
-learned recency term ``r_j`` per position from the end) or by a plain mean (``pooling``),
-then a linear projection. There are no per-user parameters: any history can be scored
+learned recency term ``r_j`` per position from the end), by a plain mean, or sequence-aware
+by a one-layer SASRec block (:class:`SelfAttentionPooling`: position embeddings, the most recent
+item attending over the history) (``pooling``), then a linear projection. There are no per-user parameters: any history can be scored
 (inductive), which serving needs.
 
 Score of item i for user u = ``user(u) . item(i) + bias(i)``; equivalently the dot product of
@@ -53,6 +54,8 @@ from torch import nn
 from genre_tasks.models.views import FitData
 
 STRATEGIES = ("content", "collaborative", "hybrid")
+#: user tower poolings: NRMS additive attention, a plain mean, a one-layer SASRec block
+POOLINGS = ("attention", "mean", "self_attention")
 #: Exponent of the popularity distribution negatives are sampled from.
 POP_EXPONENT = 0.75
 
@@ -126,6 +129,41 @@ class AdditiveAttention(nn.Module):
         return w * mask.to(w.dtype)  # rows without any item: all zero
 
 
+class SelfAttentionPooling(nn.Module):
+    """Sequence-aware user encoder: a one-layer SASRec block read at the most recent position.
+
+    The history rows get a learned position embedding (right-aligned: the last one is the most
+    recent item); the most recent position attends over the whole history (multi-head
+    scaled dot-product attention, padding masked), followed by the residual + LayerNorm and the
+    position-wise feed-forward of a Transformer layer. With one layer and SASRec's causal mask,
+    the last position's output is exactly this: every earlier position's output would only
+    feed a next layer. The attention weights of that query (mean over heads) explain the user
+    vector like the additive attention's.
+    """
+
+    def __init__(self, dim: int, max_len: int, heads: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"self_attention pooling: dim {dim} is not divisible by {heads} heads")
+        self.position = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+
+    def forward(self, rep: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rep [U, D], hist [B, L] (right-aligned), mask [B, L] -> user states [B, D], weights [B, L]."""
+        L = hist.shape[1]
+        m = mask.to(rep.dtype).unsqueeze(-1)
+        x = (rep[hist] + self.position[-L:]) * m
+        pad = ~mask
+        pad[:, -1] = False  # a row without any item attends to its (zero) last slot, not to nothing
+        q = x[:, -1:]
+        a, w = self.attn(q, x, x, key_padding_mask=pad, need_weights=True, average_attn_weights=True)
+        h = self.norm1(q + a)
+        h = self.norm2(h + self.ff(h))
+        return h[:, 0], w[:, 0] * mask.to(w.dtype)
+
+
 class TwoTower(nn.Module):
     """Item tower (by strategy) + history-pooling user tower; see the module docstring."""
 
@@ -135,8 +173,8 @@ class TwoTower(nn.Module):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} not in {STRATEGIES}")
-        if pooling not in ("attention", "mean"):
-            raise ValueError(f"pooling {pooling!r} not in ('attention', 'mean')")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} not in {POOLINGS}")
         self.strategy, self.pooling, self.dim = strategy, pooling, dim
         self.n_ids, self.vec_dim, self.n_genres = n_ids, vec_dim, n_genres
         self.history_max, self.id_dropout = history_max, id_dropout
@@ -158,6 +196,8 @@ class TwoTower(nn.Module):
         self.register_buffer("id_known", torch.zeros(n_ids + 1))
         self.user_dropout = nn.Dropout(dropout)
         self.attention = AdditiveAttention(dim, dim, history_max) if pooling == "attention" else None
+        self.sequence = (SelfAttentionPooling(dim, history_max, dropout=dropout)
+                         if pooling == "self_attention" else None)
         self.user_proj = nn.Linear(dim, dim)
 
     # items
@@ -187,6 +227,9 @@ class TwoTower(nn.Module):
         rep [U, dim] item representations, hist [B, L] rows of ``rep`` (the user's most recent
         positives, right-aligned), mask [B, L] True = real item.
         """
+        if self.sequence is not None:
+            state, w = self.sequence(rep, hist, mask)
+            return self.user_proj(self.user_dropout(state)), w
         if self.attention is not None:
             w = self.attention.weights(self.attention.item_logits(rep), hist, mask)
         else:
