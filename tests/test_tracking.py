@@ -155,3 +155,26 @@ def test_a_failing_block_marks_the_run_failed(project):
             raise ValueError("boom")
     assert T.client(project).get_run(run_id).info.status == "FAILED"
     assert os.environ.get("GENRE_MLFLOW_RUN_ID") is None
+
+
+@pytest.mark.slow
+def test_search_trials_are_child_runs_of_their_strategy_run(project):
+    record = io.read_json(project.metrics("train"))
+    trials = [{"trial": i, "values": {"lr": lr}, "valid_ndcg@10": v, "best_epoch": 2, "epochs_run": 3,
+               "seconds": 1.5} for i, (lr, v) in enumerate([(0.005, 0.10), (0.01, 0.12)])]
+    record["strategies"]["content"]["search"] = {"chosen": 1, "grid_size": 3, "trials": trials}
+    io.write_json(record, project.metrics("train"))
+    with T.pipeline_run(project, params_dict()) as run_id:
+        children = T.log_training(run_id, project)
+        again = T.log_training(run_id, project)  # idempotent: no second set of trial runs
+    assert children == again
+    cl = T.client(project)
+    parent = cl.get_run(children["content"])
+    runs = cl.search_runs([parent.info.experiment_id],
+                          filter_string=f"tags.`mlflow.parentRunId` = '{children['content']}'")
+    by_trial = {r.data.tags[T.TRIAL_TAG]: r for r in runs}
+    assert sorted(by_trial) == ["0", "1"]
+    assert by_trial["1"].data.params["lr"] == "0.01" and by_trial["1"].data.metrics["valid_ndcg_at_10"] == 0.12
+    assert by_trial["1"].data.tags["genre.search_chosen"] == "true"
+    assert by_trial["0"].data.tags["genre.search_chosen"] == "false"
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -331,3 +331,28 @@ def test_sequence_aware_pooling_learns_and_reads_the_order(synth):
     clone = M.TorchRecommender(tower.build_net(rec.meta), rec.meta)
     clone.net.load_state_dict(rec.net.state_dict())
     assert np.allclose(clone.score([h], fit), rec.score([h], fit), atol=1e-6)
+
+
+def test_budgeted_search_tries_the_current_values_first_and_trains_the_winner(synth, tmp_path):
+    paths, *_ = synth
+    root = copy_processed(paths, tmp_path)
+    space = {"lr": [0.001, 0.01, 0.05], "pooling": ["mean", "self_attention"]}
+    params = {"train": {**dataclasses.replace(P, epochs=3, patience=1).as_dict(),
+                        "strategies": ["content"], "search_trials": 3, "search_space": space}}
+    summary = train.main(params, root)
+    record = summary["strategies"]["content"]["search"]
+    trials = record["trials"]
+    assert record["grid_size"] == 6 and len(trials) == 3
+    assert trials[0]["values"] == {"lr": P.lr, "pooling": P.pooling}  # the current values first
+    assert len({tuple(sorted(t["values"].items())) for t in trials}) == 3  # no configuration twice
+    scores = [t["valid_ndcg@10"] for t in trials]
+    assert record["chosen"] == scores.index(max(scores))
+    chosen = trials[record["chosen"]]["values"]
+    meta = json.loads((root.model_dir / "content" / "meta.json").read_text())
+    assert {k: meta["params"][k] for k in chosen} == chosen  # the winner is what was trained
+    # the seed run of the winner reproduces its trial's valid score (same params, same seed)
+    assert summary["strategies"]["content"]["valid_ndcg@10"] == pytest.approx(max(scores))
+    with pytest.raises(config.ParamsError, match=r"train.search_space.seed: not searchable"):
+        config.section(train.TrainParams, "train", {"train": {"search_space": {"seed": [1, 2]}}})
+    with pytest.raises(config.ParamsError, match=r"train.search_space.pooling: value 'nope'"):
+        config.section(train.TrainParams, "train", {"train": {"search_space": {"pooling": ["nope"]}}})

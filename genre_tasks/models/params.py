@@ -6,8 +6,8 @@ the ``train`` stage (:mod:`genre_tasks.models.train`); imports nothing heavy.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Union
 
 from genre_tasks.config import ParamsError
 
@@ -17,6 +17,11 @@ TWO_TOWER = ("content", "collaborative", "hybrid")
 STRATEGIES = (*TWO_TOWER, "ease", "fusion")
 DEFAULT_STRATEGIES = ("content", "ease", "fusion")
 METRIC = "ndcg@10"
+#: the hyper-parameters ``search_space`` may name (two-tower strategies)
+SEARCHABLE = ("lr", "dim", "hidden", "dropout", "weight_decay", "history_max", "pooling", "dislike_weight",
+              "id_dropout", "ema_decay")
+DEFAULT_SEARCH_SPACE = {"lr": (0.002, 0.005, 0.01), "dim": (32, 64, 128), "dropout": (0.0, 0.1),
+                        "pooling": ("attention", "self_attention")}
 DEFAULT_FUSION_WEIGHTS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
@@ -71,6 +76,13 @@ class TrainParams:
                          e.g. a champion's bundle ``model/``) or a registry URI such as
                          ``models:/genre-recommender@champion``
     warm_epochs          the epoch budget of a warm start
+    search_trials        0 = off; else a budgeted hyper-parameter search per two-tower strategy
+                         (full mode only): the current values + ``search_trials - 1`` configurations
+                         drawn (seeded by ``seed``) from the grid ``search_space``, each fitted on
+                         the valid phase with early stopping (seed ``seed``); the best valid
+                         metric's values are then used for every seed and the refit. Every trial is
+                         in metrics/train.json and an MLflow child run
+    search_space         {param: [values]}: the grid (params of SEARCHABLE)
     ema_decay            0 = off; else evaluate and save an exponential moving average of the
                          weights (per step t: ema = d * ema + (1 - d) * weights with
                          d = min(ema_decay, (1 + t) / (10 + t)))
@@ -108,6 +120,9 @@ class TrainParams:
     mode: Literal["full", "warm"] = "full"
     warm_from: str | None = None
     warm_epochs: int = 5
+    search_trials: int = 0
+    search_space: dict[str, tuple[Union[float, str], ...]] = field(
+        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE))
 
     def validate(self) -> None:
         if not self.strategies:
@@ -141,6 +156,20 @@ class TrainParams:
             raise ParamsError("train.warm_from: a model folder or models:/ URI is needed with train.mode warm")
         if self.warm_epochs < 1 or self.dislike_weight < 0:
             raise ParamsError("train.warm_epochs must be >= 1 and train.dislike_weight >= 0")
+        if self.pooling == "self_attention" and self.dim % 2:
+            raise ParamsError(f"train.dim: self_attention pooling (2 heads) needs an even dim, got {self.dim}")
+        if self.search_trials < 0:
+            raise ParamsError(f"train.search_trials: must be >= 0, got {self.search_trials}")
+        for name, values in self.search_space.items():
+            if name not in SEARCHABLE:
+                raise ParamsError(f"train.search_space.{name}: not searchable; choose from {list(SEARCHABLE)}")
+            if not values:
+                raise ParamsError(f"train.search_space.{name}: give at least one value")
+            for v in values:  # each value must make valid params on its own
+                try:
+                    self.with_values({name: v})
+                except ParamsError as exc:
+                    raise ParamsError(f"train.search_space.{name}: value {v!r}: {exc}") from None
         if self.lr <= 0 or self.weight_decay < 0:
             raise ParamsError("train.lr must be > 0 and train.weight_decay >= 0")
 
@@ -151,7 +180,20 @@ class TrainParams:
         d["extra_seeds"] = list(self.extra_seeds)
         d["fusion_weights"] = list(self.fusion_weights)
         d["fusion_prior_weights"] = list(self.fusion_prior_weights)
+        d["search_space"] = {k: list(v) for k, v in self.search_space.items()}
         return d
+
+    def with_values(self, values: dict) -> "TrainParams":
+        """These params with ``values`` (a search configuration) set, checked like params.yaml's
+        (an integral float like 64.0 from the search grid fills an int field)."""
+        from genre_tasks.config import from_dict
+
+        d = {**self.as_dict(), "search_space": {}, "search_trials": 0}
+        for name, v in values.items():
+            cur = getattr(self, name)
+            d[name] = int(v) if isinstance(cur, int) and isinstance(v, float) and v.is_integer() else v
+        out = from_dict(TrainParams, d, "train")
+        return dataclasses.replace(out, search_space=self.search_space, search_trials=self.search_trials)
 
     @property
     def seeds(self) -> tuple[int, ...]:

@@ -182,6 +182,42 @@ def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: Fit
     return rec, curve, best, best_i, best_rec
 
 
+def search(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData,
+           log: logging.Logger) -> tuple[TrainParams, dict]:
+    """The budgeted hyper-parameter search of ``train.search_trials`` for one two-tower strategy.
+
+    Trial 0 is the current values; the others are drawn without replacement (seeded by
+    ``p.seed``) from the grid ``p.search_space``. Each trial fits on the valid phase with early
+    stopping (seed ``p.seed``); the best valid metric wins (ties: the earlier trial, so the
+    current values unless beaten). Returns (params with the winner's values, record)."""
+    import itertools
+
+    from genre_tasks.models.model import fit_model
+
+    names = sorted(p.search_space)
+    current = {n: getattr(p, n) for n in names}
+    grid = [dict(zip(names, combo)) for combo in itertools.product(*(p.search_space[n] for n in names))]
+    others = [g for g in grid if p.with_values(g).as_dict() != p.as_dict()]
+    rng = np.random.default_rng(p.seed)
+    n = min(p.search_trials - 1, len(others))
+    picks = [current] + [others[int(i)] for i in sorted(rng.choice(len(others), size=n, replace=False))]
+    trials = []
+    for i, values in enumerate(picks):
+        q = p.with_values(values)
+        t0 = time.perf_counter()
+        res = fit_model(q, strategy, fit_v, ev_v, show_progress=False)
+        trials.append({"trial": i, "values": {k: getattr(q, k) for k in names},
+                       "valid_ndcg@10": _finite(res.best_ndcg), "best_epoch": res.best_epoch,
+                       "epochs_run": len(res.curve), "seconds": round(time.perf_counter() - t0, 2)})
+        log.info("%s search trial %d/%d %s: valid %.4f (best epoch %d)", strategy, i + 1, len(picks),
+                 trials[-1]["values"], res.best_ndcg, res.best_epoch)
+    scores = [t["valid_ndcg@10"] if t["valid_ndcg@10"] is not None else -math.inf for t in trials]
+    best = int(np.argmax(scores))  # first maximum: the earlier trial on ties
+    log.info("%s search: trial %d chosen %s (grid of %d, %d tried)", strategy, best, trials[best]["values"],
+             len(grid), len(trials))
+    return p.with_values(picks[best]), {"chosen": best, "grid_size": len(grid), "trials": trials}
+
+
 def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
               selection_metric: str, live=None, live_refit=None, init=None) -> tuple[Any, Any, dict, FitResult]:
     """One two-tower strategy, one seed (``p.seed``): early stopping on valid, then the test-phase
@@ -385,8 +421,11 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
             else:
                 finals[strategy], valid_models[strategy], valid[strategy] = {}, {}, {}
                 records = {}
+                p_strategy, searched = p, None
+                if p.search_trials > 0 and warm_from is None:
+                    p_strategy, searched = search(p, strategy, fit_v, ev_v, log.logger)
                 for seed in p.seeds:
-                    ps = dataclasses.replace(p, seed=seed)
+                    ps = dataclasses.replace(p_strategy, seed=seed)
                     main_seed = seed == p.seed
                     rec, rec_v, record, res = fit_tower(
                         ps, strategy, fit_v, ev_v, fit_t, selection_metric,
@@ -406,6 +445,8 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                         curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
                                     "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in res.curve]
                 results[strategy] = dict(records[p.seed])
+                if searched is not None:
+                    results[strategy]["search"] = searched
                 if p.extra_seeds:
                     results[strategy]["per_seed"] = {str(sd): {k: r[k] for k in ("best_epoch", "valid_ndcg@10",
                                                                                    "epochs_run")}

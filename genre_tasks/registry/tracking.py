@@ -44,6 +44,8 @@ RUN_ID_ENV = config.RUN_ID_ENV
 
 #: tag on a child run naming the strategy it records
 STRATEGY_TAG = "genre.strategy"
+#: tag on a hyper-parameter search trial's run (a child of its strategy's run): the trial number
+TRIAL_TAG = "genre.search_trial"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -509,19 +511,41 @@ def strategy_dirs(paths: S.Paths) -> list[Path]:
     return sorted(d for d in paths.model_dir.iterdir() if d.is_dir() and (d / "meta.json").exists())
 
 
-def _child_run(parent_id: str, strategy: str, paths: S.Paths) -> tuple[str, dict]:
-    """The child run of ``strategy`` under ``parent_id`` (reused if it exists: idempotent)."""
+def _child_run(parent_id: str, strategy: str, paths: S.Paths, trial: int | None = None) -> tuple[str, dict]:
+    """The child run of ``strategy`` under ``parent_id`` (reused if it exists: idempotent); with
+    ``trial``, the run of that hyper-parameter search trial (a child of the strategy's run)."""
     cl = client(paths)
     parent = cl.get_run(parent_id)
+    tags = {PARENT_TAG: parent_id, STRATEGY_TAG: strategy}
+    if trial is not None:
+        tags[TRIAL_TAG] = str(trial)
     found = cl.search_runs([parent.info.experiment_id],
-                           filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' "
-                                         f"and tags.`{STRATEGY_TAG}` = '{strategy}'",
+                           filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
                            max_results=1)
     if found:
         return found[0].info.run_id, found[0].data.tags
-    run = cl.create_run(parent.info.experiment_id, run_name=f"train-{strategy}",
-                        tags={PARENT_TAG: parent_id, STRATEGY_TAG: strategy})
+    name = f"train-{strategy}" if trial is None else f"search-{strategy}-{trial}"
+    run = cl.create_run(parent.info.experiment_id, run_name=name, tags=tags)
     return run.info.run_id, {}
+
+
+def log_search(child_id: str, strategy: str, record: Mapping, paths: S.Paths) -> list[str]:
+    """One child run per trial of ``strategy``'s hyper-parameter search (metrics/train.json's
+    ``strategies.<strategy>.search``) under its training run: the values as params, the valid
+    metric, best epoch and seconds as metrics, ``genre.search_chosen``. Idempotent."""
+    cl = client(paths)
+    ids = []
+    for t in record.get("trials", []):
+        run_id, tags = _child_run(child_id, strategy, paths, trial=int(t["trial"]))
+        ids.append(run_id)
+        if tags.get("genre.search_logged") == "true":
+            continue
+        log_params(run_id, dict(t["values"]), paths)
+        log_metrics(run_id, {k: t.get(k) for k in ("valid_ndcg@10", "best_epoch", "epochs_run", "seconds")}, paths)
+        set_tags(run_id, {"genre.search_chosen": str(t["trial"] == record.get("chosen")).lower(),
+                          "genre.search_logged": "true"}, paths)
+        cl.set_terminated(run_id)
+    return ids
 
 
 def log_training(run_id: str, paths: S.Paths) -> dict[str, str]:
@@ -535,10 +559,15 @@ def log_training(run_id: str, paths: S.Paths) -> dict[str, str]:
     cl = client(paths)
     selected = _selected_strategy(paths)
     children: dict[str, str] = {}
+    record = paths.metrics("train")
+    searches = {s: r["search"] for s, r in (io.read_json(record).get("strategies", {}) if record.exists() else {}).items()
+                if isinstance(r, dict) and r.get("search")}
     for d in strategy_dirs(paths):
         strategy = d.name
         child_id, child_tags = _child_run(run_id, strategy, paths)
         children[strategy] = child_id
+        if strategy in searches:
+            log_search(child_id, strategy, searches[strategy], paths)
         curve = d / "curve.csv"
         curve_md5 = io.file_md5(curve) if curve.exists() else "none"
         if child_tags.get("genre.curve_md5") == curve_md5:
