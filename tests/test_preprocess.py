@@ -126,3 +126,27 @@ def test_run_requires_successful_validation_and_writes_outputs(tmp_path):
     first = pd.read_parquet(paths.interactions)
     run(PreprocessParams(), paths)  # idempotent
     pd.testing.assert_frame_equal(first, pd.read_parquet(paths.interactions))
+
+
+def test_text_template_builds_the_encoder_text_from_item_columns():
+    from genre_tasks import config
+    from genre_tasks.data.adapters.movielens import item_text
+
+    items, inter = make_raw()
+    items["year"] = pd.array(["1995" if j % 3 else None for j in range(len(items))], dtype="string")
+    default, *_ = preprocess(items, inter, PreprocessParams())
+    assert default[S.TEXT].iloc[0] == "Item 0 text"  # null: the adapter's text (cleaned)
+    p = PreprocessParams(text_template="{title} ({year}). Genres: {genres}.")
+    out, *_ = preprocess(items, inter, p)
+    # the MovieLens adapter's own wording, rebuilt from columns (an empty year leaves no "()")
+    for j in (0, 1):
+        assert out[S.TEXT].iloc[j] == item_text(f"Item {j}", items["year"].iloc[j] if j % 3 else None,
+                                                list(items[S.GENRES].iloc[j]))
+    assert out[S.TEXT].iloc[0] == "Item 0. Genres: Comedy, Drama."
+    other, *_ = preprocess(items, inter, PreprocessParams(text_template="Genres: {genres}. {text}"))
+    assert other[S.TEXT].iloc[1] == "Genres: Drama. Item 1 text"
+    with pytest.raises(config.ParamsError, match=r"no item column \['plot'\]"):
+        preprocess(items, inter, PreprocessParams(text_template="{title}: {plot}"))
+    for bad, rule in [("{title", "expected '}'"), ("{title!r}", "plain column names"), ("nothing", "names no")]:
+        with pytest.raises(config.ParamsError, match=rule):
+            config.section(PreprocessParams, "preprocess", {"preprocess": {"text_template": bad}})

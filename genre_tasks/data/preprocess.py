@@ -5,7 +5,7 @@ left a successful data/validation/summary.json) and writes data/processed/:
 
 ``items.parquet``
     item_id, item_idx (int32, 0..n_items-1 = row of the embedding matrix), title, text
-    (cleaned), genres (list[str]), cold ("test" | "valid" | null; cold_items split only),
+    (cleaned; or built from the item's columns by ``preprocess.text_template``), genres (list[str]), cold ("test" | "valid" | null; cold_items split only),
     pop_train / pop_trainvalid (int: positives in train / train+valid, the popularity
     distribution for negative sampling and the MostPop baseline), extra columns.
 ``interactions.parquet``
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
@@ -61,10 +62,67 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class PreprocessParams:
+    """``preprocess`` section. ``text_template``: null = the adapter's item text (e.g. MovieLens'
+    "Title (year). Genres: a, b."); else the text the encoder reads, built per item from its
+    columns with Python format fields, e.g. ``"{title}. Genres: {genres}. Released {year}."``
+    (lists are joined with ", ", missing values are empty; empty brackets and the spaces they
+    leave are removed). Fields must be item columns; ``{text}`` is the adapter's text."""
     positive_threshold: float = 4.0
     text_max_chars: int = 2000
     k_core: int = 0
     split: SplitParams = field(default_factory=SplitParams)
+    text_template: str | None = None
+
+    def validate(self) -> None:
+        if self.text_template is not None:
+            template_fields(self.text_template)
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names of ``text_template`` (refused: bad braces, no field, attribute/index access,
+    conversions or format specs)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise config.ParamsError(f"preprocess.text_template: {exc} in {template!r}") from None
+    names = []
+    for _, name, spec, conv in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conv:
+            raise config.ParamsError(f"preprocess.text_template: {{{name}}} in {template!r}: use plain "
+                                     f"column names like {{title}} (no attributes, indexes or formats)")
+        names.append(name)
+    if not names:
+        raise config.ParamsError(f"preprocess.text_template: {template!r} names no item column")
+    return names
+
+
+def _field_text(value: object) -> str:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(str(v) for v in value if v is not None and not (isinstance(v, float) and math.isnan(v)))
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+_EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
+
+
+def render_text(items: pd.DataFrame, template: str) -> list[str]:
+    """``template`` filled per item from its columns (see :class:`PreprocessParams`)."""
+    names = template_fields(template)
+    missing = sorted({n for n in names if n not in items.columns})
+    if missing:
+        raise config.ParamsError(f"preprocess.text_template: no item column {missing} "
+                                 f"(the items have {sorted(items.columns)})")
+    out = []
+    for row in items[list(dict.fromkeys(names))].itertuples(index=False):
+        values = {n: _field_text(getattr(row, n)) for n in dict.fromkeys(names)}
+        text = _EMPTY_BRACKETS.sub("", template.format_map(values))
+        out.append(_SPACE_BEFORE_PUNCT.sub(r"\1", _SPACE.sub(" ", text)).strip())
+    return out
 
 
 _TAGS = re.compile(r"<[^>]+>")
@@ -197,6 +255,8 @@ def preprocess(items: pd.DataFrame, inter: pd.DataFrame, p: PreprocessParams) ->
     inter[S.ROW] = np.arange(len(inter), dtype=np.int64)
     items[S.TEXT] = [clean_text(t, p.text_max_chars) for t in items[S.TEXT]]
     items[S.TITLE] = [clean_text(t, p.text_max_chars) for t in items[S.TITLE]]
+    if p.text_template is not None:  # from the cleaned title / text and the other columns
+        items[S.TEXT] = [clean_text(t, p.text_max_chars) for t in render_text(items, p.text_template)]
     items[S.GENRES] = [list(g) if g is not None else [] for g in items[S.GENRES]]
     items[S.ITEM_IDX] = np.arange(len(items), dtype=np.int32)
 
