@@ -163,6 +163,11 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert result["ok"] and result["model_md5"] == record["dvc_lock"]["train"]["data/model"]
     model_files = sorted(p.relative_to(workspace) for p in (workspace / "data" / "model").rglob("*") if p.is_file())
     assert model_files and all((restored / f).read_bytes() == (workspace / f).read_bytes() for f in model_files)
+    # a version that does not exist: a clear refusal naming what there is, no traceback
+    missing = subprocess.run([*genre, "lineage", "99"], cwd=project, capture_output=True, text=True,
+                             env=airflow_env(project))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert "has no version or alias '99'" in missing.stderr and f"versions {champion.version}" in missing.stderr
 
 
 def test_failed_validation_fails_the_run_and_stops_downstream(tmp_path):

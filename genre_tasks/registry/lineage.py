@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from genre_tasks import io
+from genre_tasks.errors import StageError
 from genre_tasks import schema as S
 from genre_tasks.registry import tracking
 from genre_tasks.registry import workspace as W
@@ -32,11 +33,26 @@ DVC_YAML_ARTIFACT = "run/dvc.yaml"
 
 
 def _version(params: dict, paths: S.Paths, version: str):
+    """The model version ``version`` (a number or an alias) of ``promote.model_name``; a clear
+    StageError naming the versions and aliases there are when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
     name = (params.get("promote") or {}).get("model_name", "genre-recommender")
     cl = tracking.client(paths)
-    if not str(version).isdigit():  # an alias: champion, challenger, ...
-        return cl.get_model_version_by_alias(name, str(version).lstrip("@"))
-    return cl.get_model_version(name, str(version))
+    try:
+        if not str(version).isdigit():  # an alias: champion, challenger, ...
+            return cl.get_model_version_by_alias(name, str(version).lstrip("@"))
+        return cl.get_model_version(name, str(version))
+    except MlflowException:
+        try:
+            known = sorted(cl.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+            aliases = sorted(cl.get_registered_model(name).aliases)
+        except MlflowException:
+            known, aliases = [], []
+        there = (f"versions {', '.join(str(v.version) for v in known)}; aliases {', '.join(aliases) or 'none'}"
+                 if known else "no version registered")
+        raise StageError(f"model {name!r} (registry {tracking.registry_uri(paths)}) has no version or alias "
+                         f"{version!r}: {there}") from None
 
 
 def _lock_entries(lock: dict) -> dict[str, dict[str, str]]:
