@@ -170,3 +170,22 @@ def test_model_id_is_stable() -> None:
     a = embed.model_id(None, 128)
     assert a == embed.model_id(embed.default_model_path(), 128)
     assert len(a) == 20 and a != embed.model_id(None, 256)
+
+
+def test_int8_encoder_is_a_separate_model_id_close_to_float32():
+    """embed.quantize: the compressed encoder's vectors are close to the float32 ones (the
+    attention-only variant closer than quantizing every layer), unit norm, and never share a
+    cache with them (another model id)."""
+    from genre_tasks import config
+
+    f32 = embed.encode_texts(TEXTS, batch_size=4)
+    att = embed.encode_texts(TEXTS, batch_size=4, quantize="int8-attention")
+    full = embed.encode_texts(TEXTS, batch_size=4, quantize="int8")
+    assert not np.allclose(att, f32, atol=1e-4)  # really another encoder
+    cos_att, cos_full = (att * f32).sum(1), (full * f32).sum(1)
+    assert cos_att.min() > 0.98 and cos_full.min() > 0.9 and cos_att.mean() > cos_full.mean()
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
+    ids = {embed.model_id(None, 128, q) for q in embed.QUANTIZE}
+    assert len(ids) == 3 and embed.model_id(None, 128) == embed.model_id(None, 128, "none")
+    with pytest.raises(config.ParamsError, match="embed.quantize: 'int4'"):
+        config.section(embed.EmbedParams, "embed", {"embed": {"quantize": "int4"}})

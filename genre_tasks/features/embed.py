@@ -65,6 +65,10 @@ _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 #: embed.augmented_text values
 AUGMENTED_TEXT = ("none", "append", "replace")
+#: embed.quantize values: int8 dynamic quantization (torch, per-channel weights) of the
+#: encoder's linear layers - ``int8-attention``: the attention projections only (query, key,
+#: value, attention output); ``int8``: every linear layer (the feed-forward ones too)
+QUANTIZE = ("none", "int8-attention", "int8")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,9 @@ class EmbedParams:
     augmented_text none | append | replace: the augment stage's enriched item text
                    (data/augment/items.parquet, marked [generated]) appended to the item text or
                    replacing it, for the items that have one (the others keep their text)
+    quantize       none | int8-attention | int8: a compressed (int8 dynamic quantization)
+                   encoder, see QUANTIZE; part of the model id, so its vectors never mix with
+                   the float32 ones in the cache (benchmarks/bench_embed.py measures both)
     """
 
     model_path: str | None = None
@@ -88,8 +95,11 @@ class EmbedParams:
     threads: int = 2
     show_progress: bool = True
     augmented_text: str = "none"
+    quantize: str = "none"
 
     def validate(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ParamsError(f"embed.quantize: {self.quantize!r} is not one of {list(QUANTIZE)}")
         if self.augmented_text not in AUGMENTED_TEXT:
             raise ParamsError(f"embed.augmented_text: {self.augmented_text!r} is not one of "
                               f"{list(AUGMENTED_TEXT)}")
@@ -140,8 +150,8 @@ def _folder_digest(path: str, stamp: tuple) -> str:
     return h.hexdigest()
 
 
-def model_id(model_path: str | Path | None, max_length: int) -> str:
-    """Stable id of (model folder contents, max_length, pooling recipe): 20 hex chars.
+def model_id(model_path: str | Path | None, max_length: int, quantize: str = "none") -> str:
+    """Stable id of (model folder contents, max_length, pooling recipe, quantization): 20 hex chars.
 
     Hashes config/tokenizer files and the full weight files (~0.2 s for MiniLM, memoised per
     process on the files' size+mtime), so the id is the same wherever the folder is installed.
@@ -150,15 +160,37 @@ def model_id(model_path: str | Path | None, max_length: int) -> str:
     stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
                   if p.is_file())
     digest = _folder_digest(str(path), stamp)
-    return hashlib.sha1(f"{digest}|max_length={max_length}|{RECIPE}".encode()).hexdigest()[:20]
+    key = f"{digest}|max_length={max_length}|{RECIPE}" + ("" if quantize == "none" else f"|quantize={quantize}")
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def load_encoder(model_path: str | Path | None = None) -> tuple[Any, Any]:
-    """(tokenizer, model) from a local folder (None = packaged MiniLM), eval mode, float32.
+def load_encoder(model_path: str | Path | None = None, quantize: str = "none") -> tuple[Any, Any]:
+    """(tokenizer, model) from a local folder (None = packaged MiniLM), eval mode, float32, or
+    with ``quantize`` (see QUANTIZE) its linear layers int8-quantized (dynamic, per-channel).
 
     Memoised per resolved folder, so repeated calls (tests, serving) load the weights once.
     """
-    return _load_encoder(str(resolve_model_path(model_path)))
+    if quantize not in QUANTIZE:
+        raise ParamsError(f"embed.quantize: {quantize!r} is not one of {list(QUANTIZE)}")
+    path = str(resolve_model_path(model_path))
+    return _load_encoder(path) if quantize == "none" else _quantized(path, quantize)
+
+
+@functools.lru_cache(maxsize=2)
+def _quantized(path: str, quantize: str) -> tuple[Any, Any]:
+    import copy
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    tokenizer, model = _load_encoder(path)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and (quantize == "int8" or ".attention." in f".{n}.")]
+    if not names:
+        raise StageError(f"embed.quantize {quantize}: the model in {path} has no such linear layers")
+    q = quantize_dynamic(copy.deepcopy(model), {n: per_channel_dynamic_qconfig for n in names},
+                         dtype=torch.qint8)
+    return tokenizer, q.eval()
 
 
 @functools.lru_cache(maxsize=2)
@@ -211,7 +243,8 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
 
 
 def encode_texts(texts: Sequence[str], model_path: str | Path | None = None, batch_size: int = 64,
-                 max_length: int = 128, threads: int = 2, show_progress: bool = False) -> np.ndarray:
+                 max_length: int = 128, threads: int = 2, show_progress: bool = False,
+                 quantize: str = "none") -> np.ndarray:
     """Embed ``texts`` -> float32 [len(texts), dim], row i = texts[i], each row unit L2 norm.
 
     Same vectors as ``SentenceTransformer(model_path).encode(texts, normalize_embeddings=True)``
@@ -226,7 +259,7 @@ def encode_texts(texts: Sequence[str], model_path: str | Path | None = None, bat
     if isinstance(texts, str):
         raise TypeError("encode_texts expects a sequence of strings, not a single string")
     texts = [str(t) for t in texts]
-    tokenizer, model = load_encoder(model_path)
+    tokenizer, model = load_encoder(model_path, quantize)
     dim = int(model.config.hidden_size)
     out = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
@@ -410,7 +443,7 @@ def run(p: EmbedParams, paths: Paths) -> dict:
                      f"{n_augmented} enriched texts ({p.augmented_text})")
         hashes = [io.text_sha1(t) for t in texts]
 
-        mid = model_id(p.model_path, p.max_length)
+        mid = model_id(p.model_path, p.max_length, p.quantize)
         cache = EmbeddingCache(paths.embed_cache, mid)
         unique = list(dict.fromkeys(hashes))  # first-seen order
         text_of = dict(zip(hashes, texts))
@@ -423,7 +456,7 @@ def run(p: EmbedParams, paths: Paths) -> dict:
         if missing:
             t0 = time.perf_counter()
             new = encode_texts([text_of[h] for h in missing], p.model_path, p.batch_size,
-                               p.max_length, p.threads, p.show_progress)
+                               p.max_length, p.threads, p.show_progress, p.quantize)
             encode_seconds = time.perf_counter() - t0
             shard = cache.add(missing, new)
             log.wrote(shard, f"cache shard, {len(missing)} vectors")
