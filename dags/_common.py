@@ -123,6 +123,13 @@ def overrides_from_params(params: Mapping[str, Any]) -> dict:
     return out
 
 
+def check_force_reason(params: Mapping[str, Any]) -> None:
+    """A forced promotion from the trigger form needs a reason (recorded on the model version with
+    the triggering user); refused before any stage runs."""
+    if params.get("force_promote") and not str(params.get("force_reason") or "").strip():
+        raise config.ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
+
+
 def variable_overrides(name: str = PARAMS_VARIABLE) -> dict:
     """The JSON object of Airflow Variable ``name`` ({} when unset). Call it inside a task only
     (a Variable is a metadata-DB look-up). Anything but a JSON object is refused."""

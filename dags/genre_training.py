@@ -73,6 +73,7 @@ from _common import (  # noqa: E402
     ADAPTERS,
     SPLIT_MODES,
     STRATEGIES,
+    check_force_reason,
     overrides_from_params,
     project_root,
     schedule_expression,
@@ -263,9 +264,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
             # time, never at parse time; the trigger form wins over them
             knobs = variable_overrides()
             overrides = config.deep_merge(knobs, overrides_from_params(context["params"]))
-            form = context["params"]
-            if form.get("force_promote") and not (form.get("force_reason") or "").strip():
-                raise ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
+            check_force_reason(context["params"])
             params = W.effective_params(root, overrides)
             W.check_params(params)
         except ParamsError as exc:

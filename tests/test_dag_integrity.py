@@ -310,3 +310,18 @@ def test_landing_folder_follows_params_yaml(tmp_path):
     assert _common.landing_folder(tmp_path) == tmp_path / "drops" / "in"
     (tmp_path / "params.yaml").write_text("ingest: {}\n")
     assert _common.landing_folder(tmp_path) == tmp_path / "data" / "feedback" / "incoming"
+
+
+@pytest.mark.parametrize("form, refused", [
+    ({"force_promote": True}, True), ({"force_promote": True, "force_reason": "   "}, True),
+    ({"force_promote": True, "force_reason": None}, True),
+    ({"force_promote": True, "force_reason": "rollback drill"}, False),
+    ({"force_promote": False}, False), ({"force_reason": "no force: ignored"}, False)])
+def test_a_forced_promotion_needs_a_reason(form, refused):
+    from genre_tasks.config import ParamsError
+
+    if refused:
+        with pytest.raises(ParamsError, match="force_promote needs force_reason"):
+            _common.check_force_reason(form)
+    else:
+        _common.check_force_reason(form)
