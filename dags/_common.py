@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,13 @@ def overrides_from_params(params: Mapping[str, Any]) -> dict:
     return out
 
 
+def check_force_reason(params: Mapping[str, Any]) -> None:
+    """A forced promotion from the trigger form needs a reason (recorded on the model version with
+    the triggering user); refused before any stage runs."""
+    if params.get("force_promote") and not str(params.get("force_reason") or "").strip():
+        raise config.ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
+
+
 def variable_overrides(name: str = PARAMS_VARIABLE) -> dict:
     """The JSON object of Airflow Variable ``name`` ({} when unset). Call it inside a task only
     (a Variable is a metadata-DB look-up). Anything but a JSON object is refused."""
@@ -171,23 +178,41 @@ def small_summary(summary: Any, value_max: int = XCOM_VALUE_MAX, total_max: int 
     return out
 
 
+def connection_settings():
+    """The MLflow / DVC-remote settings of this task: the Airflow connections ``genre_mlflow`` and
+    ``genre_dvc_remote`` when defined, else the environment (``genre_airflow.connections``).
+    A connection look-up: call it inside a task only, never at parse time."""
+    from genre_airflow import connections
+
+    return connections.resolve()
+
+
 @contextlib.contextmanager
-def stage_environment(root: Path, mlflow_run_id: str | None, extra_env: Mapping[str, str] | None = None
-                      ) -> Iterator[None]:
+def stage_environment(root: Path, mlflow_run_id: str | None,
+                      extra_env: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
+                      ) -> Iterator[Any]:
     """Run a stage in ``root`` with the DAG run's MLflow run id in the environment.
 
     The cwd is set to the project root so nothing relative lands in the worker's cwd (and
     $GENRE_PARAMS_OVERRIDE paths resolve against the project); both are restored afterwards.
+    The Airflow connections ``genre_mlflow`` / ``genre_dvc_remote`` (when defined) are exported
+    first, so they win over the worker's environment; ``extra_env`` may be a callable, evaluated
+    after that (e.g. ``lambda: W.tracking_env(root)``, which reads MLFLOW_TRACKING_URI). Yields the
+    resolved connection settings (``.effective``: secrets masked).
     """
-    env = {ROOT_ENV: str(root), **(extra_env or {})}
+    resolved = connection_settings()
+    env = {ROOT_ENV: str(root), **resolved.env}
     if mlflow_run_id:
         env[RUN_ID_ENV] = mlflow_run_id
     saved = {k: os.environ.get(k) for k in env}
     cwd = os.getcwd()
     os.environ.update(env)
-    os.chdir(root)
     try:
-        yield
+        more = dict((extra_env() if callable(extra_env) else extra_env) or {})
+        saved.update({k: os.environ.get(k) for k in more if k not in saved})
+        os.environ.update(more)
+        os.chdir(root)
+        yield resolved
     finally:
         os.chdir(cwd)
         for key, value in saved.items():

@@ -73,6 +73,7 @@ from _common import (  # noqa: E402
     ADAPTERS,
     SPLIT_MODES,
     STRATEGIES,
+    check_force_reason,
     overrides_from_params,
     project_root,
     schedule_expression,
@@ -89,6 +90,8 @@ DAG_ID = "genre_training"
 INTERACTIONS = Asset("genre://interactions/store")
 #: updated by promote: a new model version is in the registry (maybe the new @champion)
 MODEL = Asset("genre://models/genre-recommender")
+#: MLflow tag of the pipeline run: where it tracked and stored data (connection or env, masked)
+CONNECTIONS_TAG = "genre.connections"
 
 #: tasks where retrying can help (a killed worker, a locked database, a flaky file system)
 RETRY = {"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": 2.0,
@@ -186,7 +189,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
     ws = W.workspace(root, context["ti"].run_id)
     summaries: dict = {}
     env = {RUN_ID_ENV: mlflow_run_id, **(extra_env or {})} if mlflow_run_id else dict(extra_env or {})
-    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+    with stage_environment(root, mlflow_run_id, lambda: W.tracking_env(root)):
         paths = Paths(root)
         W.materialise(ws, mlflow_run_id, paths)
         log.info("workspace %s (DVC cache %s)", ws.path, ws.cache_dir)
@@ -251,21 +254,27 @@ def snapshot_params(mlflow_run_id: str) -> dict:
     from genre_tasks import config
     from genre_tasks.registry import workspace as W
     from genre_tasks.config import ParamsError
+    from genre_airflow import connections
     from genre_tasks.schema import Paths
 
     context = get_current_context()
     root = project_root()
     ws = W.workspace(root, context["ti"].run_id)
-    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+    with stage_environment(root, mlflow_run_id, lambda: W.tracking_env(root)) as resolved:
         paths = Paths(root)
+        # where this run tracks and stores data: the Airflow connections genre_mlflow /
+        # genre_dvc_remote when defined, else the environment (secrets masked)
+        where = resolved.effective
+        where["mlflow"].setdefault("MLFLOW_TRACKING_URI", connections.masked(
+            {"uri": tracking.tracking_uri(paths)})["uri"])
+        log.info("MLflow from %s, DVC remote from %s: %s", where["mlflow"]["source"],
+                 where["dvc_remote"]["source"], where)
         try:
             # run-size knobs an operator edits in the UI (Admin > Variables), read here at run
             # time, never at parse time; the trigger form wins over them
             knobs = variable_overrides()
             overrides = config.deep_merge(knobs, overrides_from_params(context["params"]))
-            form = context["params"]
-            if form.get("force_promote") and not (form.get("force_reason") or "").strip():
-                raise ParamsError("force_promote needs force_reason: say why, it is recorded on the version")
+            check_force_reason(context["params"])
             params = W.effective_params(root, overrides)
             W.check_params(params)
         except ParamsError as exc:
@@ -276,10 +285,12 @@ def snapshot_params(mlflow_run_id: str) -> dict:
         if ws.lock_file.exists():  # seeded from the project's feedback store: the record travels
             tracking.log_run_lock(mlflow_run_id, ws.lock_file, paths)
         tracking.log_artifact(mlflow_run_id, ws.path / "dvc.yaml", paths, "run")  # the pipeline as run
-        tracking.set_tags(mlflow_run_id, {W.WORKSPACE_TAG: str(ws.path)}, paths)
+        tracking.set_tags(mlflow_run_id, {W.WORKSPACE_TAG: str(ws.path),
+                                          CONNECTIONS_TAG: json.dumps(where, sort_keys=True)}, paths)
     out = {"params_hash": logged["params_hash"], "overrides": overrides,
            "variable": {PARAMS_VARIABLE: knobs} if knobs else {},
            "override_files": os.environ.get("GENRE_PARAMS_OVERRIDE", ""), "workspace": str(ws.path),
+           "connections": where,
            "mlflow_artifact": W.PARAMS_ARTIFACT}
     log.info("params snapshot %s", out)
     return small_summary(out)
@@ -371,7 +382,7 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
 
             ws = W.workspace(root, ti.run_id)
             if ws.params_file.exists():  # this worker made the run's workspace (the store's)
-                with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+                with stage_environment(root, mlflow_run_id, lambda: W.tracking_env(root)):
                     W.materialise(ws, mlflow_run_id, paths)  # the run's final dvc.lock
             if ws.lock_file.exists():
                 published = W.publish(ws)

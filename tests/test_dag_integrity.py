@@ -115,7 +115,8 @@ PARSE_SCRIPT = textwrap.dedent(r'''
 def parse_dags(tmp_path: Path, mode: str, folder: Path = DAGS) -> dict:
     """Parse ``folder`` in a fresh interpreter (own AIRFLOW_HOME, no DB); return its report."""
     home = tmp_path / f"airflow_home_{mode}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AIRFLOW") or k.startswith("AIRFLOW_CONN_")}  # connections: kept
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(folder),
@@ -160,7 +161,11 @@ def test_parsing_imports_nothing_heavy(report):
     assert report["heavy"] == [], f"parsing dags/ imported {report['heavy']}"
 
 
-def test_parsing_makes_no_db_queries_or_connection_lookups(tmp_path):
+def test_parsing_makes_no_db_queries_or_connection_lookups(tmp_path, monkeypatch):
+    # the connections are defined (as a deployment would), so a parse-time read would find them;
+    # the patched look-ups record and refuse any read (the tasks read them, via stage_environment)
+    monkeypatch.setenv("AIRFLOW_CONN_GENRE_MLFLOW", '{"conn_type": "http", "host": "mlflow.example"}')
+    monkeypatch.setenv("AIRFLOW_CONN_GENRE_DVC_REMOTE", '{"conn_type": "generic", "host": "/tmp/r"}')
     patched = parse_dags(tmp_path, "patched")
     assert patched["lookups"] == []
     assert patched["import_errors"] == {}
@@ -183,8 +188,21 @@ def test_guards_catch_a_bad_dag_file(tmp_path):
 
         bad_dag()
     """))
+    # a connection read at parse time (the MLflow server's, as the tasks read it) is caught too
+    (folder / "bad_conn_dag.py").write_text(textwrap.dedent("""
+        from airflow.sdk import Connection, dag, task
+
+        TRACKING = Connection.get("genre_mlflow").host  # lookup at parse time
+
+        @dag(schedule=None, tags=["bad"])
+        def bad_conn_dag():
+            task(lambda: None, task_id="noop")()
+
+        bad_conn_dag()
+    """))
     bad = parse_dags(tmp_path, "patched", folder)
-    assert bad["lookups"] and bad["import_errors"]
+    assert "Variable.get" in bad["lookups"] and "Connection.get" in bad["lookups"]
+    assert len(bad["import_errors"]) == 2
     assert "pandas" in bad["heavy"]
 
 
@@ -310,3 +328,18 @@ def test_landing_folder_follows_params_yaml(tmp_path):
     assert _common.landing_folder(tmp_path) == tmp_path / "drops" / "in"
     (tmp_path / "params.yaml").write_text("ingest: {}\n")
     assert _common.landing_folder(tmp_path) == tmp_path / "data" / "feedback" / "incoming"
+
+
+@pytest.mark.parametrize("form, refused", [
+    ({"force_promote": True}, True), ({"force_promote": True, "force_reason": "   "}, True),
+    ({"force_promote": True, "force_reason": None}, True),
+    ({"force_promote": True, "force_reason": "rollback drill"}, False),
+    ({"force_promote": False}, False), ({"force_reason": "no force: ignored"}, False)])
+def test_a_forced_promotion_needs_a_reason(form, refused):
+    from genre_tasks.config import ParamsError
+
+    if refused:
+        with pytest.raises(ParamsError, match="force_promote needs force_reason"):
+            _common.check_force_reason(form)
+    else:
+        _common.check_force_reason(form)

@@ -80,6 +80,13 @@ def test_workspace_takes_the_project_remote_and_env_override(tmp_path, monkeypat
     assert other.path == tmp_path / "worker" / "r" and not other.shares_project_cache
     assert "url = s3://bucket/genre" in (other.path / ".dvc" / "config.local").read_text()
     assert not (other.path / ".cache").exists()
+    # an S3-compatible endpoint (the genre_dvc_remote connection's extra) goes into the remote;
+    # the keys stay in the environment, never in the workspace's config files
+    monkeypatch.setenv(W.REMOTE_ENDPOINT_ENV, "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-in-a-file")
+    third = W.create(W.workspace(project, "r2"), W.effective_params(project))
+    conf = (third.path / ".dvc" / "config.local").read_text() + (third.path / ".dvc" / "config").read_text()
+    assert "endpointurl = http://127.0.0.1:9000" in conf and "never-in-a-file" not in conf
 
 
 def test_computed_stages_reads_dvc_output():

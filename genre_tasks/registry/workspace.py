@@ -58,6 +58,8 @@ log = logging.getLogger("genre.workspace")
 WORKSPACES_ENV = "GENRE_WORKSPACES"
 CACHE_ENV = "GENRE_DVC_CACHE"
 REMOTE_URL_ENV = "GENRE_DVC_REMOTE_URL"
+#: endpoint of an S3-compatible remote (the remote's ``endpointurl``)
+REMOTE_ENDPOINT_ENV = "GENRE_DVC_REMOTE_ENDPOINT"
 REMOTE_NAME = "genre"
 #: MLflow run artifacts that carry a run's record between workers
 PARAMS_ARTIFACT = "run/params.yaml"
@@ -153,7 +155,8 @@ def dump_params(params: Mapping) -> str:
 # --- making a workspace -------------------------------------------------------------------------
 def _remote_config(project: Path) -> tuple[str | None, dict]:
     """(default remote name, its settings) of the project: .dvc/config + config.local, with
-    ``$GENRE_DVC_REMOTE_URL`` replacing the url. Relative folder urls come back absolute."""
+    ``$GENRE_DVC_REMOTE_URL`` replacing the url (``$GENRE_DVC_REMOTE_ENDPOINT``: its endpointurl;
+    credentials stay in the environment, AWS_ACCESS_KEY_ID/..., never in a file). Relative folder urls come back absolute."""
     from dvc.config import Config
 
     if not (project / ".dvc").is_dir():  # a project folder that is no DVC repo: no remote
@@ -165,6 +168,9 @@ def _remote_config(project: Path) -> tuple[str | None, dict]:
     if url:
         name = name or REMOTE_NAME
         settings["url"] = url
+    endpoint = os.environ.get(REMOTE_ENDPOINT_ENV, "").strip()
+    if endpoint and settings.get("url"):  # an S3-compatible store (MinIO, ...); keys stay in the env
+        settings["endpointurl"] = endpoint
     return (name if settings.get("url") else None), settings
 
 
