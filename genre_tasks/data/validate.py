@@ -686,8 +686,14 @@ def _read(path: Path, table: str, root: Path) -> pd.DataFrame:
 
 
 def quarantine_path(paths: Paths) -> Path:
-    """The bad-rows report of ``validate.on_bad_rows: quarantine`` (rows, reasons, source)."""
+    """The bad-rows report of ``validate.on_bad_rows: quarantine`` (rows, reasons, source).
+    A DVC output of validate: written on every pass (header only when nothing was set aside),
+    so a run whose validate DVC restores from its run cache still has it."""
     return paths.validation_dir / "quarantine.csv"
+
+
+#: the first columns of quarantine.csv (then the row's key values)
+QUARANTINE_COLUMNS = ["table", "row", "source_file", "source_line", "reasons"]
 
 
 def bad_rows(report: dict) -> dict[str, dict[int, list[str]]] | None:
@@ -941,6 +947,9 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
             if not (tmp_docs / "index.html").exists():
                 raise StageError(f"GX built no Data Docs (no index.html in {tmp_docs})")
         log.wrote(docs, "Data Docs")
+        if not quarantine_path(paths).exists():  # a DVC output: nothing set aside = header only
+            with io.atomic_path(quarantine_path(paths)) as tmp:
+                pd.DataFrame(columns=QUARANTINE_COLUMNS).to_csv(tmp, index=False)
         report["raw_md5"] = raw_hashes(paths)  # what the next stages check (require_current)
         io.write_json(report, paths.validation_summary)
         log.wrote(paths.validation_summary, "validation summary")
