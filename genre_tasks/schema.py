@@ -93,6 +93,12 @@ class Paths:
         return self.root / "data" / "raw" / "lines.parquet"
 
     @property
+    def raw_unparsed(self) -> Path:
+        """Rows ingest left out because a value did not parse (``validate.on_bad_rows:
+        quarantine`` only): table, source_file, source_line, column, value, rule."""
+        return self.root / "data" / "raw" / "unparsed.parquet"
+
+    @property
     def raw_input_interactions(self) -> Path:
         """Every interaction the user gave, before ``ingest.max_users`` / ``ingest.until``
         (written only when one of them slices; validate checks this table then)."""

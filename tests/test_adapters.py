@@ -258,6 +258,53 @@ def test_unparseable_values_are_refused_with_their_line(tmp_path, make_ingest_pa
             "interactions.parquet row 1, column timestamp: 'next tuesday' - rule: timestamp is")
 
 
+def test_unparseable_values_are_collected_not_refused_under_quarantine(tmp_path,
+                                                                      make_ingest_params):
+    """Issue 9 (on_bad_rows: quarantine): inside ``collecting_bad_rows`` the rows refused above
+    are left out and each problem is handed over (file, line or parquet row, column, raw
+    value, rule); the other rows are read as usual. Row-structure faults still refuse."""
+    inter = ML_INTER.replace("\t4\t881250949", "\tfour\t881250949").replace("881250950", "soon")
+    write_movielens(tmp_path, inter=inter)
+    with adapters.collecting_bad_rows() as bad:
+        _, got = adapters.load(make_ingest_params(), tmp_path, locations=True)
+    assert [(p.line, p.column, p.value) for p in bad] == [
+        (2, "rating:float", "four"), (3, "timestamp:float", "soon")]
+    assert bad[0].file.endswith("ml-100k.inter") and bad[0].rule == "rating is a number"
+    assert len(got) == ML_N_INTERACTIONS - 2 and not {2, 3} & set(got[schema.SOURCE_LINE])
+    write_movielens(tmp_path, inter=ML_INTER + "7\t1\n")  # a short row: not a value problem
+    with adapters.collecting_bad_rows() as bad:
+        refusal(lambda: adapters.load(make_ingest_params(), tmp_path),
+                "ml-100k.inter line 14: '7\\t1' - rule: a row has 4 tab-separated fields")
+    # tabular parquet: the problem names the parquet row; every bad row is kept (no cap)
+    items, inter = tabular_frames()
+    inter = inter.rename(columns={"rating": "stars"})
+    inter.loc[0, "timestamp"] = "next tuesday"
+    write_tabular(tmp_path / "t", items, inter, interactions_name="interactions.parquet")
+    p = make_ingest_params(adapter="tabular", tabular={"interactions": "interactions.parquet",
+                                                       "columns": {"rating": "stars"}})
+    with adapters.collecting_bad_rows() as bad:
+        _, got = adapters.load(p, tmp_path / "t")
+    assert [(p.line, p.column, p.value) for p in bad] == [(1, "timestamp", "next tuesday")]
+    assert len(got) == len(inter) - 1
+    big = pd.concat([tabular_frames()[1]] * 300, ignore_index=True)  # > MAX_PROBLEMS bad values
+    big["rating"] = "five"
+    write_tabular(tmp_path / "big", items, big)
+    with adapters.collecting_bad_rows() as bad:
+        _, got = adapters.load(make_ingest_params(adapter="tabular"), tmp_path / "big")
+    assert len(bad) == len(big) > adapters.MAX_PROBLEMS and got.empty
+    # MIND: a bad Time and bad impression entries leave out the whole behaviors line
+    behaviors = [*MIND_BEHAVIORS, ("4", "U3", "13/45/2019 8:55:22 AM", "N1", "N1-x N2 N3-1")]
+    write_mind(tmp_path / "m", behaviors=behaviors)
+    with adapters.collecting_bad_rows() as bad:
+        _, got = adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m",
+                               locations=True)
+    assert sorted((p.line, p.column) for p in bad) == [(4, "Impressions"), (4, "Impressions"),
+                                                       (4, "Time")]
+    assert 4 not in set(got[schema.SOURCE_LINE])
+    write_mind(tmp_path / "m")
+    assert len(got) == len(adapters.load(make_ingest_params(adapter="mind"), tmp_path / "m")[1])
+
+
 def test_mind_short_rows_bad_times_and_entries_are_refused(tmp_path, make_ingest_params):
     """Issue 9: a behaviors row without its impressions column used to be padded with nulls
     (its interactions vanished); a news row missing its last field too."""

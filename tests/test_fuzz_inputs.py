@@ -194,6 +194,94 @@ def test_fuzz_tabular_csv(tmp_path_factory, make_params, data):
                 "interactions.csv": inter.to_csv(index=False)}, ",")
 
 
+# --- parse failures under validate.on_bad_rows: quarantine ------------------------------------
+def _ingest(root: Path, p: ingest.IngestParams, on_bad_rows: str):
+    """Ingest from a clean data/raw: (refusal or None, interactions with their lines or None,
+    unparsed table or None)."""
+    paths = S.Paths(root)
+    shutil.rmtree(paths.root / "data" / "raw", ignore_errors=True)
+    try:
+        ingest.run(p, paths, on_bad_rows=on_bad_rows)
+    except StageError as exc:
+        return exc, None, None
+    lines = pd.read_parquet(paths.raw_lines)
+    inter = lines[lines["table"] == "interactions"]
+    unparsed = pd.read_parquet(paths.raw_unparsed) if paths.raw_unparsed.exists() else None
+    return None, inter, unparsed
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_quarantine_agrees_with_reject(tmp_path_factory, make_params, data):
+    """The same mutated file ingested under reject and under quarantine. Accepted under
+    reject -> accepted under quarantine, the same rows, nothing unparsed. Refused under
+    quarantine -> refused under reject too, nothing written. Refused under reject only ->
+    every located problem of the refusal is a listed unparsed row (file, line in the file,
+    column, raw value, rule) and no kept row comes from such a line."""
+    adapter, name, sep, texts = data.draw(st.sampled_from([
+        ("movielens-100k", "ml-100k/ml-100k.inter", "\t", None),
+        ("mind", "behaviors.tsv", "\t", {"news.tsv": _tsv(MIND_NEWS),
+                                         "behaviors.tsv": _tsv(MIND_BEHAVIORS)}),
+        ("tabular", "interactions.csv", ",", "tabular"),
+    ]))
+    root = _project(tmp_path_factory, "q")
+    paths = S.Paths(root)
+    if adapter == "movielens-100k":
+        write_movielens(paths.source)
+        base = ML_INTER
+    else:
+        if texts == "tabular":
+            items, inter = tabular_frames()
+            texts = {"items.csv": items.to_csv(index=False),
+                     "interactions.csv": inter.to_csv(index=False)}
+        paths.source.mkdir(parents=True)
+        for file, text in texts.items():
+            (paths.source / file).write_text(text)
+        base = texts[name]
+    path = paths.source / name
+    rows = base.splitlines()  # one value of a data row made hostile, then 1-3 mutations
+    i = data.draw(st.integers(0 if adapter == "mind" else 1, len(rows) - 1))
+    fields = rows[i].split(sep)
+    fields[data.draw(st.integers(0, len(fields) - 1))] = data.draw(st.sampled_from(HOSTILE))
+    rows[i] = sep.join(fields)
+    payload = data.draw(mutated("\n".join(rows) + "\n", sep))
+    path.write_bytes(payload)
+    target = f"quarantine {adapter} {path.name}"
+    p = make_params(adapter=adapter)
+    STATS[target]["examples"] += 1
+    try:
+        r_exc, r_inter, r_unparsed = _ingest(root, p, "reject")
+        q_exc, q_inter, q_unparsed = _ingest(root, p, "quarantine")
+    except Exception:
+        STATS[target]["tracebacks"] += 1
+        raise
+    assert r_unparsed is None  # reject never sets rows aside
+    if q_exc is not None:
+        check_refusal(q_exc, path, payload, target)
+        assert r_exc is not None, "refused under quarantine, accepted under reject"
+        written = [o for o in (paths.raw_items, paths.raw_interactions, paths.raw_lines,
+                               paths.raw_manifest, paths.raw_unparsed) if o.exists()]
+        STATS[target]["partial writes"] += len(written)
+        assert not written, written
+        return
+    STATS[target]["accepted"] += 1
+    if r_exc is None:
+        assert q_unparsed is None
+        pd.testing.assert_frame_equal(q_inter.reset_index(drop=True),
+                                      r_inter.reset_index(drop=True))
+        return
+    STATS[target]["quarantined"] += 1
+    assert q_unparsed is not None and len(q_unparsed), r_exc
+    assert q_unparsed["source_file"].str.endswith(path.name).all()
+    assert q_unparsed["source_line"].between(1, n_lines(payload)).all()
+    assert q_unparsed["rule"].str.len().gt(0).all()
+    listed = set(zip(q_unparsed["column"], q_unparsed["source_line"]))
+    for problem in getattr(r_exc, "problems", []):  # what reject named is what was set aside
+        assert (problem.column, problem.line) in listed, (problem, listed)
+    kept = set(q_inter.loc[q_inter[S.SOURCE_FILE].str.endswith(path.name), S.SOURCE_LINE])
+    assert not kept & set(q_unparsed["source_line"])
+
+
 # --- feedback batches -------------------------------------------------------------------------
 BATCH_CSV = ("user_id,item_id,timestamp,rating\n1,3,1700000000,4\n2,1,1700000060,2\n"
              "7,5,1700000120,5\n")
@@ -252,11 +340,11 @@ def test_zz_fuzz_statistics():
     if not STATS:
         pytest.skip("no fuzz target ran in this session")
     lines = ["", f"fuzz statistics ({EXAMPLES} examples per target requested):",
-             f"  {'target':32s} {'examples':>8s} {'refused':>8s} {'accepted':>8s} "
-             f"{'tracebacks':>10s} {'partial writes':>14s}"]
+             f"  {'target':40s} {'examples':>8s} {'refused':>8s} {'accepted':>8s} "
+             f"{'quarantined':>11s} {'tracebacks':>10s} {'partial writes':>14s}"]
     for target, c in sorted(STATS.items()):
-        lines.append(f"  {target:32s} {c['examples']:8d} {c['refused']:8d} {c['accepted']:8d} "
-                     f"{c['tracebacks']:10d} {c['partial writes']:14d}")
+        lines.append(f"  {target:40s} {c['examples']:8d} {c['refused']:8d} {c['accepted']:8d} "
+                     f"{c['quarantined']:11d} {c['tracebacks']:10d} {c['partial writes']:14d}")
         assert c["tracebacks"] == 0 and c["partial writes"] == 0
         assert c["examples"] == c["refused"] + c["accepted"]
     print("\n".join(lines))

@@ -20,6 +20,7 @@ The outputs are deterministic: the same input gives byte-identical parquet files
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
         pq.write_table(table, tmp)
 
 
-def run(p: IngestParams, paths: Paths) -> dict:
+def run(p: IngestParams, paths: Paths, on_bad_rows: str = "reject") -> dict:
     """Read the source files with adapter ``p.adapter`` (+ the feedback store) and write the
     canonical raw tables, the provenance side table, the manifest and ``metrics/ingest.json``.
 
@@ -77,12 +78,17 @@ def run(p: IngestParams, paths: Paths) -> dict:
     Raises :class:`~genre_tasks.errors.StageError` for an unknown adapter, a missing file or a
     malformed one (:class:`~genre_tasks.data.adapters.InputError`: file, line, column, value, rule);
     then nothing is written and the previous outputs are removed.
+
+    ``on_bad_rows`` (``validate.on_bad_rows``): ``quarantine`` = a row whose value does not
+    parse (a rating ``five``, a bad time or label) is left out of the raw tables and listed in
+    ``data/raw/unparsed.parquet`` (table, source_file, source_line, column, value, rule) for
+    validate's quarantine (and its ``max_bad_rows_fraction``) instead of refusing the file.
     """
     from genre_tasks.data import adapters
 
     with logs.stage("ingest", paths) as log:
         outputs = (paths.raw_items, paths.raw_interactions, paths.raw_input_interactions,
-                   paths.raw_lines, paths.raw_manifest)
+                   paths.raw_lines, paths.raw_manifest, paths.raw_unparsed)
         for path in adapters.source_files(p, paths.source):
             log.read(path, f"{p.adapter} source")
         ledger = adapters.read_ledger(paths.source)
@@ -90,9 +96,12 @@ def run(p: IngestParams, paths: Paths) -> dict:
             log.read(adapters.part_path(paths.source, batch_id),
                      f"feedback batch {batch_id}, {ledger[batch_id].get('rows')} rows")
         conventions: dict = {}
+        collecting = (adapters.collecting_bad_rows() if on_bad_rows == "quarantine"
+                      else contextlib.nullcontext(None))
         try:
-            items, full = adapters.load(p, paths.source, slice_users=False, locations=True,
-                                        report=conventions, until=False)
+            with collecting as unparsed:
+                items, full = adapters.load(p, paths.source, slice_users=False, locations=True,
+                                            report=conventions, until=False)
         except StageError:
             for out in outputs:  # no stale tables for a later stage to pick up
                 out.unlink(missing_ok=True)
@@ -131,6 +140,15 @@ def run(p: IngestParams, paths: Paths) -> dict:
             paths.raw_input_interactions.unlink(missing_ok=True)
         write_table(lines, paths.raw_lines)
         log.wrote(paths.raw_lines, "source file + line of every raw row")
+        if unparsed:
+            bad = _unparsed_table(unparsed, adapters.source_files(p, paths.source), paths.root)
+            write_table(bad, paths.raw_unparsed)
+            log.logger.warning("validate.on_bad_rows=quarantine: %d row(s) with a value that "
+                               "does not parse left out (validate quarantines them): %s",
+                               len(bad), "; ".join(str(u) for u in unparsed[:3]))
+            log.wrote(paths.raw_unparsed, f"{len(bad)} row(s) whose value does not parse")
+        else:
+            paths.raw_unparsed.unlink(missing_ok=True)
         manifest = {"adapter": p.adapter, "params": _jsonable_params(p),
                     "files": source_manifest(p, paths), "slice": sliced_report,
                     "validated_table": _rel(paths.raw_input_interactions if sliced
@@ -153,6 +171,7 @@ def run(p: IngestParams, paths: Paths) -> dict:
             "slice": sliced_report,
             "text": conventions.get("text"),
             "placeholder_genre_items": conventions.get("placeholder_genre_items", 0),
+            "unparsed_rows": len(unparsed or ()),
         }
         write_json(record, paths.metrics("ingest"))
         log.wrote(paths.metrics("ingest"), "ingest metrics (data cutoff, feedback batches)")
@@ -165,6 +184,26 @@ def run(p: IngestParams, paths: Paths) -> dict:
 
 
 LOCATION_COLUMNS = [schema.SOURCE_FILE, schema.SOURCE_LINE]
+
+
+def _unparsed_table(problems: list, files: list[Path], root: Path) -> pd.DataFrame:
+    """The rows left out because a value did not parse, one per (row, column) problem:
+    ``table`` (items / interactions, by the adapter's file), ``source_file`` (relative to
+    the project root when inside it), ``source_line`` (1-based), ``column``, ``value`` (the
+    raw value, shown), ``rule``."""
+    from genre_tasks.data.adapters import show_value
+
+    table_of = {str(files[0]): "items", str(files[1]): "interactions"}
+    return pd.DataFrame({
+        "table": pd.array([table_of.get(pr.file, "interactions") for pr in problems],
+                          dtype="string"),
+        "source_file": pd.array([_rel(Path(pr.file), root) for pr in problems], dtype="string"),
+        "source_line": np.asarray([pr.line for pr in problems], dtype=np.int64),
+        "column": pd.array([pr.column for pr in problems], dtype="string"),
+        "value": pd.array([None if pr.value is None else show_value(pr.value)
+                           for pr in problems], dtype="string"),
+        "rule": pd.array([pr.rule for pr in problems], dtype="string"),
+    })
 
 
 ROW = "_validated_row"
@@ -263,4 +302,5 @@ def _max_timestamp(interactions: pd.DataFrame) -> int | None:
 
 def main(params: dict, paths: Paths) -> dict:
     """CLI entry point (`genre ingest`)."""
-    return run(config.section(IngestParams, "ingest", params), paths)
+    on_bad_rows = (params.get("validate") or {}).get("on_bad_rows", "reject")
+    return run(config.section(IngestParams, "ingest", params), paths, on_bad_rows=on_bad_rows)

@@ -686,8 +686,14 @@ def _read(path: Path, table: str, root: Path) -> pd.DataFrame:
 
 
 def quarantine_path(paths: Paths) -> Path:
-    """The bad-rows report of ``validate.on_bad_rows: quarantine`` (rows, reasons, source)."""
+    """The bad-rows report of ``validate.on_bad_rows: quarantine`` (rows, reasons, source).
+    A DVC output of validate: written on every pass (header only when nothing was set aside),
+    so a run whose validate DVC restores from its run cache still has it."""
     return paths.validation_dir / "quarantine.csv"
+
+
+#: the first columns of quarantine.csv (then the row's key values)
+QUARANTINE_COLUMNS = ["table", "row", "source_file", "source_line", "reasons"]
 
 
 def bad_rows(report: dict) -> dict[str, dict[int, list[str]]] | None:
@@ -709,9 +715,21 @@ def bad_rows(report: dict) -> dict[str, dict[int, list[str]]] | None:
     return None if whole_table else out
 
 
+UNPARSED_RULE = "every value parses (a time, a number, a label)"
+
+
+def unparsed_failure(unparsed: pd.DataFrame) -> str:
+    """The detail of the failure for rows ingest left out because a value did not parse."""
+    shown = [f"{r.source_file} line {r.source_line}, column {r.column}: {r.value} - rule: "
+             f"{r.rule}" for r in unparsed.head(10).itertuples()]
+    more = f"; ... and {len(unparsed) - 10} more" if len(unparsed) > 10 else ""
+    return (f"{len(unparsed)} value(s) do not parse (ingest left their rows out under "
+            f"validate.on_bad_rows: quarantine): " + "; ".join(shown) + more)
+
+
 def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
                lines: dict[str, pd.DataFrame | None], kept: np.ndarray | None,
-               target: Path, root: Path) -> bool:
+               target: Path, root: Path, unparsed: pd.DataFrame | None = None) -> bool:
     """Apply ``on_bad_rows: quarantine`` to a failed report; True when the rest may proceed.
 
     Interactions whose item is quarantined are quarantined too. Over
@@ -720,6 +738,11 @@ def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
     and line, reasons, the row's key values) and ``report["quarantine"]`` lists the rows of
     data/raw/{items,interactions}.parquet that preprocess drops (``kept`` maps validated
     interaction rows to rows of the slice, -1 = not in it).
+
+    ``unparsed`` (ingest's ``data/raw/unparsed.parquet``): source rows whose value did not
+    parse, already left out of the raw tables; they count as bad rows of their table (also for
+    ``max_bad_rows_fraction``, over the table's rows + them) and are listed in ``target``
+    (no raw ``row``; their file, line, column, raw value and rule).
     """
     bad = bad_rows(report)
     if bad is None:
@@ -731,18 +754,33 @@ def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
         gone = set(items[ITEM_ID].iloc[sorted(bad["items"])].dropna())
         for r in np.flatnonzero(inter[ITEM_ID].isin(gone).to_numpy(dtype=bool)):
             bad["interactions"].setdefault(int(r), []).append("item_id: its item is quarantined")
-    over = {name: (len(rows), len(frames[name])) for name, rows in bad.items()
-            if len(frames[name]) and len(rows) > p.max_bad_rows_fraction * len(frames[name])}
-    counts = {name: len(rows) for name, rows in bad.items()}
+    if unparsed is None:
+        unparsed = pd.DataFrame(columns=["table", "source_file", "source_line", "column",
+                                         "value", "rule"])
+    n_unparsed = {name: int(len(unparsed[unparsed["table"] == name]
+                                .drop_duplicates(["source_file", "source_line"])))
+                  for name in bad}
+    over = {name: (len(rows) + n_unparsed[name], len(frames[name]) + n_unparsed[name])
+            for name, rows in bad.items()
+            if len(frames[name]) + n_unparsed[name] and len(rows) + n_unparsed[name] >
+            p.max_bad_rows_fraction * (len(frames[name]) + n_unparsed[name])}
+    counts = {name: len(rows) + n_unparsed[name] for name, rows in bad.items()}
     if over:
         for name, (n, total) in over.items():
             add_failure(report, f"bad rows are at most validate.max_bad_rows_fraction "
                         f"({p.max_bad_rows_fraction:.2%}) of a table (on_bad_rows: quarantine)",
                         f"table {name}: {n} of {total} rows ({n / total:.2%}) break a rule")
         report["quarantine"] = {"policy": "quarantine", "applied": False, "bad_rows": counts,
+                                "unparsed_rows": n_unparsed,
                                 "reason": "over max_bad_rows_fraction"}
         return False
     records = []
+    for (name, file, line), group in unparsed.groupby(["table", "source_file", "source_line"],
+                                                     sort=True):
+        records.append({"table": name, "row": None, "source_file": file,
+                        "source_line": int(line),
+                        "reasons": "; ".join(f"{g.column}: {g.rule} (raw value {g.value}; the "
+                                             f"row was not read)" for g in group.itertuples())})
     for name, rows in bad.items():
         frame, src = frames[name], lines.get(name)
         show = [c for c in (ITEM_ID, TITLE, USER_ID, TIMESTAMP, RATING, LABEL, IMPRESSION_ID)
@@ -760,6 +798,7 @@ def quarantine(report: dict, p: ValidateParams, frames: dict[str, pd.DataFrame],
     if kept is not None:
         inter_rows = sorted(int(kept[r]) for r in inter_rows if kept[r] >= 0)
     report["quarantine"] = {"policy": "quarantine", "applied": True, "bad_rows": counts,
+                            "unparsed_rows": n_unparsed,
                             "file": _rel(target, root), "items_rows": sorted(bad["items"]),
                             "interactions_rows": inter_rows}
     report["success"] = True
@@ -852,6 +891,11 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
         if paths.raw_lines.is_file():
             lines = pd.read_parquet(paths.raw_lines)
             log.read(paths.raw_lines, "source file + line of each raw row")
+        unparsed = None
+        if paths.raw_unparsed.is_file():
+            unparsed = pd.read_parquet(paths.raw_unparsed)
+            log.read(paths.raw_unparsed, f"{len(unparsed)} value(s) that did not parse "
+                     "(rows left out by ingest)")
 
         docs = docs_path(paths)
         with io.atomic_dir(docs) as tmp_docs:  # replaces docs/ only if the block completes
@@ -870,9 +914,13 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
                     add_failure(report, "the slice (ingest.until / ingest.max_users) keeps at "
                                 "least 1 interaction", f"all {sl['rows_in']} interactions were "
                                 "dropped by the slice; widen ingest.until / ingest.max_users")
+            if unparsed is not None and len(unparsed) and p.on_bad_rows != "quarantine":
+                # ingest ran under quarantine, validate under reject: those rows are refused
+                add_failure(report, UNPARSED_RULE, unparsed_failure(unparsed))
             _log_report(report, log)
             quarantine_path(paths).unlink(missing_ok=True)
-            if not report["success"] and p.on_bad_rows == "quarantine":
+            has_unparsed = unparsed is not None and len(unparsed) > 0
+            if (not report["success"] or has_unparsed) and p.on_bad_rows == "quarantine":
                 kept = None
                 if lines is not None and "kept_row" in lines.columns:
                     part = lines[lines["table"] == "interactions"].sort_values("row")
@@ -881,7 +929,7 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
                           normalize(interactions, ())}
                 located = {t: table_lines(lines, t, len(frames[t])) for t in frames}
                 if quarantine(report, p, frames, located, kept, quarantine_path(paths),
-                              paths.root):
+                              paths.root, unparsed=unparsed):
                     q = report["quarantine"]
                     log.logger.warning("on_bad_rows=quarantine: %s bad item(s), %s bad "
                                        "interaction(s) quarantined to %s; the rest proceeds",
@@ -899,6 +947,9 @@ def run(p: ValidateParams, paths: Paths, ingest_params: Any = None) -> dict:
             if not (tmp_docs / "index.html").exists():
                 raise StageError(f"GX built no Data Docs (no index.html in {tmp_docs})")
         log.wrote(docs, "Data Docs")
+        if not quarantine_path(paths).exists():  # a DVC output: nothing set aside = header only
+            with io.atomic_path(quarantine_path(paths)) as tmp:
+                pd.DataFrame(columns=QUARANTINE_COLUMNS).to_csv(tmp, index=False)
         report["raw_md5"] = raw_hashes(paths)  # what the next stages check (require_current)
         io.write_json(report, paths.validation_summary)
         log.wrote(paths.validation_summary, "validation summary")

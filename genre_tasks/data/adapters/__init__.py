@@ -29,11 +29,13 @@ applied parts in batch-id order, then applies ``ingest.max_users``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import io as io_module
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,17 +100,42 @@ class InputError(StageError):
         super().__init__("\n".join(lines))
 
 
+#: set by :func:`collecting_bad_rows` (``validate.on_bad_rows: quarantine``): the row-level
+#: value problems of every file read go here instead of refusing the file
+_BAD_ROWS: contextvars.ContextVar[list[Problem] | None] = contextvars.ContextVar(
+    "genre_bad_rows", default=None)
+
+
+@contextlib.contextmanager
+def collecting_bad_rows() -> Iterator[list[Problem]]:
+    """Within this block, a row whose VALUE does not parse (a rating ``five``, a bad time, a
+    bad label or impression entry) does not refuse its file: the row is left out of the
+    adapter's tables and its problem (file, 1-based line, column, raw value, rule) is appended
+    to the yielded list, for validate's bad-rows policy (``validate.on_bad_rows: quarantine``).
+    File-level faults (unreadable file, invalid UTF-8, a row with the wrong number of fields,
+    a duplicate header, broken quoting) are still refused."""
+    collected: list[Problem] = []
+    token = _BAD_ROWS.set(collected)
+    try:
+        yield collected
+    finally:
+        _BAD_ROWS.reset(token)
+
+
 class Problems:
-    """Collects the problems of one file; :meth:`raise_if_any` refuses it."""
+    """Collects the problems of one file; :meth:`raise_if_any` refuses it; :meth:`settle`
+    refuses it too, or (in :func:`collecting_bad_rows`) hands its row problems on."""
 
     def __init__(self, file: str | Path) -> None:
         self.file = str(file)
         self.items: list[Problem] = []
         self.total = 0
+        #: keep every problem (the bad rows are dropped, so each must be known)
+        self.collect_all = _BAD_ROWS.get() is not None
 
     def add(self, line: int | None, column: str | None, value: object, rule: str) -> None:
         self.total += 1
-        if len(self.items) < MAX_PROBLEMS:
+        if self.collect_all or len(self.items) < MAX_PROBLEMS:
             self.items.append(Problem(self.file, None if line is None else int(line), column,
                                       value, rule))
 
@@ -118,13 +145,27 @@ class Problems:
         text = _strip(to_str(raw))
         bad = (text.notna() & (text != "")).to_numpy(dtype=bool) & \
             parsed.isna().to_numpy(dtype=bool)
-        for line, value in zip(raw.index[bad][:MAX_PROBLEMS], raw[bad].iloc[:MAX_PROBLEMS]):
+        cap = None if self.collect_all else MAX_PROBLEMS
+        for line, value in zip(raw.index[bad][:cap], raw[bad].iloc[:cap]):
             self.add(line, column, value, rule)
-        self.total += max(0, int(bad.sum()) - MAX_PROBLEMS)
+        if cap is not None:
+            self.total += max(0, int(bad.sum()) - MAX_PROBLEMS)
 
     def raise_if_any(self) -> None:
         if self.total:
             raise InputError(self.file, self.items, self.total)
+
+    def settle(self) -> set[int]:
+        """Row-level value problems: refuse the file (:meth:`raise_if_any`), or, inside
+        :func:`collecting_bad_rows`, record them there and return the 1-based lines to leave
+        out (a problem without a line still refuses the file)."""
+        sink = _BAD_ROWS.get()
+        if sink is None or any(p.line is None for p in self.items) or \
+                len(self.items) != self.total:
+            self.raise_if_any()
+            return set()
+        sink.extend(self.items)
+        return {int(p.line) for p in self.items if p.line is not None}
 
 
 # --------------------------------------------------------------------------- reading files

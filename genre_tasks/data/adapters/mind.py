@@ -100,6 +100,30 @@ def impression_labels(labels: list[str | None]) -> pd.Series:
     return out
 
 
+def _check_behaviors(raw: pd.DataFrame, problems: Problems) -> Problems:
+    """The row-level value problems of behaviors.tsv: a Time that does not parse, an empty
+    Impressions field, an impression entry that is not ``<NewsID>-<0|1>``."""
+    parsed_time = parse_time(raw["time"])
+    problems.unparsed(raw["time"], parsed_time, "Time",
+                      "Time is a date-time like 11/15/2019 8:55:22 AM")
+    for line in raw.index[raw["impressions"].isna().to_numpy()]:
+        problems.add(line, "Impressions", None, "Impressions holds at least one <NewsID>-<0|1> "
+                                                "entry (it is empty)")
+    i_line, _, entries = explode_entries(raw["impressions"])
+    parts = [e.rpartition("-") for e in entries]
+    i_label = impression_labels([tail if sep else None for _, sep, tail in parts])
+    bad = np.array([not (sep and head) for head, sep, _ in parts], dtype=bool) | \
+        ~i_label.isin([0, 1]).fillna(False).to_numpy(dtype=bool)
+    lines = raw.index.to_numpy()
+    cap = None if problems.collect_all else 1000
+    for k in np.flatnonzero(bad)[:cap]:
+        problems.add(lines[i_line[k]], "Impressions", entries[k],
+                     "an impression entry is <NewsID>-<label> with label 0 or 1")
+    if cap is not None:
+        problems.total += max(0, int(bad.sum()) - 1000)
+    return problems
+
+
 def read_behaviors(path: Path, history_timestamp: str) -> pd.DataFrame:
     """behaviors.tsv -> canonical interactions (see module docstring for the row order).
 
@@ -110,31 +134,18 @@ def read_behaviors(path: Path, history_timestamp: str) -> pd.DataFrame:
     raw = read_delimited(path, sep="\t", names=[MIND_NAMES[c] for c in BEHAVIOR_COLUMNS],
                          key="ingest.mind.behaviors")
     raw.columns = BEHAVIOR_COLUMNS
-    problems = Problems(path)
+    bad = _check_behaviors(raw, Problems(path)).settle()
+    if bad:  # inside collecting_bad_rows: the lines with a bad value are left out
+        raw = raw[~raw.index.isin(list(bad))]
     parsed_time = parse_time(raw["time"])
-    problems.unparsed(raw["time"], parsed_time, "Time",
-                      "Time is a date-time like 11/15/2019 8:55:22 AM")
-    for line in raw.index[raw["impressions"].isna().to_numpy()]:
-        problems.add(line, "Impressions", None, "Impressions holds at least one <NewsID>-<0|1> "
-                                                "entry (it is empty)")
     times = parsed_time.to_numpy(dtype="float64", na_value=np.nan)
     users = raw["user_id"].to_numpy(dtype=object, na_value=None)
     impression_ids = raw["impression_id"].to_numpy(dtype=object, na_value=None)
-
-    # impressions: "N1-0" -> item N1, label 0
     i_line, i_pos, entries = explode_entries(raw["impressions"])
     parts = [e.rpartition("-") for e in entries]
     i_item = np.array([head if sep else tail for head, sep, tail in parts], dtype=object)
     i_label = impression_labels([tail if sep else None for _, sep, tail in parts])
-    bad = np.array([not (sep and head) for head, sep, _ in parts], dtype=bool) | \
-        ~i_label.isin([0, 1]).fillna(False).to_numpy(dtype=bool)
     lines = raw.index.to_numpy()
-    for k in np.flatnonzero(bad)[:1000]:
-        problems.add(lines[i_line[k]], "Impressions", entries[k],
-                     "an impression entry is <NewsID>-<label> with label 0 or 1")
-    problems.total += max(0, int(bad.sum()) - 1000)
-    problems.raise_if_any()
-
     # history: the same user's history repeats on each of their lines: keep first occurrences
     h_line, h_pos, h_item = explode_entries(raw["history"])
     first_seen = ~pd.DataFrame({"u": users[h_line], "i": h_item}).duplicated().to_numpy()

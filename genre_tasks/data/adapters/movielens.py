@@ -99,8 +99,19 @@ def read_interactions(path: Path) -> pd.DataFrame:
     number of seconds, with their file line.
     """
     raw = read_atomic(path, INTER_FIELDS)
-    n = len(raw)
     problems = Problems(path)
+    cols = _parse_interactions(raw, problems)
+    bad = problems.settle()  # refuses, or leaves the rows out (collecting_bad_rows)
+    if bad:
+        raw = raw[~raw.index.isin(list(bad))]
+        cols = _parse_interactions(raw, Problems(path))
+    n = len(raw)
+    cols[schema.LABEL] = null_column(n, "Int8")
+    cols[schema.IMPRESSION_ID] = null_column(n, "string")
+    return finalize_interactions(cols, lines=raw.index)
+
+
+def _parse_interactions(raw: pd.DataFrame, problems: Problems) -> dict[str, pd.Series]:
     cols: dict[str, pd.Series] = {}
     for name in (schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.RATING):
         if name in raw:
@@ -113,10 +124,7 @@ def read_interactions(path: Path) -> pd.DataFrame:
         cols[schema.TIMESTAMP] = to_timestamp(raw[schema.TIMESTAMP])
         problems.unparsed(raw[schema.TIMESTAMP], cols[schema.TIMESTAMP], "timestamp:float",
                           "timestamp is a number of unix seconds")
-    problems.raise_if_any()
-    cols[schema.LABEL] = null_column(n, "Int8")
-    cols[schema.IMPRESSION_ID] = null_column(n, "string")
-    return finalize_interactions(cols, lines=raw.index)
+    return cols
 
 
 def read(p: IngestParams, source_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -138,12 +138,24 @@ def read_interactions(path: Path, tp: TabularParams) -> pd.DataFrame:
     """Your interactions file -> canonical interactions (other columns dropped).
 
     Refused (:class:`InputError`, naming your column and the file line / parquet row): a
-    timestamp, rating or label value that does not parse (e.g. a rating ``five``).
+    timestamp, rating or label value that does not parse (e.g. a rating ``five``); inside
+    :func:`~genre_tasks.data.adapters.collecting_bad_rows` (``validate.on_bad_rows:
+    quarantine``) such rows are left out and handed to validate's quarantine instead.
     """
     cmap = mapping(tp, INTERACTION_MAPPED)
     raw = read_table(path, "ingest.tabular.interactions")
     raw = _fill_empty(raw, [c for c in cmap.values() if c])
     problems = Problems(path)
+    cols = _interaction_columns(raw, cmap, path, problems, warn=True)
+    bad = problems.settle()
+    if bad:
+        raw = raw[~raw.index.isin(list(bad))]
+        cols = _interaction_columns(raw, cmap, path, Problems(path), warn=False)
+    return finalize_interactions(cols, lines=raw.index)
+
+
+def _interaction_columns(raw: pd.DataFrame, cmap: dict[str, str | None], path: Path,
+                         problems: Problems, warn: bool) -> dict[str, pd.Series]:
     cols: dict[str, pd.Series] = {}
     for name, source in cmap.items():
         if source is None:
@@ -155,11 +167,10 @@ def read_interactions(path: Path, tp: TabularParams) -> pd.DataFrame:
                 parse, rule = PARSERS[name]
                 cols[name] = parse(raw[source])
                 problems.unparsed(raw[source], cols[name], source, rule)
-        else:
+        elif warn:
             log.warning("%s: mapped column %r (ingest.tabular.columns.%s) not found; "
                         "%r left out", path, source, name, name)
-    problems.raise_if_any()
-    return finalize_interactions(cols, lines=raw.index)
+    return cols
 
 
 def read(p: IngestParams, source_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
