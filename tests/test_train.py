@@ -333,8 +333,11 @@ def test_sequence_aware_pooling_learns_and_reads_the_order(synth):
     assert np.allclose(clone.score([h], fit), rec.score([h], fit), atol=1e-6)
 
 
-def test_budgeted_search_tries_the_current_values_first_and_trains_the_winner(synth, tmp_path):
+def test_budgeted_search_tries_the_current_values_first_and_trains_the_winner(synth, tmp_path, monkeypatch):
     paths, *_ = synth
+    calls = []
+    real_fit = M.fit_model
+    monkeypatch.setattr(M, "fit_model", lambda *a, **k: calls.append(k.get("epochs")) or real_fit(*a, **k))
     root = copy_processed(paths, tmp_path)
     space = {"lr": [0.001, 0.01, 0.05], "pooling": ["mean", "self_attention"]}
     params = {"train": {**dataclasses.replace(P, epochs=3, patience=1).as_dict(),
@@ -350,8 +353,10 @@ def test_budgeted_search_tries_the_current_values_first_and_trains_the_winner(sy
     chosen = trials[record["chosen"]]["values"]
     meta = json.loads((root.model_dir / "content" / "meta.json").read_text())
     assert {k: meta["params"][k] for k in chosen} == chosen  # the winner is what was trained
-    # the seed run of the winner reproduces its trial's valid score (same params, same seed)
+    # the first seed's valid fit is the winning trial's (reused, not fitted again)
     assert summary["strategies"]["content"]["valid_ndcg@10"] == pytest.approx(max(scores))
+    assert summary["strategies"]["content"]["epochs_run"] == trials[record["chosen"]]["epochs_run"]
+    assert len(calls) == len(trials) + 1  # the trials + the refit: the winner's valid fit is not repeated
     with pytest.raises(config.ParamsError, match=r"train.search_space.seed: not searchable"):
         config.section(train.TrainParams, "train", {"train": {"search_space": {"seed": [1, 2]}}})
     with pytest.raises(config.ParamsError, match=r"train.search_space.pooling: value 'nope'"):

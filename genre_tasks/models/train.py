@@ -183,13 +183,14 @@ def fit_ease_strategy(p: TrainParams, fit_v: FitData, ev_v: EvalData, fit_t: Fit
 
 
 def search(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData,
-           log: logging.Logger) -> tuple[TrainParams, dict]:
+           log: logging.Logger) -> tuple[TrainParams, dict, FitResult]:
     """The budgeted hyper-parameter search of ``train.search_trials`` for one two-tower strategy.
 
     Trial 0 is the current values; the others are drawn without replacement (seeded by
     ``p.seed``) from the grid ``p.search_space``. Each trial fits on the valid phase with early
     stopping (seed ``p.seed``); the best valid metric wins (ties: the earlier trial, so the
-    current values unless beaten). Returns (params with the winner's values, record)."""
+    current values unless beaten). Returns (params with the winner's values, record, the winning
+    trial's fit: it is the first seed's valid-phase fit, which :func:`fit_tower` then reuses)."""
     import itertools
 
     from genre_tasks.models.model import fit_model
@@ -201,7 +202,7 @@ def search(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData,
     rng = np.random.default_rng(p.seed)
     n = min(p.search_trials - 1, len(others))
     picks = [current] + [others[int(i)] for i in sorted(rng.choice(len(others), size=n, replace=False))]
-    trials = []
+    trials, fits = [], []
     for i, values in enumerate(picks):
         q = p.with_values(values)
         t0 = time.perf_counter()
@@ -209,24 +210,27 @@ def search(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData,
         trials.append({"trial": i, "values": {k: getattr(q, k) for k in names},
                        "valid_ndcg@10": _finite(res.best_ndcg), "best_epoch": res.best_epoch,
                        "epochs_run": len(res.curve), "seconds": round(time.perf_counter() - t0, 2)})
+        fits.append(res)
         log.info("%s search trial %d/%d %s: valid %.4f (best epoch %d)", strategy, i + 1, len(picks),
                  trials[-1]["values"], res.best_ndcg, res.best_epoch)
     scores = [t["valid_ndcg@10"] if t["valid_ndcg@10"] is not None else -math.inf for t in trials]
     best = int(np.argmax(scores))  # first maximum: the earlier trial on ties
     log.info("%s search: trial %d chosen %s (grid of %d, %d tried)", strategy, best, trials[best]["values"],
              len(grid), len(trials))
-    return p.with_values(picks[best]), {"chosen": best, "grid_size": len(grid), "trials": trials}
+    return p.with_values(picks[best]), {"chosen": best, "grid_size": len(grid), "trials": trials}, fits[best]
 
 
 def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
-              selection_metric: str, live=None, live_refit=None, init=None) -> tuple[Any, Any, dict, FitResult]:
+              selection_metric: str, live=None, live_refit=None, init=None,
+              valid_fit: FitResult | None = None) -> tuple[Any, Any, dict, FitResult]:
     """One two-tower strategy, one seed (``p.seed``): early stopping on valid, then the test-phase
     model (refit on train + valid for the best epoch count, or the early-stopping run's model
     when ``p.refit`` is false). ``init``: warm start both fits from this model's weights.
-    Returns (test-phase model, valid-phase model, record, FitResult)."""
+    ``valid_fit``: the early-stopping fit already made with exactly these params (the search's
+    winning trial), reused instead of fitted again. Returns (test-phase model, valid-phase model, record, FitResult)."""
     from genre_tasks.models.model import fit_model, untimed
 
-    res = fit_model(p, strategy, fit_v, ev_v, live=live, init=init)
+    res = valid_fit if valid_fit is not None else fit_model(p, strategy, fit_v, ev_v, live=live, init=init)
     valid_rec = res.recommender
     if p.refit:
         final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True, live=live_refit,
@@ -421,9 +425,9 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
             else:
                 finals[strategy], valid_models[strategy], valid[strategy] = {}, {}, {}
                 records = {}
-                p_strategy, searched = p, None
+                p_strategy, searched, searched_fit = p, None, None
                 if p.search_trials > 0 and warm_from is None:
-                    p_strategy, searched = search(p, strategy, fit_v, ev_v, log.logger)
+                    p_strategy, searched, searched_fit = search(p, strategy, fit_v, ev_v, log.logger)
                 for seed in p.seeds:
                     ps = dataclasses.replace(p_strategy, seed=seed)
                     main_seed = seed == p.seed
@@ -431,7 +435,8 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                         ps, strategy, fit_v, ev_v, fit_t, selection_metric,
                         live=tracking.epoch_logger(strategy, paths) if main_seed else None,
                         live_refit=tracking.epoch_logger(strategy, paths, phase="refit") if main_seed else None,
-                        init=warm_tower if warm_tower is not None and warm_tower.strategy == strategy else None)
+                        init=warm_tower if warm_tower is not None and warm_tower.strategy == strategy else None,
+                        valid_fit=searched_fit if main_seed else None)
                     if warm_from is not None:
                         rec.meta["warm_from"] = warm_from
                     log.logger.info("%s seed %d: best epoch %d, valid %s %.4f (%d epochs run, %d refit)", strategy,
