@@ -58,8 +58,8 @@ from genre_tasks import config, io, logs
 from genre_tasks.registry import tracking
 from genre_tasks import schema as S
 from genre_tasks.models.determinism import passive_openmp
-from genre_tasks.models.params import (  # noqa: F401  (the strategy names, also for train's readers)
-    DEFAULT_FUSION_WEIGHTS, DEFAULT_STRATEGIES, METRIC, STRATEGIES, TWO_TOWER, TrainParams)
+from genre_tasks.models.params import (  # noqa: F401  (STRATEGIES, TWO_TOWER: also for train's readers)
+    METRIC, STRATEGIES, TWO_TOWER, TrainParams)
 from genre_tasks.models.validation import eval_users, validation_ndcg
 from genre_tasks.models.views import Dataset, EvalData, FitData
 
