@@ -2,10 +2,12 @@
 
     python benchmarks/bench_feedback.py                       # ~5 min on 2 cores
     python benchmarks/bench_feedback.py --repeats 1 --max-users 60 --keep /tmp/bench-fb
+    python benchmarks/bench_feedback.py --config default --max-users 0 --epochs 0 \
+        --strategies "" --paths c,b --repeats 1            # MovieLens-100k as params.yaml has it
 
-Setup, in a scratch project (params.yaml + configs/tiny.yaml + ``ingest.max_users`` users,
-``ingest.until`` = the replay cutoff, ``train.strategies [hybrid]``, ``train.epochs``; its own
-sqlite MLflow under the scratch folder):
+Setup, in a scratch project (params.yaml [+ configs/tiny.yaml] + ``ingest.max_users`` users,
+``ingest.until`` = the replay cutoff, ``train.strategies``, ``train.epochs``; its own sqlite
+MLflow under the scratch folder):
 
 1. ``genre feedback replay --init`` (weekly batches from the cutoff on);
 2. the pipeline source -> evaluate once, then ``genre promote --force``: the first champion;
@@ -15,17 +17,19 @@ sqlite MLflow under the scratch folder):
 
 Timed, from that snapshot (restored in place before every repeat, so each run decides against
 the same champion), every stage source -> promote as subprocesses (what ``dvc repro`` runs
-after the store changed; DVC's own bookkeeping is not included):
+after the store changed; DVC's own bookkeeping and Airflow's are not included):
 
-(a) full retrain: the embedding cache ``.cache/embeddings`` is deleted first (cold), so embed
-    and genre encode every text again;
-(b) incremental: the warm cache, so embed / genre encode only new or changed texts (a MovieLens
-    replay batch adds no items: 0 texts).
+(a) full retrain (``train.mode: full``), cold cache: ``.cache/embeddings`` deleted first, so
+    embed and genre encode every text again;
+(b) full retrain, warm cache: embed / genre encode only new or changed texts (a MovieLens
+    replay batch adds no items: 0 texts);
+(c) warm-start retrain (``train.mode: warm``, what an asset-triggered training run does by
+    ``train.retrain_mode``), warm cache.
 
 Prints a markdown table: path, seconds to decision (median over ``--repeats``), per-stage
 seconds (wall time of each ``genre <stage>`` process, interpreter start-up included), texts
-encoded by embed, and the promote decision. Timings on a shared machine are noisy (uptime is
-printed).
+encoded by embed, and the promote decision. Timings on a shared machine are noisy (load
+averages are printed).
 """
 from __future__ import annotations
 
@@ -96,14 +100,17 @@ def _last_json(stdout: str) -> dict:
     return {"stdout": stdout[-500:]}
 
 
-def build(root: Path, max_users: int, epochs: int) -> dict:
+def build(root: Path, max_users: int | None, epochs: int | None, tiny: bool = True,
+          strategies: list[str] | None = None) -> dict:
     """Scratch project up to the batch being applied (steps 1-3); returns setup timings."""
-    params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                        yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if tiny:
+        params = deep_merge(params, yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()))
+    train = {k: v for k, v in (("strategies", strategies), ("epochs", epochs)) if v}
     params = deep_merge(params, {
         "ingest": {"max_users": max_users, "until": CUTOFF},
         "embed": {"show_progress": False},
-        "train": {"strategies": ["hybrid"], "epochs": epochs},
+        "train": train,
         "feedback": {"dvc": False, "dvc_push": False},
     })
     root.mkdir(parents=True, exist_ok=True)
@@ -137,9 +144,12 @@ def restore(snapshot: Path, root: Path) -> None:
     shutil.copytree(snapshot, root, symlinks=True)
 
 
-def timed_path(root: Path, cold: bool) -> dict:
+def timed_path(root: Path, cold: bool, mode: str = "full") -> dict:
     if cold:
         shutil.rmtree(root / ".cache" / "embeddings", ignore_errors=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["mode"] = mode  # warm: the feedback retrain, from the @champion's weights
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     per_stage = {}
     summaries = {}
     for stage in STAGES:
@@ -162,8 +172,13 @@ def _genre_encoded(stderr: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--max-users", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--max-users", type=int, default=100, help="users sliced (0 = all)")
+    ap.add_argument("--epochs", type=int, default=5, help="train.epochs (0 = as in the config)")
+    ap.add_argument("--config", choices=["tiny", "default"], default="tiny",
+                    help="params.yaml + configs/tiny.yaml, or params.yaml as it is")
+    ap.add_argument("--strategies", default="hybrid", help="comma-separated train.strategies ('' = as in the config)")
+    ap.add_argument("--paths", default="a,b", help="which paths to time: a (full, cold cache), "
+                    "b (full, warm cache), c (warm-start retrain from @champion, warm cache)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -173,21 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     for p in (root, snapshot):
         shutil.rmtree(p, ignore_errors=True)
     print(f"uptime: {os.getloadavg()} (load averages), scratch {base}", file=sys.stderr)
-    setup = build(root, args.max_users, args.epochs)
+    setup = build(root, args.max_users or None, args.epochs or None, tiny=args.config == "tiny",
+                  strategies=[x for x in args.strategies.split(",") if x] or None)
     shutil.copytree(root, snapshot, symlinks=True)
     print(f"setup: {json.dumps(setup)}", file=sys.stderr)
 
-    runs: dict[str, list[dict]] = {"(a) full retrain, cold cache": [], "(b) incremental, warm cache": []}
+    labels = {"a": "(a) full retrain, cold cache", "b": "(b) full retrain, warm cache",
+              "c": "(c) warm-start retrain (train.mode warm), warm cache"}
+    runs: dict[str, list[dict]] = {labels[k]: [] for k in args.paths.split(",")}
     for r in range(args.repeats):
         for label in runs:  # interleaved, so drifting machine load hits both alike
             restore(snapshot, root)
-            res = timed_path(root, cold=label.startswith("(a)"))
+            res = timed_path(root, cold=label.startswith("(a)"),
+                             mode="warm" if label.startswith("(c)") else "full")
             runs[label].append(res)
             print(f"repeat {r + 1} {label}: {res['total']:.1f} s, decision {res['decision']}",
                   file=sys.stderr)
 
     print(f"\nfeedback batch {setup['batch']} ({setup['batch rows']} rows, "
-          f"{args.max_users} users sliced) -> promotion decision; champion v{setup['champion version']}; "
+          f"{args.max_users or 'all'} users, config {args.config}) -> promotion decision; champion v{setup['champion version']}; "
           f"median of {args.repeats} repeat(s); load avg {os.getloadavg()[0]:.2f}\n")
     head = "| path | seconds to decision | " + " | ".join(STAGES) + " | texts encoded (embed / genre) | decision |"
     print(head)

@@ -123,6 +123,17 @@ def overrides_from_params(params: Mapping[str, Any]) -> dict:
     return out
 
 
+def retrain_overrides(run_type: Any, overrides: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
+    """A run started by new feedback (asset-triggered) is a feedback retrain: ``train.mode`` =
+    ``train.retrain_mode`` (warm by default: from the champion's weights), unless the run's own
+    overrides (the Airflow Variable) set ``train.mode``. {} for scheduled and manual runs."""
+    if str(getattr(run_type, "value", run_type)) != "asset_triggered":
+        return {}
+    if "mode" in (overrides.get("train") or {}):
+        return {}
+    return {"train": {"mode": (params.get("train") or {}).get("retrain_mode", "warm")}}
+
+
 def check_force_reason(params: Mapping[str, Any]) -> None:
     """A forced promotion from the trigger form needs a reason (recorded on the model version with
     the triggering user); refused before any stage runs."""

@@ -81,6 +81,7 @@ from _common import (  # noqa: E402
     stage_environment,
     store_queue,
     variable_overrides,
+    retrain_overrides,
 )
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,11 @@ def snapshot_params(mlflow_run_id: str) -> dict:
             overrides = config.deep_merge(knobs, overrides_from_params(context["params"]))
             check_force_reason(context["params"])
             params = W.effective_params(root, overrides)
+            retrain = retrain_overrides(context["dag_run"].run_type, overrides, params)
+            if retrain:  # started by new feedback: a feedback retrain (train.retrain_mode)
+                log.info("asset-triggered run: train.mode %s (train.retrain_mode)", retrain["train"]["mode"])
+                overrides = config.deep_merge(overrides, retrain)
+                params = W.effective_params(root, overrides)
             W.check_params(params)
         except ParamsError as exc:
             log.error("bad params: %s", exc)

@@ -279,6 +279,25 @@ def test_typed_fields_win_over_free_overrides():
     assert ov == {"train": {"epochs": 3, "dim": 8}}
 
 
+@pytest.mark.parametrize("run_type, overrides, retrain, expected", [
+    ("asset_triggered", {}, "warm", "warm"),       # new feedback: a feedback retrain
+    ("asset_triggered", {}, "full", "full"),       # ... as train.retrain_mode says
+    ("asset_triggered", {"train": {"mode": "full"}}, "warm", "full"),  # the Variable wins
+    ("scheduled", {}, "warm", "full"),             # the weekly run: train.mode of params.yaml
+    ("manual", {}, "warm", "full"),
+])
+def test_asset_triggered_runs_are_feedback_retrains(run_type, overrides, retrain, expected):
+    from genre_tasks import config
+    from genre_tasks.models.params import TrainParams
+
+    base = config.deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                             {"train": {"retrain_mode": retrain}})
+    params = config.deep_merge(base, overrides)
+    params = config.deep_merge(params, _common.retrain_overrides(run_type, overrides, params))
+    assert config.section(TrainParams, "train", params).mode == expected
+    assert base["train"]["mode"] == "full"  # params.yaml: scheduled/manual runs train in full
+
+
 def test_small_summary_drops_big_fields():
     summary = {"success": True, "rows": 3, "tables": {"items": ["x" * 100] * 50}, "path": Path("/a")}
     small = _common.small_summary(summary)

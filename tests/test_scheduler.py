@@ -12,6 +12,7 @@ the median batch -> decision latency; everything it starts is stopped by process
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -81,6 +82,7 @@ def test_batches_drive_training_through_the_real_scheduler(project, tmp_path):  
     from genre_tasks.config import load_params
     from genre_tasks.feedback import replay
     from genre_tasks.feedback.params import FeedbackPaths, settings
+    from genre_tasks.registry import workspace as W
     from genre_tasks.schema import Paths
 
     root, env = project
@@ -150,10 +152,22 @@ def test_batches_drive_training_through_the_real_scheduler(project, tmp_path):  
                 tr[0]), 300)
             t_fb, t_ev, t_tr, t_dec = _ts(fb[3]), _ts(ev[0][0]), _ts(tr[3]) or _ts(tr[5]), _ts(done[1])
             latencies.append(t_dec - t0)
+            trained = json.loads((W.workspace(root, tr[0]).path / "metrics" / "train.json").read_text())
+            decided = json.loads((W.workspace(root, tr[0]).path / "metrics" / "promote.json").read_text())
             lines.append(f"{batch.name}: drop {datetime.fromtimestamp(t0, timezone.utc):%H:%M:%S.%f}"
                          f" feedback_start +{t_fb - t0:.1f}s ({fb[1]}) asset_event +{t_ev - t0:.1f}s"
-                         f" training {tr[0]} start +{t_tr - t0:.1f}s decision +{t_dec - t0:.1f}s")
+                         f" training {tr[0]} start +{t_tr - t0:.1f}s decision +{t_dec - t0:.1f}s"
+                         f" (train.mode {trained.get('mode')}: {trained.get('selected')};"
+                         f" {decided.get('decision')})")
             print(lines[-1], flush=True)
+            for run_id in (fb[0], tr[0]):  # where the time goes: queued -> start -> end per task
+                for task_id, queued, start, end in _q(
+                        db, "select task_id, queued_dttm, start_date, end_date from task_instance "
+                            "where run_id = ? order by start_date", run_id):
+                    if start and end:
+                        print(f"    {run_id[:16]} {task_id:24s} queued +{(_ts(queued) or _ts(start)) - t0:6.1f}s"
+                              f" start +{_ts(start) - t0:6.1f}s end +{_ts(end) - t0:6.1f}s"
+                              f" ({_ts(end) - _ts(start):5.1f}s)", flush=True)
             assert t_fb - t0 <= FEEDBACK_START_MAX, lines[-1]
         # a corrupted batch: feedback runs (and quarantines it) but no training starts
         t0 = time.time()

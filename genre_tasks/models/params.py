@@ -76,6 +76,10 @@ class TrainParams:
                          e.g. a champion's bundle ``model/``) or a registry URI such as
                          ``models:/genre-recommender@champion``
     warm_epochs          the epoch budget of a warm start
+    retrain_mode         the ``mode`` of training runs started by new feedback (the training DAG's
+                         asset-triggered runs, unless the Airflow Variable sets ``train.mode``):
+                         warm = a feedback retrain from the champion (default), full = as a
+                         scheduled run. Scheduled and manual runs use ``mode``
     search_trials        0 = off; else a budgeted hyper-parameter search per two-tower strategy
                          (full mode only): the current values + ``search_trials - 1`` configurations
                          drawn (seeded by ``seed``) from the grid ``search_space``, each fitted on
@@ -120,6 +124,7 @@ class TrainParams:
     mode: Literal["full", "warm"] = "full"
     warm_from: str | None = None
     warm_epochs: int = 5
+    retrain_mode: Literal["full", "warm"] = "warm"
     search_trials: int = 0
     search_space: dict[str, tuple[Union[float, str], ...]] = field(
         default_factory=lambda: dict(DEFAULT_SEARCH_SPACE))
