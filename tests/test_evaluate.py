@@ -256,6 +256,51 @@ def test_stage_cold_items_split(tmp_path, fake_train):
     assert "cold nDCG@10" in (paths.root / "data" / "eval" / "comparison.md").read_text()
 
 
+def test_ease_baseline_is_skipped_above_its_item_limit(tmp_path, fake_train, caplog):
+    paths = write_project(tmp_path)
+    n_items = len(pd.read_parquet(paths.items))
+    params = {"evaluate": {**PARAMS["evaluate"], "ease_max_items": n_items - 1}}
+    with caplog.at_level("WARNING"):
+        summary = main(params, paths)
+    report = io.read_json(paths.metrics("evaluate"))
+    assert "EASE" not in report["models"] and "EASE" not in report["chosen_hyperparameters"]
+    assert f"{n_items:,} items > evaluate.ease_max_items={n_items - 1:,}" in report["skipped_baselines"]["EASE"]
+    assert summary["skipped_baselines"] == report["skipped_baselines"]
+    assert any("EASE" in r.message and "SKIPPED" in r.message for r in caplog.records)
+    # at the limit it runs
+    params["evaluate"]["ease_max_items"] = n_items
+    at = write_project(tmp_path / "at")
+    main(params, at)
+    report = io.read_json(at.metrics("evaluate"))
+    assert "EASE" in report["models"] and report["skipped_baselines"] == {}
+    with pytest.raises(config.ParamsError, match="ease_max_items"):
+        main({"evaluate": {**PARAMS["evaluate"], "ease_max_items": 0}}, write_project(tmp_path / "bad"))
+
+
+def test_evaluation_users_are_sampled_and_the_sample_is_stated(tmp_path, fake_train):
+    full = write_project(tmp_path / "full")
+    main(PARAMS, full)
+    everyone = io.read_json(full.metrics("evaluate"))
+    assert everyone["eval_users"]["test"]["sampled"] is False
+    total = everyone["eval_users"]["test"]["users_total"]
+    n = max(2, total // 3)
+    runs = []
+    for name in ("a", "b"):
+        paths = write_project(tmp_path / name)
+        main({"evaluate": {**PARAMS["evaluate"], "max_users": n}}, paths)
+        runs.append(io.read_json(paths.metrics("evaluate")))
+    report = runs[0]
+    assert report["eval_users"]["test"] == {"users_total": total, "users": n, "sampled": True, "seed": 7}
+    assert report["eval_users"]["max_users"] == n and report["eval_users"]["valid"]["users"] <= n
+    for m in report["models"].values():  # every model on the same sample, at most n users
+        assert 0 < m["n_users"] <= n
+    assert runs[0] == runs[1]  # seeded: the same sample twice
+    per_user = pd.read_parquet(tmp_path / "a" / "data" / "eval" / "per_user.parquet")
+    assert per_user["user_idx"].nunique() <= n
+    with pytest.raises(config.ParamsError, match="max_users"):
+        main({"evaluate": {**PARAMS["evaluate"], "max_users": 0}}, write_project(tmp_path / "bad"))
+
+
 def test_stage_without_models_and_with_bad_inputs(tmp_path, fake_train):
     paths = write_project(tmp_path / "none", strategies=(), selected=None)
     params = {"evaluate": {**PARAMS["evaluate"], "baselines": ["mostpop"]}}

@@ -27,12 +27,15 @@ Writes
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from genre_tasks.models import baselines as B
@@ -49,8 +52,19 @@ class EvaluateParams:
     baselines: tuple[str, ...] = ("random", "mostpop", "itemknn", "ease", "content")
     itemknn_k: tuple[int, ...] = (10, 20, 50, 100, 200)
     ease_lambda: tuple[float, ...] = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
+    #: the EASE baseline only up to this many items (a dense [I, I] float64 inverse: ~3 x 8 I^2
+    #: bytes and I^3 time; 10k items ~2.4 GB); above it, it is skipped with a log line and
+    #: recorded under ``skipped_baselines`` in metrics/evaluate.json
+    ease_max_items: int = 10_000
+    #: evaluate (valid tuning and test) on a seeded sample of at most this many users; null = all.
+    #: Scoring costs users x items; the sample size is recorded under ``eval_users``
+    max_users: int | None = None
 
     def validate(self) -> None:
+        if self.max_users is not None and self.max_users < 1:
+            raise config.ParamsError(f"evaluate.max_users: must be >= 1 or null, got {self.max_users}")
+        if self.ease_max_items < 1:
+            raise config.ParamsError(f"evaluate.ease_max_items: must be >= 1, got {self.ease_max_items}")
         unknown = sorted(set(self.baselines) - set(B.BASELINES))
         if unknown:
             raise config.ParamsError(f"evaluate.baselines: unknown {unknown}; known: {sorted(B.BASELINES)}")
@@ -60,6 +74,33 @@ class EvaluateParams:
             raise config.ParamsError(f"evaluate.itemknn_k: need values >= 1, got {list(self.itemknn_k)}")
         if "ease" in self.baselines and (not self.ease_lambda or min(self.ease_lambda) <= 0):
             raise config.ParamsError(f"evaluate.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
+
+
+def sample_users(ev: D.EvalData, max_users: int | None, seed: int) -> tuple[D.EvalData, dict]:
+    """``ev`` restricted to a seeded sample of at most ``max_users`` of its users (the union of
+    ranking, impression and cold users; each keeps all its targets / impressions), and a record
+    {users_total, users, sampled, seed}. Unchanged when ``max_users`` is None or not smaller."""
+    imp_users = [u for u, _, _ in ev.impressions]
+    everyone = np.unique(np.concatenate([np.asarray(ev.users, dtype=np.int64),
+                                         np.asarray(imp_users, dtype=np.int64),
+                                         np.asarray(ev.cold_users if ev.cold_users is not None else [],
+                                                    dtype=np.int64)]))
+    record = {"users_total": int(len(everyone)), "users": int(len(everyone)), "sampled": False,
+              "seed": seed}
+    if max_users is None or len(everyone) <= max_users:
+        return ev, record
+    keep = np.sort(np.random.default_rng(seed).choice(everyone, size=max_users, replace=False))
+    inside = set(keep.tolist())
+    sel = [i for i, u in enumerate(ev.users) if int(u) in inside]
+    out = dataclasses.replace(
+        ev, users=np.asarray(ev.users)[sel], targets=[ev.targets[i] for i in sel],
+        impressions=[x for x in ev.impressions if int(x[0]) in inside])
+    if ev.cold_users is not None:
+        csel = [i for i, u in enumerate(ev.cold_users) if int(u) in inside]
+        out = dataclasses.replace(out, cold_users=np.asarray(ev.cold_users)[csel],
+                                  cold_targets=[ev.cold_targets[i] for i in csel])
+    record.update(users=int(max_users), sampled=True)
+    return out, record
 
 
 #: tuned baseline key -> (grid attribute of EvaluateParams, name reported in chosen_hyperparameters)
@@ -282,8 +323,17 @@ def run(p: EvaluateParams, paths: S.Paths,
         for path in (paths.vector_index, paths.genre_predictions):
             if path.exists():
                 log.read(path)
-        valid = ds.phase("valid")
-        test_fit, test_ev = test = ds.phase("test")
+        valid_fit, valid_ev = ds.phase("valid")
+        valid_ev, valid_sample = sample_users(valid_ev, p.max_users, p.seed)
+        valid = (valid_fit, valid_ev)
+        test_fit, test_ev = ds.phase("test")
+        test_ev, test_sample = sample_users(test_ev, p.max_users, p.seed)
+        test = (test_fit, test_ev)
+        eval_users = {"max_users": p.max_users, "valid": valid_sample, "test": test_sample}
+        if test_sample["sampled"]:
+            log.logger.warning("evaluating a SAMPLE of users (evaluate.max_users=%d, seed %d): test %d of %d, "
+                               "valid %d of %d", p.max_users, p.seed, test_sample["users"],
+                               test_sample["users_total"], valid_sample["users"], valid_sample["users_total"])
         log.logger.info("test phase: %d users, %d impressions%s", len(test_ev.users), len(test_ev.impressions),
                         f", {len(test_ev.cold_users)} cold users on {len(test_ev.cold_items)} cold items"
                         if test_ev.cold_items is not None else "")
@@ -329,8 +379,14 @@ def run(p: EvaluateParams, paths: S.Paths,
         # --- baselines ----------------------------------------------------------------------
         chosen: dict[str, dict] = {}
         tuning: dict[str, list[dict]] = {}
+        skipped: dict[str, str] = {}
         for key in p.baselines:
             name = B.BASELINES[key].name
+            if key == "ease" and len(ds.items) > p.ease_max_items:
+                skipped[name] = (f"{len(ds.items):,} items > evaluate.ease_max_items={p.ease_max_items:,} "
+                                 "(a dense items x items inverse)")
+                log.logger.warning("%-14s SKIPPED: %s", name, skipped[name])
+                continue
             if name in kinds:
                 raise StageError(f"baseline name {name!r} collides with a strategy directory in {paths.model_dir}")
             if key in GRIDS:
@@ -377,7 +433,8 @@ def run(p: EvaluateParams, paths: S.Paths,
         log.logger.info("model comparison (test, %s):\n%s", mode, table)
         report = {"split": mode, "selected": selected, "models": models, "chosen_hyperparameters": chosen,
                   "kinds": kinds, "seed": p.seed, "best_baseline": best_baseline, "seeds": seeds_report,
-                  "paired": paired, "parts": parts}
+                  "paired": paired, "parts": parts, "skipped_baselines": skipped,
+                  "eval_users": eval_users}
         io.write_json(_finite_or_none(report), paths.metrics("evaluate"))
         log.wrote(paths.metrics("evaluate"))
 
@@ -405,7 +462,8 @@ def run(p: EvaluateParams, paths: S.Paths,
         return {"split": mode, "selected": selected, "n_users": test_ev.users.size,
                 "n_impressions": len(test_ev.impressions),
                 "ndcg@10": {r.name: round(r.metrics["ndcg@10"], 4) for r in results},
-                "chosen_hyperparameters": chosen, "seconds": round(log.seconds, 2)}
+                "chosen_hyperparameters": chosen, "skipped_baselines": skipped,
+                "eval_users": eval_users, "seconds": round(log.seconds, 2)}
 
 
 def main(params: dict, paths: S.Paths) -> dict:
