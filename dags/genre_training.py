@@ -19,7 +19,9 @@ numbers); the data travels through the DVC cache/remote.
 | `validate` | Great Expectations suites on `data/raw`; a broken rule fails the run, the GX summary is in the task log, nothing downstream runs | no |
 | `preprocess` | clean, label positives, split (`split_mode`) -> `data/processed` | no (deterministic) |
 | `augment` | GENRE generative augmentation (`data/augment`: enriched items, user profiles, cold-user synthetic items; validated, cached by model/template/input); a no-op writing empty outputs unless `augment.enabled` (e.g. `configs/genre.yaml`) | yes, backoff |
-| `embed` | item texts (+ the enriched text when `embed.augmented_text`) -> MiniLM vectors (`data/embeddings`, cached) | yes, backoff |
+| `embed_plan` | the shards of `embed.shards` from the run's params snapshot (`[{"shard": i, "of": N}]`) | yes |
+| `embed_shard` | mapped, one per shard: its own workspace, `dvc pull` of the items, encodes a disjoint slice of the distinct texts, uploads the part to the MLflow run (`genre_tasks.registry.shards`); with `embed.shards: 1` one instance that returns at once | yes, backoff (idempotent) |
+| `embed` | the parts (if any) into the embedding cache, then item texts (+ the enriched text when `embed.augmented_text`) -> MiniLM vectors (`data/embeddings`, cached) | yes, backoff |
 | `genre` | genre classifier on the item vectors -> `data/genre` | no (deterministic) |
 | `train` | one model per strategy, best on validation nDCG@10 -> `data/model` | yes, backoff |
 | `evaluate` | test metrics vs baselines -> `data/eval`, `metrics/evaluate.json` | yes, backoff |
@@ -173,7 +175,8 @@ PARAMS = {
 }
 
 
-def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: dict | None = None) -> dict:
+def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: dict | None = None,
+                prepare=None) -> dict:
     """Run ``stages`` through DVC in this DAG run's workspace; return their small summaries.
 
     ``genre_tasks.registry.workspace``: the workspace is rebuilt from the run's MLflow record if this
@@ -194,6 +197,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
         paths = Paths(root)
         W.materialise(ws, mlflow_run_id, paths)
         log.info("workspace %s (DVC cache %s)", ws.path, ws.cache_dir)
+        prepared = prepare(ws, paths) if prepare else None
         for stage in stages:
             try:
                 result = W.run_stage(ws, stage, env=env)
@@ -216,6 +220,8 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
             if metrics.exists():
                 result["metrics"] = small_summary(json.loads(metrics.read_text()), value_max=256,
                                                   total_max=1536)
+            if prepared:
+                result["prepared"] = prepared
             summaries[stage] = result
             log.info("stage %s: %s in %.1f s", stage, result["how"], result["seconds"])
     return summaries
@@ -326,8 +332,48 @@ def augment(mlflow_run_id: str) -> dict:
 
 
 @task(multiple_outputs=False, **RETRY)
+def embed_plan(mlflow_run_id: str) -> list[dict]:
+    """What embed_shard maps over: [{"shard": i, "of": N}] for embed.shards = N."""
+    from genre_tasks.registry import shards
+    from genre_tasks.registry import workspace as W
+    from genre_tasks.schema import Paths
+
+    context = get_current_context()
+    root = project_root()
+    ws = W.workspace(root, context["ti"].run_id)
+    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+        W.materialise(ws, mlflow_run_id, Paths(root))
+        return shards.plan(ws)
+
+
+# one mapped instance per shard; idempotent (a retry rewrites its own part), so it retries
+@task(multiple_outputs=False, **RETRY)
+def embed_shard(mlflow_run_id: str, shard: dict) -> dict:
+    """Encode one disjoint slice of the item texts in a workspace of its own; the part goes to
+    the MLflow run (``genre_tasks.registry.shards``). With one shard: returns at once."""
+    if shard["of"] <= 1:
+        log.info("embed.shards is 1: nothing to do here, the embed task encodes every text")
+        return {"shard": 0, "of": 1, "skipped": True}
+    from genre_tasks.registry import shards
+    from genre_tasks.registry import workspace as W
+    from genre_tasks.schema import Paths
+
+    context = get_current_context()
+    root = project_root()
+    ws = W.workspace(root, context["ti"].run_id)
+    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+        out = shards.run_embed_shard(ws, mlflow_run_id, int(shard["shard"]), Paths(root))
+    log.info("embed shard %s", out)
+    return small_summary(out)
+
+
+@task(multiple_outputs=False, **RETRY)
 def embed(mlflow_run_id: str) -> dict:
-    return _run_stages(("embed",), mlflow_run_id)["embed"]
+    """The embed DVC stage; with shards, their parts fill the embedding cache first."""
+    from genre_tasks.registry import shards
+
+    return _run_stages(("embed",), mlflow_run_id,
+                       prepare=lambda ws, paths: shards.collect(ws, mlflow_run_id, paths))["embed"]
 
 
 @task(multiple_outputs=False, **NO_RETRY)
@@ -415,8 +461,9 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
 )
 def genre_training():
     run_id = start_mlflow_run()
-    stages = [snapshot_params(run_id), ingest(run_id), validate(run_id), preprocess(run_id), augment(run_id),
-              embed(run_id), genre(run_id),
+    stages = [snapshot_params(run_id), ingest(run_id), validate(run_id), preprocess(run_id), augment(run_id)]
+    plan = embed_plan(run_id)
+    stages += [plan, embed_shard.partial(mlflow_run_id=run_id).expand(shard=plan), embed(run_id), genre(run_id),
               train(run_id), evaluate(run_id), promote(run_id)]
     chain(*stages, finish_mlflow_run(run_id))
 

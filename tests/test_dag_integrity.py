@@ -82,7 +82,8 @@ PARSE_SCRIPT = textwrap.dedent(r'''
                                   "trigger_rule": str(t.trigger_rule), "owner": t.owner,
                                   "is_setup": t.is_setup, "is_teardown": t.is_teardown,
                                   "outlets": [getattr(o, "uri", str(o)) for o in t.outlets],
-                                  "multiple_outputs": getattr(t, "multiple_outputs", None)}
+                                  "multiple_outputs": getattr(t, "multiple_outputs", None),
+                                  "mapped": "Mapped" in type(t).__name__}
                       for t in dag.tasks},
         }
         try:
@@ -210,14 +211,18 @@ def test_training_dag_shape(report):
     dag = report["dags"]["genre_training"]
     tasks = dag["tasks"]
     stages = ["ingest", "validate", "preprocess", "augment", "embed", "genre", "train", "evaluate", "promote"]
-    assert set(tasks) == {"start_mlflow_run", "snapshot_params", *stages, "finish_mlflow_run"}
-    chain = ["start_mlflow_run", "snapshot_params", *stages, "finish_mlflow_run"]
+    shards = ["embed_plan", "embed_shard"]  # the embed scale-out (embed.shards)
+    assert set(tasks) == {"start_mlflow_run", "snapshot_params", *stages, *shards, "finish_mlflow_run"}
+    chain = ["start_mlflow_run", "snapshot_params", *stages[:4], *shards, *stages[4:], "finish_mlflow_run"]
     for before, after in zip(chain[:-1], chain[1:]):
         assert before in tasks[after]["upstream"], f"{before} >> {after} missing"
-    for stage in stages:  # every stage gets the MLflow run id
+    for stage in stages + shards:  # every stage gets the MLflow run id
         assert "start_mlflow_run" in tasks[stage]["upstream"]
-        assert tasks[stage]["trigger_rule"].endswith("ALL_SUCCESS")
+        assert tasks[stage]["trigger_rule"].endswith("ALL_SUCCESS"), (stage, tasks[stage]["trigger_rule"])
         assert tasks[stage]["multiple_outputs"] is False  # one small XCom per task
+    assert tasks["embed_shard"]["mapped"] and not tasks["embed"]["mapped"]
+    assert "embed_plan" in tasks["embed_shard"]["upstream"]  # expands over the plan's ids
+    assert tasks["embed_shard"]["retries"] >= 1  # idempotent: a killed shard is retried
     assert tasks["start_mlflow_run"]["is_setup"] and tasks["finish_mlflow_run"]["is_teardown"]
     for name in ("validate", "preprocess", "genre"):
         assert tasks[name]["retries"] == 0, name

@@ -87,6 +87,12 @@ class EmbedParams:
     quantize       none | int8-attention | int8: a compressed (int8 dynamic quantization)
                    encoder, see QUANTIZE; part of the model id, so its vectors never mix with
                    the float32 ones in the cache (benchmarks/bench_embed.py measures both)
+    shards         >= 1: the training DAG's scale-out (1 = the embed task alone). With N > 1,
+                   N mapped tasks each encode a disjoint slice of the distinct texts
+                   (:func:`run_shard`), their parts travel through the MLflow run's artifacts and
+                   fill the embedding cache (:func:`import_shard`), so the embed stage encodes
+                   nothing. Not part of the stage's DVC params (dvc.yaml lists the others): the
+                   vectors do not depend on it.
     """
 
     model_path: str | None = None
@@ -96,8 +102,11 @@ class EmbedParams:
     show_progress: bool = True
     augmented_text: str = "none"
     quantize: str = "none"
+    shards: int = 1
 
     def validate(self) -> None:
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise ParamsError(f"embed.shards: must be an integer >= 1, got {self.shards!r}")
         if self.quantize not in QUANTIZE:
             raise ParamsError(f"embed.quantize: {self.quantize!r} is not one of {list(QUANTIZE)}")
         if self.augmented_text not in AUGMENTED_TEXT:
@@ -422,6 +431,104 @@ def augmented_texts(items: pd.DataFrame, texts: list[str], mode: str, paths: Pat
     return out, n
 
 
+def item_texts(p: EmbedParams, paths: Paths, log=None) -> tuple[pd.DataFrame, list[str], int]:
+    """(items in item_idx order, the text the encoder reads per item, how many were augmented)."""
+    items = _read_items(paths.items)
+    if log is not None:
+        log.read(paths.items, f"{len(items)} items")
+    texts = items[S.TEXT].astype(str).tolist()
+    n_augmented = 0
+    if p.augmented_text != "none":
+        texts, n_augmented = augmented_texts(items, texts, p.augmented_text, paths)
+        if log is not None:
+            log.read(paths / "data" / "augment" / "items.parquet",
+                     f"{n_augmented} enriched texts ({p.augmented_text})")
+    return items, texts, n_augmented
+
+
+# --- scale-out: shards that fill the cache -----------------------------------------------------
+
+def shard_slice(unique_hashes: Sequence[str], shard: int, n_shards: int) -> list[str]:
+    """The distinct text hashes shard ``shard`` of ``n_shards`` encodes: contiguous, disjoint
+    blocks of the sorted hashes (sizes differ by at most one); their union is every hash."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
+    ordered = sorted(set(unique_hashes))
+    bounds = np.linspace(0, len(ordered), n_shards + 1).round().astype(int)
+    return ordered[bounds[shard]:bounds[shard + 1]]
+
+
+def shard_file_name(shard: int, n_shards: int) -> str:
+    """Deterministic name of a shard's part (a retried shard overwrites its own part)."""
+    return f"part-{shard:04d}-of-{n_shards:04d}.npz"
+
+
+def run_shard(p: EmbedParams, paths: Paths, shard: int, out_dir: str | Path) -> dict:
+    """Encode shard ``shard`` of ``p.shards``'s slice of the distinct item texts (texts already
+    in this machine's cache are read, not encoded) and write the part ``out_dir/<name>``:
+    ``hashes`` S40 [k], ``vectors`` float32 [k, dim], ``model_id``, ``shard``, ``n_shards``.
+
+    Writes nothing else (no DVC output, no cache shard): the part is moved by the caller (the
+    DAG: an MLflow artifact of the run) and imported with :func:`import_shard`. Idempotent: the
+    same inputs give the same file name and the same vectors; it is written atomically.
+    """
+    t0 = time.perf_counter()
+    _, texts, _ = item_texts(p, paths)
+    text_of = {io.text_sha1(t): t for t in texts}
+    mine = shard_slice(list(text_of), shard, p.shards)
+    mid = model_id(p.model_path, p.max_length, p.quantize)
+    cache = EmbeddingCache(paths.embed_cache, mid)
+    cached, found = cache.lookup(mine)
+    missing = [h for h, f in zip(mine, found) if not f]
+    t1 = time.perf_counter()
+    new = encode_texts([text_of[h] for h in missing], p.model_path, p.batch_size, p.max_length,
+                       p.threads, False, p.quantize) if missing else None
+    encode_seconds = time.perf_counter() - t1
+    dim = int(new.shape[1]) if new is not None else (int(cached.shape[1]) if cached is not None else 0)
+    vectors = np.zeros((len(mine), dim), dtype=np.float32)
+    if cached is not None and found.any():
+        vectors[found] = cached[found]
+    if new is not None:
+        vectors[~found] = new
+    target = Path(out_dir) / shard_file_name(shard, p.shards)
+    with io.atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, hashes=np.asarray([h.encode("ascii") for h in mine], dtype="S40"),
+                 vectors=vectors, model_id=np.asarray(mid), shard=np.asarray(shard),
+                 n_shards=np.asarray(p.shards))
+    summary = {"shard": shard, "n_shards": p.shards, "n_texts": len(mine),
+               "n_texts_encoded": len(missing), "n_cached": int(found.sum()), "model_id": mid,
+               "encode_seconds": round(encode_seconds, 3),
+               "seconds": round(time.perf_counter() - t0, 3), "file": str(target)}
+    logger.info("embed shard %d/%d: %d texts (%d encoded, %d cached) in %.1f s -> %s", shard,
+                p.shards, len(mine), len(missing), int(found.sum()), summary["seconds"], target)
+    return summary
+
+
+def import_shard(p: EmbedParams, paths: Paths, part: str | Path) -> int:
+    """Add a shard's part to this machine's embedding cache; returns the vectors added.
+
+    A part of another model id, with the wrong shapes, non-unit vectors or unreadable (a shard
+    killed mid-upload) is refused with a warning and adds nothing: the embed stage then simply
+    encodes those texts itself, so a bad part can cost time but never change a vector.
+    """
+    mid = model_id(p.model_path, p.max_length, p.quantize)
+    try:
+        with np.load(part, allow_pickle=False) as z:
+            hashes, vectors, their = z["hashes"], z["vectors"], str(z["model_id"])
+        if their != mid:
+            raise ValueError(f"model id {their} != {mid}")
+        if hashes.ndim != 1 or vectors.ndim != 2 or len(hashes) != len(vectors):
+            raise ValueError("shape mismatch")
+        if len(vectors) and not np.all(np.abs(np.linalg.norm(vectors, axis=1) - 1.0) < 1e-3):
+            raise ValueError("vectors are not unit-norm")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        logger.warning("embed: ignoring shard part %s (%s); its texts will be encoded by the "
+                       "embed stage", part, exc)
+        return 0
+    EmbeddingCache(paths.embed_cache, mid).add([h.decode("ascii") for h in hashes.tolist()], vectors)
+    return len(hashes)
+
+
 def run(p: EmbedParams, paths: Paths) -> dict:
     """Embed every item's text (cache first) and write vectors, index and metrics.
 
@@ -433,14 +540,7 @@ def run(p: EmbedParams, paths: Paths) -> dict:
     everything came from the cache).
     """
     with logs.stage("embed", paths) as log:
-        items = _read_items(paths.items)
-        log.read(paths.items, f"{len(items)} items")
-        texts = items[S.TEXT].astype(str).tolist()
-        n_augmented = 0
-        if p.augmented_text != "none":
-            texts, n_augmented = augmented_texts(items, texts, p.augmented_text, paths)
-            log.read(paths / "data" / "augment" / "items.parquet",
-                     f"{n_augmented} enriched texts ({p.augmented_text})")
+        items, texts, n_augmented = item_texts(p, paths, log)
         hashes = [io.text_sha1(t) for t in texts]
 
         mid = model_id(p.model_path, p.max_length, p.quantize)
@@ -513,5 +613,6 @@ def main(params: dict, paths: Paths) -> dict:
     return run(config.section(EmbedParams, "embed", params), paths)
 
 
-__all__ = ["EmbedParams", "EmbeddingCache", "default_model_path", "encode_texts", "load_encoder",
-           "main", "model_id", "resolve_model_path", "run"]
+__all__ = ["EmbedParams", "EmbeddingCache", "default_model_path", "encode_texts", "import_shard",
+           "item_texts", "load_encoder", "main", "model_id", "resolve_model_path", "run",
+           "run_shard", "shard_file_name", "shard_slice"]
