@@ -461,11 +461,16 @@ def finish_mlflow_run(mlflow_run_id: str) -> dict:
 )
 def genre_training():
     run_id = start_mlflow_run()
-    stages = [snapshot_params(run_id), ingest(run_id), validate(run_id), preprocess(run_id), augment(run_id)]
+    snapshot = snapshot_params(run_id)
+    data = augment(run_id)
+    chain(snapshot, ingest(run_id), validate(run_id), preprocess(run_id), data)
+    # the shard plan needs only the params snapshot: it runs beside the data stages
     plan = embed_plan(run_id)
-    stages += [plan, embed_shard.partial(mlflow_run_id=run_id).expand(shard=plan), embed(run_id), genre(run_id),
-              train(run_id), evaluate(run_id), promote(run_id)]
-    chain(*stages, finish_mlflow_run(run_id))
+    snapshot >> plan
+    encoded = embed_shard.partial(mlflow_run_id=run_id).expand(shard=plan)
+    data >> encoded  # a shard encodes the items preprocess (and augment) wrote
+    chain(encoded, embed(run_id), genre(run_id), train(run_id), evaluate(run_id), promote(run_id),
+          finish_mlflow_run(run_id))
 
 
 genre_training()

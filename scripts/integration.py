@@ -553,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             af.call("PATCH", f"/dags/{dag}", {"is_paused": False})
 
         # 1. the first champion: trained through the REST API
+        # embed scaled out: 2 mapped embed_shard tasks, which Celery may give to both workers
         conf = {"strategies": ["ease"], "force_promote": True,
-                "force_reason": "integration run: first champion of an empty registry"}
+                "force_reason": "integration run: first champion of an empty registry",
+                "overrides": {"embed": {"shards": 2}}}
         t_run = time.monotonic()
         run = af.call("POST", "/dags/genre_training/dagRuns", {"logical_date": None, "conf": conf})
         say(f"triggered genre_training over REST: {run['dag_run_id']} conf={json.dumps(conf)}")
@@ -568,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         result["tasks_by_worker"] = by_worker
         embed_hosts = {t.get("hostname") for t in tis if t["task_id"].startswith("embed")}
         result["embed_workers"] = sorted(h for h in embed_hosts if h)
+        shard_hosts = {f"shard {t.get('map_index')}": t.get("hostname") for t in tis if t["task_id"] == "embed_shard"}
+        result["embed_shard_workers"] = shard_hosts
+        say(f"embed shards ran on: {shard_hosts}"
+            + ("" if len(set(shard_hosts.values())) > 1 else " (one worker took both: Celery's choice)"))
 
         # 2. the MLflow server's REST API: a version of THIS run is @champion
         ml = MLflow(mlflow_url, sec["mlflow_admin"])

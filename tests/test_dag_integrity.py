@@ -213,9 +213,12 @@ def test_training_dag_shape(report):
     stages = ["ingest", "validate", "preprocess", "augment", "embed", "genre", "train", "evaluate", "promote"]
     shards = ["embed_plan", "embed_shard"]  # the embed scale-out (embed.shards)
     assert set(tasks) == {"start_mlflow_run", "snapshot_params", *stages, *shards, "finish_mlflow_run"}
-    chain = ["start_mlflow_run", "snapshot_params", *stages[:4], *shards, *stages[4:], "finish_mlflow_run"]
+    chain = ["start_mlflow_run", "snapshot_params", *stages[:4], "embed_shard", *stages[4:], "finish_mlflow_run"]
     for before, after in zip(chain[:-1], chain[1:]):
         assert before in tasks[after]["upstream"], f"{before} >> {after} missing"
+    # the shard plan reads only the params snapshot: it runs beside the data stages
+    assert set(tasks["embed_plan"]["upstream"]) == {"start_mlflow_run", "snapshot_params"}
+    assert "embed_plan" in tasks["embed_shard"]["upstream"]
     for stage in stages + shards:  # every stage gets the MLflow run id
         assert "start_mlflow_run" in tasks[stage]["upstream"]
         assert tasks[stage]["trigger_rule"].endswith("ALL_SUCCESS"), (stage, tasks[stage]["trigger_rule"])

@@ -95,11 +95,13 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     project = scratch_project(tmp_path)
     # EASE as the strategy: a forced promotion still has to pass the floor (not significantly
     # worse than the best baseline), which a 2-epoch neural model on 40 users does not
+    # embed scaled out to 2 mapped shard tasks (not a DVC param of embed: the second trigger
+    # below still finds every stage in the run-cache)
     conf = {"max_users": 40, "strategies": ["ease"], "epochs": 2, "force_promote": True,
-            "force_reason": "e2e test: the first champion"}
+            "force_reason": "e2e test: the first champion", "overrides": {"embed": {"shards": 2}}}
     proc, run_id, states = run_dag(project, conf)
     assert states == {t: "success" for t in ("start_mlflow_run", "snapshot_params", *STAGES,
-                                             "finish_mlflow_run")}, \
+                                             "embed_plan", "embed_shard", "finish_mlflow_run")}, \
         f"{states}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
     client, run = mlflow_run_of(project, run_id)
@@ -126,6 +128,12 @@ def test_training_dag_end_to_end_promotes_a_champion(tmp_path):
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
     snapshot = yaml.safe_load((workspace / "params.yaml").read_text())
     assert snapshot["train"]["epochs"] == 2 and snapshot["ingest"]["max_users"] == 40
+    # the two shards encoded every text and uploaded their parts; the embed stage encoded none
+    assert snapshot["embed"]["shards"] == 2
+    parts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "embed_shards"))
+    assert parts == ["embed_shards/part-0000-of-0002.npz", "embed_shards/part-0001-of-0002.npz"], parts
+    embedded = json.loads((workspace / "metrics" / "embed.json").read_text())
+    assert embedded["n_texts_encoded"] == 0 and embedded["n_cached"] == embedded["n_items"] > 0, embedded
     assert snapshot["embed"]["batch_size"] == 32  # configs/tiny.yaml ($GENRE_PARAMS_OVERRIDE)
     assert run.data.params["train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "run")}
