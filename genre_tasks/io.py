@@ -130,3 +130,11 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def text_sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def rel_path(path: str | Path, root: str | Path) -> str:
+    """``path`` relative to ``root`` as shown in reports (as given when not under ``root``)."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)

@@ -118,7 +118,7 @@ def test_next_releases_batches_in_order_and_the_loop_applies_them(project):
     # validation sees each event once and passes
     assert summary["slice"]["dropped_by_until"] == len(full) - n_initial
     assert summary["slice"]["rows_kept"] == len(full) and not paths.raw_input_interactions.exists()
-    from genre_tasks.data.validate import ValidateParams
+    from genre_tasks.data.validate_params import ValidateParams
     from genre_tasks.data.validate import run as validate_run
 
     checked = validate_run(from_dict(ValidateParams, params["validate"], "validate"), paths, p)

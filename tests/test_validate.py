@@ -12,7 +12,8 @@ import pytest
 from genre_tasks import config
 from genre_tasks.errors import DataValidationError
 from genre_tasks.schema import INTERACTION_DTYPES, Paths
-from genre_tasks.data.validate import ValidateParams, failure_path, main, run
+from genre_tasks.data.validate import failure_path, main, run
+from genre_tasks.data.validate_params import ValidateParams
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = ("unknown", "Action", "Animation", "Comedy", "Drama")

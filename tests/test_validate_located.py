@@ -14,6 +14,7 @@ from conftest import MIND_BEHAVIORS, ROOT, tabular_frames, write_mind, write_mov
 from genre_tasks import config, io
 from genre_tasks.data import adapters
 from genre_tasks.data import ingest
+from genre_tasks.data import quarantine
 from genre_tasks.data import validate
 from genre_tasks.errors import DataValidationError, StageError
 from genre_tasks.schema import Paths
@@ -175,7 +176,7 @@ def test_quarantine_sets_bad_rows_aside_with_reasons_and_the_rest_proceeds(tmp_p
     out = run_ingest_validate(qp, paths, adapter="tabular")
     assert out["success"] and out["quarantined_items"] == 1
     assert out["quarantined_interactions"] == 5
-    q = pd.read_csv(validate.quarantine_path(paths))
+    q = pd.read_csv(quarantine.quarantine_path(paths))
     print("\n" + q.to_string())
     row = q[(q["table"] == "interactions") & (q["rating"] == 11.0)].iloc[0]
     assert row["source_file"] == "data/source/interactions.csv" and row["source_line"] == 12
@@ -248,7 +249,7 @@ def test_unparseable_values_are_quarantined_not_refused(tmp_path, params):
     assert out["success"] and out["quarantined_interactions"] == 2
     assert out["quarantined_items"] == 0
     assert io.read_json(paths.metrics("ingest"))["unparsed_rows"] == 2
-    q = pd.read_csv(validate.quarantine_path(paths))
+    q = pd.read_csv(quarantine.quarantine_path(paths))
     print("\n" + q.to_string())
     five = q[q["source_line"] == 12].iloc[0]
     assert five["table"] == "interactions"
@@ -290,7 +291,7 @@ def test_unparseable_values_count_against_the_hard_limit(tmp_path, params):
     write_tabular(paths.source, items, inter)
     msg = refused(quarantine_params(params), paths, adapter="tabular")
     assert "table interactions: 21 of 160 rows (13.12%) break a rule" in msg
-    assert not validate.quarantine_path(paths).exists()
+    assert not quarantine.quarantine_path(paths).exists()
     assert io.read_json(validate.failure_path(paths))["quarantine"]["applied"] is False
 
 
@@ -326,7 +327,7 @@ def test_bad_mind_time_and_movielens_rating_are_quarantined(tmp_path, params):
     write_mind(paths.source, behaviors=behaviors)
     out = run_ingest_validate(quarantine_params(params, fraction=0.5), paths, adapter="mind")
     assert out["success"] and out["quarantined_interactions"] == 1
-    q = pd.read_csv(validate.quarantine_path(paths))
+    q = pd.read_csv(quarantine.quarantine_path(paths))
     assert q.iloc[0]["source_file"] == "data/source/behaviors.tsv"
     assert q.iloc[0]["source_line"] == 4 and "Time: Time is a date-time" in q.iloc[0]["reasons"]
     assert "U3" not in set(pd.read_parquet(paths.raw_interactions)["user_id"])
@@ -337,7 +338,7 @@ def test_bad_mind_time_and_movielens_rating_are_quarantined(tmp_path, params):
     inter.write_text(inter.read_text().replace("\t4\t881250949", "\tfive\t881250949"))
     out = run_ingest_validate(quarantine_params(params, fraction=0.5), paths)
     assert out["success"] and out["quarantined_interactions"] == 1
-    q = pd.read_csv(validate.quarantine_path(paths))
+    q = pd.read_csv(quarantine.quarantine_path(paths))
     assert q.iloc[0]["source_line"] == 2 and "'five'" in q.iloc[0]["reasons"]
 
 
@@ -350,5 +351,5 @@ def test_quarantine_report_is_a_dvc_output_written_on_every_pass(tmp_path, param
     paths = Paths(tmp_path)
     write_tabular(paths.source, *many_rows())
     run_ingest_validate(params, paths, adapter="tabular")
-    q = pd.read_csv(validate.quarantine_path(paths))
-    assert q.empty and list(q.columns) == validate.QUARANTINE_COLUMNS
+    q = pd.read_csv(quarantine.quarantine_path(paths))
+    assert q.empty and list(q.columns) == quarantine.QUARANTINE_COLUMNS

@@ -290,7 +290,8 @@ def run(p: PreprocessParams, paths: S.Paths) -> dict:
         if not summary.get("success", False):
             raise StageError(f"{summary_path}: no successful validation; run the validate stage first")
         log.read(summary_path, "validation passed")
-        from genre_tasks.data.validate import drop_quarantined, require_current
+        from genre_tasks.data.quarantine import drop_quarantined
+        from genre_tasks.data.validate import require_current
 
         require_current(summary, paths)  # raw tables changed after validation: refuse
         items = pd.read_parquet(paths.raw_items)

@@ -10,7 +10,7 @@ silently), the content the canonical interactions schema of
 through, in batch-id order:
 
 1. **validation** (:func:`validate_batch`): the Great Expectations ``interactions`` suite of
-   :mod:`genre_tasks.data.validate` (the same rules as the main data: required columns, dtypes,
+   :mod:`genre_tasks.data.expectations` (the same rules as the main data: required columns, dtypes,
    non-null ids, rating / timestamp bounds, label in {0, 1}, unique events within the batch,
    every ``item_id`` known in the current items table, unless ``feedback.allow_new_items``)
    plus the batch rules, added to the same suite: no timestamp after the run's *logical date*

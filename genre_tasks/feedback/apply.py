@@ -123,7 +123,7 @@ def _apply_locked(s: Settings, fp: FeedbackPaths, batch_id: str, moment: dt.date
 
     dups = in_store(batch, store).fillna(False).to_numpy(dtype=bool)
     if dups.any():
-        from genre_tasks.data.validate import add_failure
+        from genre_tasks.data.gx_report import add_failure
 
         report = add_failure(record["report"], "event is not already in the interaction store "
                              "(checked again at apply time)",

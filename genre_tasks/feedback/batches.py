@@ -253,7 +253,7 @@ def _parse_batch(raw: pd.DataFrame, label: str) -> tuple[pd.DataFrame, np.ndarra
 
 def event_keys(df: pd.DataFrame) -> pd.MultiIndex:
     """One key per row: (user_id, item_id, timestamp, impression_id) as text (nulls as "")."""
-    from genre_tasks.data.validate import EVENT_KEY
+    from genre_tasks.data.expectations import EVENT_KEY
 
     cols = []
     for c in EVENT_KEY:
@@ -283,15 +283,16 @@ def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s
                 lines: np.ndarray | None = None) -> dict:
     """Validate a canonical batch; return the GX report (``report["success"]``), never raise.
 
-    The ``interactions`` suite of :mod:`genre_tasks.data.validate` (built by its
-    ``plan_interactions``, run by its ``run_suites``, reported by its ``build_report``) with two
-    batch rules added to the same suite: timestamps not after ``logical_date``, events not
-    already in ``store``. Unknown item ids fail the suite's "item_id exists in items" rule
-    unless ``feedback.allow_new_items`` (then they are listed in ``report["batch"]``).
+    The ``interactions`` suite of :mod:`genre_tasks.data.expectations` (built by its
+    ``plan_interactions``; run by :func:`~genre_tasks.data.gx_report.run_suites`, reported by
+    :func:`~genre_tasks.data.gx_report.build_report`) with two batch rules added to the same
+    suite: timestamps not after ``logical_date``, events not already in ``store``. Unknown item
+    ids fail the suite's "item_id exists in items" rule unless ``feedback.allow_new_items``
+    (then they are listed in ``report["batch"]``).
     """
-    from genre_tasks.data import validate as V
+    from genre_tasks.data import expectations, gx_report
 
-    frame = V.normalize(batch, (S.USER_ID, S.ITEM_ID, S.IMPRESSION_ID))
+    frame = expectations.normalize(batch, (S.USER_ID, S.ITEM_ID, S.IMPRESSION_ID))
     item_ids = items[S.ITEM_ID].astype("string") if S.ITEM_ID in items.columns else None
     new_items: list[str] = []
     if item_ids is not None and S.ITEM_ID in frame.columns:
@@ -299,7 +300,7 @@ def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s
         new_items = sorted({i for i in frame[S.ITEM_ID].dropna() if i not in known})
         if s.feedback.allow_new_items and new_items:
             item_ids = pd.concat([item_ids, pd.Series(new_items, dtype="string")], ignore_index=True)
-    plans = V.plan_interactions(frame, item_ids, s.validate)
+    plans = expectations.plan_interactions(frame, item_ids, s.validate)
     plan = plans[0]
     logical_ts = int(logical_date.timestamp())
     plan.add(f"timestamp is not after the run's logical date {_iso(logical_ts)} (unix {logical_ts})",
@@ -311,13 +312,14 @@ def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s
              "impression_id)", "ExpectColumnValuesToBeInSet",
              columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP], requires=(IN_STORE,), column=IN_STORE,
              value_set=[False])
-    results = V.run_suites(plans, s.validate)
+    results = gx_report.run_suites(plans, s.validate)
     located = None
     if lines is not None and len(lines) == len(frame):
         located = pd.DataFrame({S.SOURCE_FILE: pd.Series([path] * len(frame), dtype="string"),
                                 S.SOURCE_LINE: np.asarray(lines, dtype=np.int64)})
-    report = V.build_report({"interactions": {"path": path, "frame": frame, "lines": located}},
-                            plans, results, s.validate)
+    report = gx_report.build_report(
+        {"interactions": {"path": path, "frame": frame, "lines": located}}, plans, results,
+        s.validate)
     for entry in report["tables"]["interactions"]["expectations"]:
         if entry.get("kwargs", {}).get("column") == IN_STORE:
             entry.pop("unexpected_values", None)  # True/False says nothing; samples show rows
@@ -333,7 +335,7 @@ def check_batch(batch: pd.DataFrame, items: pd.DataFrame, store: pd.DataFrame, s
 
 def failure_report(path: str, rule: str, detail: str, rows: int = 0,
                    columns: Sequence[str] = ()) -> dict:
-    """A report in :func:`validate.build_report`'s shape for a batch-level failure that needs
+    """A report in :func:`gx_report.build_report`'s shape for a batch-level failure that needs
     no GX run (unreadable file, ambiguous id, id already applied with other content)."""
     return {
         "success": False, "evaluated_expectations": 1, "successful_expectations": 0,
@@ -365,7 +367,7 @@ def quarantine(fp: FeedbackPaths, batch_id: str, files: Sequence[Path], report: 
 
 
 def _message(report: dict, batch_id: str, where: Path, fp: FeedbackPaths) -> str:
-    from genre_tasks.data.validate import format_failure
+    from genre_tasks.data.gx_report import format_failure
 
     report["failure_report"] = fp.rel(where / "report.json")
     return f"batch {batch_id} rejected\n" + format_failure(report)

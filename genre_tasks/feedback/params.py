@@ -83,7 +83,7 @@ class Settings:
 def settings(params: dict, **overrides: Any) -> Settings:
     """Settings from loaded params; ``overrides`` replace ``feedback`` fields (None = keep)."""
     from genre_tasks.data.ingest import IngestParams
-    from genre_tasks.data.validate import ValidateParams
+    from genre_tasks.data.validate_params import ValidateParams
 
     fb = config.from_dict(FeedbackParams, params.get("feedback") or {}, "feedback")
     changes = {k: v for k, v in overrides.items() if v is not None}

@@ -440,7 +440,7 @@ def publish(ws: Workspace) -> dict:
 #: stage section -> (module, params dataclass) checked before a run starts
 SECTIONS = {
     "ingest": ("genre_tasks.data.ingest", "IngestParams"),
-    "validate": ("genre_tasks.data.validate", "ValidateParams"),
+    "validate": ("genre_tasks.data.validate_params", "ValidateParams"),
     "preprocess": ("genre_tasks.data.preprocess", "PreprocessParams"),
     "augment": ("genre_tasks.features.augment.params", "AugmentParams"),
     "embed": ("genre_tasks.features.embed", "EmbedParams"),
