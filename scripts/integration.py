@@ -618,16 +618,19 @@ def main(argv: list[str] | None = None) -> int:
             print_task_table(tis)
             assert new["state"] == "success", f"retrain {new['state']}"
             promote = af.get(f"/dags/genre_training/dagRuns/{new['dag_run_id']}/taskInstances/promote/xcomEntries/return_value")
-            decision = xcom_value(promote)
+            decision = xcom_value(promote)  # the stage summary: the decision record is under "metrics"
+            decision = decision.get("metrics", decision) if isinstance(decision, dict) else {}
             champ2 = ml.champion()
             versions = sorted(ml.versions(), key=lambda v: int(v["version"]))
             print("\nregistry after the retrain (MLflow REST):")
             for v in versions:
                 t = tags(v)
                 print(f"  version {v['version']}: aliases {v.get('aliases', [])} decision "
-                      f"{t.get('genre.decision', '-')} reason {t.get('genre.decision_reason', t.get('genre.reason', '-'))[:140]}")
+                      f"{t.get('decision', '-')} ({t.get('reasons') or t.get('force_reason') or '-'})"[:300])
             say(f"retrain decision: {decision.get('decision')} (version {decision.get('version')}, "
                 f"@champion now {champ2['version']}); batch {batch}")
+            recorded = tags(next(v for v in versions if str(v["version"]) == str(decision.get("version"))))
+            assert decision.get("decision") and recorded.get("decision") == decision["decision"], (decision, recorded)
             result["retrain"] = {"run_id": new["dag_run_id"], "run_type": new["run_type"], "batch": batch,
                                  "decision": {k: decision.get(k) for k in ("decision", "version", "champion_version",
                                                                            "reason", "reasons") if k in decision},
