@@ -184,7 +184,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
     restored from the DVC run-cache when nothing changed) then ``dvc push``; after each stage
     the run's dvc.lock goes to MLflow and the stage's numbers/artifacts are logged live.
     """
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import stage_logging, tracking
     from genre_tasks.registry import workspace as W
     from genre_tasks.schema import Paths
 
@@ -203,7 +203,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
                 result = W.run_stage(ws, stage, env=env)
             except W.StageFailed as exc:
                 if mlflow_run_id:
-                    tracking.set_tags(mlflow_run_id, {f"{tracking.STAGE_TAG}{stage}": "failed"}, paths)
+                    tracking.set_tags(mlflow_run_id, {f"{stage_logging.STAGE_TAG}{stage}": "failed"}, paths)
                 if exc.refused:
                     # Bad params or a stage refusing its input: retrying cannot help, fail at
                     # once. The stage's own message (for validate: the GX summary) is in the log.
@@ -215,7 +215,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
                 if mlflow_run_id:
                     tracking.log_run_lock(mlflow_run_id, ws.lock_file, paths)
             if mlflow_run_id:
-                tracking.log_stage(mlflow_run_id, stage, Paths(ws.path), result["how"], result["seconds"])
+                stage_logging.log_stage(mlflow_run_id, stage, Paths(ws.path), result["how"], result["seconds"])
             metrics = ws.path / "metrics" / f"{stage}.json"
             if metrics.exists():
                 result["metrics"] = small_summary(json.loads(metrics.read_text()), value_max=256,
@@ -232,7 +232,7 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
 @task(multiple_outputs=False, **RETRY)
 def start_mlflow_run() -> str:
     """Find (retried/cleared DAG run) or create the MLflow run of this DAG run; return its id."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
     from genre_tasks.schema import Paths
 
     context = get_current_context()
@@ -247,7 +247,7 @@ def start_mlflow_run() -> str:
             paths, dag_id, run_id, grid_url, str(getattr(run_type, "value", run_type)))
         log.info("%s MLflow run %s for DAG run %s (tracking URI %s, Airflow grid %s)",
                  "created" if created else "reusing", mlflow_run_id, run_id,
-                 tracking.tracking_uri(paths), grid_url)
+                 tracking_store.tracking_uri(paths), grid_url)
     return mlflow_run_id
 
 
@@ -257,7 +257,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
     form), written ONCE as the params.yaml of the run's workspace (what DVC reads), logged to
     the MLflow run (params + artifact run/params.yaml + tag genre.params_hash); XCom shows the
     hash, the overrides and the workspace. A retry/clear reuses the snapshot already made."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
     from genre_tasks import config
     from genre_tasks.registry import workspace as W
     from genre_tasks.config import ParamsError
@@ -273,7 +273,7 @@ def snapshot_params(mlflow_run_id: str) -> dict:
         # genre_dvc_remote when defined, else the environment (secrets masked)
         where = resolved.effective
         where["mlflow"].setdefault("MLFLOW_TRACKING_URI", connections.masked(
-            {"uri": tracking.tracking_uri(paths)})["uri"])
+            {"uri": tracking_store.tracking_uri(paths)})["uri"])
         log.info("MLflow from %s, DVC remote from %s: %s", where["mlflow"]["source"],
                  where["dvc_remote"]["source"], where)
         try:

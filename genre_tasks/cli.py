@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "tracking-init":
-        from genre_tasks.registry.tracking import init_store
+        from genre_tasks.registry.tracking_store import init_store
 
         print(init_store(Paths(args.root)))
         return 0

@@ -6,7 +6,7 @@
 Starts a throw-away MLflow UI server on 127.0.0.1 over the project's tracking store (its own
 process group, stopped at the end), waits until a run of the experiment is RUNNING and has
 logged at least ``--min-steps`` epochs of a live training curve (``live.<strategy>.valid.*``,
-see ``genre_tasks.registry.tracking.epoch_logger``), then saves the metric page of that curve
+see ``genre_tasks.registry.stage_logging.epoch_logger``), then saves the metric page of that curve
 (``--out``) and the run's overview (``*_overview.png``, status Running) and prints, from the
 MLflow REST API, the run's status and the metric history at that moment
 (the text record of what the picture shows). Start a training first (``make run`` in another
@@ -68,18 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from mlflow import MlflowClient
 
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
     from genre_tasks.schema import Paths
 
     chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chrome:
         raise SystemExit("no chromium: apt-get install -y chromium")
     paths = Paths(ROOT)
-    store = tracking.tracking_uri(paths)
+    store = tracking_store.tracking_uri(paths)
     url = f"http://127.0.0.1:{a.port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(a.port),
            "--workers", "1", "--backend-store-uri", store]
-    art = tracking.artifact_location(paths)
+    art = tracking_store.artifact_location(paths)
     if art:
         cmd += ["--default-artifact-root", art]
     log = open(Path(tempfile.gettempdir()) / "mlflow_screenshot_server.log", "w")
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_healthy(url, proc)
         client = MlflowClient(tracking_uri=url)
-        exp = client.get_experiment_by_name(tracking.experiment_name())
+        exp = client.get_experiment_by_name(tracking_store.experiment_name())
         if exp is None:
-            raise SystemExit(f"no experiment {tracking.experiment_name()!r} in {store}")
+            raise SystemExit(f"no experiment {tracking_store.experiment_name()!r} in {store}")
         end, found = time.time() + a.timeout, None
         print(f"waiting for a RUNNING run with >= {a.min_steps} live epochs in {store} ...", flush=True)
         while time.time() < end and not (found := live_run(client, exp.experiment_id, a.min_steps)):

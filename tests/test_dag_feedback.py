@@ -153,7 +153,7 @@ def project(tmp_path_factory):
     two batches in the landing folder (1998-W10 and a corrupted copy of 1998-W11)."""
     from genre_tasks import cli
     from genre_tasks.feedback import replay
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
     from genre_tasks.config import deep_merge
     from genre_tasks.schema import Paths
 
@@ -186,7 +186,7 @@ def project(tmp_path_factory):
     try:
         # the initial champion (forced: on 30 users EASE need not beat the other baselines significantly)
         forced = deep_merge(params, {"promote": {"force": True}})
-        tracking.init_store(Paths(root))
+        tracking_store.init_store(Paths(root))
         for stage in cli.STAGES:
             cli.run_stage(stage, forced, root,
                           **({"reason": "e2e fixture: the first champion"} if stage == "promote" else {}))

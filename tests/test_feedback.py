@@ -376,9 +376,9 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("GENRE_MLFLOW_ARTIFACTS", str(tmp_path / "mlartifacts"))
     monkeypatch.delenv("GENRE_MLFLOW_RUN_ID", raising=False)
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    tracking.init_store(S.Paths(tmp_path))  # as `genre tracking-init` does on a real project
+    tracking_store.init_store(S.Paths(tmp_path))  # as `genre tracking-init` does on a real project
     return uri
 
 
@@ -389,7 +389,7 @@ def test_prequential_scores_before_apply_logs_and_feeds_the_history(params, path
     import mlflow
 
     from genre_tasks.feedback import history
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
     class Model:  # what serving.load returns: .recommender and .fit (the catalogue)
         recommender = FixedScores([5, 4, 3, 2, 1])
@@ -410,8 +410,8 @@ def test_prequential_scores_before_apply_logs_and_feeds_the_history(params, path
     # idempotent: same content and champion -> the record is reused, no second MLflow run
     again = feedback.prequential(params, paths, ["w1"], LOGICAL, model=Model(), version="1")
     assert again["w1"]["status"] == "reused"
-    cl = tracking.client(paths)
-    runs = cl.search_runs([tracking.configure(paths)], filter_string="tags.`genre.prequential` = '1'")
+    cl = tracking_store.client(paths)
+    runs = cl.search_runs([tracking_store.configure(paths)], filter_string="tags.`genre.prequential` = '1'")
     assert sorted(r.data.tags["genre.feedback.batch"] for r in runs) == ["w1", "w2", "w3"]
     w1 = next(r for r in runs if r.data.tags["genre.feedback.batch"] == "w1")
     assert w1.data.metrics["auc"] == 1.0 and w1.data.metrics["count.eval_users"] == 1
@@ -421,7 +421,7 @@ def test_prequential_scores_before_apply_logs_and_feeds_the_history(params, path
 
     # --- the history of two registered versions (registry entries made by hand) ---
     name = params["promote"]["model_name"]
-    exp = tracking.configure(paths)
+    exp = tracking_store.configure(paths)
     cl.create_registered_model(name)
     for v, (batches, cutoff, decision) in enumerate([([], 881250960, "promoted"),
                                                      (["w1"], T0 + 1, "rejected")], start=1):

@@ -54,7 +54,8 @@ def _exists(name: str) -> bool:
 #: nDCG (one definition of the metric for selection and for the report).
 KNOWN = {
     ("genre_tasks.models.train", "genre_tasks.registry.serving"),
-    ("genre_tasks.models.train", "genre_tasks.registry.tracking"),
+    ("genre_tasks.models.train", "genre_tasks.registry.stage_logging"),
+    ("genre_tasks.models.train", "genre_tasks.registry.tracking_store"),
     ("genre_tasks.models.train", "genre_tasks.evaluation.metrics"),
     ("genre_tasks.models.validation", "genre_tasks.evaluation.metrics"),
 }

@@ -171,9 +171,9 @@ def tracking_env(monkeypatch, mlflow_db):
     monkeypatch.delenv("GENRE_PARAMS_OVERRIDE", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    tracking.init_store(S.Paths("."))  # what make setup / the DAG's first task do
+    tracking_store.init_store(S.Paths("."))  # what make setup / the DAG's first task do
     yield mlflow_db
     import mlflow
 
@@ -218,9 +218,9 @@ def promote(paths: S.Paths, name: str, force: bool = False, reason: str | None =
 
 
 def registry(name: str, paths: S.Paths):
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    cl = tracking.client(paths)
+    cl = tracking_store.client(paths)
     rm = cl.get_registered_model(name)
     return cl, {a: int(v) for a, v in rm.aliases.items()}
 
@@ -432,7 +432,7 @@ def test_failure_while_scoring_leaves_the_registry_untouched(project, model_name
 @pytest.mark.slow
 def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, model_name):
     from genre_tasks import manifests
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import provenance
     from genre_tasks.registry import promote as P
 
     first = promote(project, model_name)
@@ -446,8 +446,8 @@ def test_rerun_reuses_the_version_and_every_version_carries_lineage(project, mod
     hashes = manifests.lineage(project, "train")
     for mv in versions:
         t = mv.tags
-        assert t["git_commit"] and t["params_hash"] == tracking.params_hash(make_params(model_name))
-        assert t["data_hash"] == tracking.combined_hash(hashes)
+        assert t["git_commit"] and t["params_hash"] == provenance.params_hash(make_params(model_name))
+        assert t["data_hash"] == provenance.combined_hash(hashes)
         assert t["data.data/processed/interactions.parquet"] == io.file_md5(project.interactions)
         assert t["data.data/embeddings/vectors.npy"] == io.file_md5(project.vectors)
         assert len(t["content_key"]) == 64 and t["run_id"] and t["split_mode"] == "user_temporal"

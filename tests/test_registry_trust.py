@@ -37,9 +37,9 @@ from test_promote import (  # noqa: F401  (fixtures)
 
 def snapshot(name: str, paths: S.Paths) -> dict:
     """Everything promote may write to MLflow: versions with tags/descriptions, aliases, runs."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    cl = tracking.client(paths)
+    cl = tracking_store.client(paths)
     versions = {mv.version: (dict(mv.tags), mv.description) for mv in cl.search_model_versions(f"name='{name}'")}
     aliases = dict(cl.get_registered_model(name).aliases)
     runs = [(r.info.run_id, r.info.status, dict(r.data.tags)) for r in
@@ -220,13 +220,13 @@ def test_stale_bundle_folders_are_swept(project, model_name):
 
 # --- the tracking store ----------------------------------------------------------------------------------
 def test_the_tracking_store_is_created_once_explicitly_and_never_half_made(tmp_path, monkeypatch):
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     paths = S.Paths(tmp_path)
     with pytest.raises(StageError, match="genre tracking-init"):
-        tracking.client(paths)  # a stage never creates it lazily
+        tracking_store.client(paths)  # a stage never creates it lazily
     assert not db.exists()
     # half-made: tables but no schema version (what a kill mid-migration left)
     con = sqlite3.connect(db)
@@ -234,12 +234,12 @@ def test_the_tracking_store_is_created_once_explicitly_and_never_half_made(tmp_p
     con.commit()
     con.close()
     with pytest.raises(StageError, match=r"half-made.*genre tracking-init"):
-        tracking.require_store(paths)
-    assert "re-created" in tracking.init_store(paths)
+        tracking_store.require_store(paths)
+    assert "re-created" in tracking_store.init_store(paths)
     assert list(tmp_path.glob("mlflow.db.broken-*"))
-    tracking.require_store(paths)
-    assert tracking.init_store(paths).endswith("ready")
-    assert tracking.client(paths).search_experiments()
+    tracking_store.require_store(paths)
+    assert tracking_store.init_store(paths).endswith("ready")
+    assert tracking_store.client(paths).search_experiments()
 
 
 @pytest.mark.slow
@@ -248,7 +248,7 @@ def test_a_kill_during_store_creation_leaves_no_half_made_store(tmp_path):
     import signal
     import time
 
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "genre_tasks.cli", "--root", str(tmp_path), "tracking-init"]
@@ -258,10 +258,10 @@ def test_a_kill_during_store_creation_leaves_no_half_made_store(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         db = tmp_path / "mlflow.db"
-        assert not db.exists() or tracking._schema_state(db) == "ok"
+        assert not db.exists() or tracking_store._schema_state(db) == "ok"
         (db.unlink() if db.exists() else None)
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
-    assert tracking._schema_state(tmp_path / "mlflow.db") == "ok"
+    assert tracking_store._schema_state(tmp_path / "mlflow.db") == "ok"
     assert not list(tmp_path.glob(".mlflow.db.init-*"))
 
 
@@ -334,13 +334,13 @@ def test_a_model_version_carries_the_data_its_run_trained_on_not_later_files(pro
         "schema: '2.0'\nstages:\n  source:\n    cmd: genre source\n    outs:\n"
         f"    - path: data/source\n      hash: md5\n      md5: {io.file_md5(store)}.dir\n      size: 1\n")
     res = promote(project, model_name)
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    mv = tracking.client(project).get_model_version(model_name, str(res["version"]))
+    mv = tracking_store.client(project).get_model_version(model_name, str(res["version"]))
     assert mv.tags["data.data/source/feedback/store.csv"] == trained_store_md5 != io.file_md5(store)
     assert "data.data/source" not in mv.tags  # nothing from dvc.lock written after the run
     assert mv.tags["data.data/processed/interactions.parquet"] == io.file_md5(project.interactions)
-    run = tracking.client(project).get_run(res["run_id"])
+    run = tracking_store.client(project).get_run(res["run_id"])
     assert run.data.tags["data.data/source/feedback/store.csv"] == trained_store_md5
 
 
@@ -352,10 +352,10 @@ def test_a_file_swapped_in_the_artifact_store_is_refused_before_its_code_runs(pr
     file swapped in the artifact store afterwards is refused, and the swapped code never runs."""
     from urllib.parse import urlparse
 
-    from genre_tasks.registry import recommend, serving, tracking
+    from genre_tasks.registry import recommend, serving, tracking_store
 
     promote(project, model_name, force=True, reason="test: a champion to tamper with")
-    cl = tracking.client(project)
+    cl = tracking_store.client(project)
     mv = cl.get_model_version_by_alias(model_name, "champion")
     recorded = mv.tags[serving.ARTIFACTS_TAG]
     assert len(recorded) == 64

@@ -108,14 +108,14 @@ def test_registered_model_loads_in_a_fresh_process_without_project_data(project,
     import mlflow
 
     from genre_tasks.registry import serving
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
 
     ds = D.Dataset.load(project)
     fit, _ = ds.phase("test")
     with tracking.pipeline_run(project, {"test": 1}):
         info = serving.log_model(project.model_dir / "content", fit, ds.items[S.TITLE].tolist(), tmp_path)
     mv = mlflow.register_model(info.model_uri, model_name)
-    client = tracking.client(project)
+    client = tracking_store.client(project)
     client.set_registered_model_alias(model_name, "champion", mv.version)
     hist = [str(fit.item_ids[i]) for i in fit.histories[0][:4]]
     shutil.rmtree(project.root)  # the model must not need the project's data
@@ -131,7 +131,7 @@ def test_registered_model_loads_in_a_fresh_process_without_project_data(project,
                           "recommender": py.recommender.name,
                           "inputs": [c["name"] for c in m.metadata.get_input_schema().to_dict()]}}))
     """)
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(project)}
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": tracking_store.tracking_uri(project)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import pytest
 
 from genre_tasks import io
 from genre_tasks import schema as S
-from genre_tasks.registry import tracking as T
+from genre_tasks.registry import provenance, stage_logging, tracking, tracking_store
 from test_promote import mlflow_db, params_dict, project, tracking_env, trained_project  # noqa: F401
 
 
@@ -17,33 +17,33 @@ def test_tracking_uri_experiment_and_artifact_defaults(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.delenv("GENRE_MLFLOW_ARTIFACTS", raising=False)
     paths = S.Paths(tmp_path)
-    assert T.tracking_uri(paths) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert T.artifact_location(paths) == (tmp_path / "mlartifacts").resolve().as_uri()
-    assert T.experiment_name() == "genre-mlops"
+    assert tracking_store.tracking_uri(paths) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_store.artifact_location(paths) == (tmp_path / "mlartifacts").resolve().as_uri()
+    assert tracking_store.experiment_name() == "genre-mlops"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other")
-    assert T.tracking_uri(paths) == "http://127.0.0.1:5000" and T.experiment_name() == "other"
-    assert T.artifact_location(paths) is None  # the server decides
+    assert tracking_store.tracking_uri(paths) == "http://127.0.0.1:5000" and tracking_store.experiment_name() == "other"
+    assert tracking_store.artifact_location(paths) is None  # the server decides
     monkeypatch.setenv("GENRE_MLFLOW_ARTIFACTS", str(tmp_path / "store"))
-    assert T.artifact_location(paths) == (tmp_path / "store").resolve().as_uri()
+    assert tracking_store.artifact_location(paths) == (tmp_path / "store").resolve().as_uri()
 
 
 def test_params_hash_is_canonical():
     a = {"train": {"dim": 64, "lr": 0.003}, "promote": {"seed": 42}}
     b = {"promote": {"seed": 42}, "train": {"lr": 0.003, "dim": 64}}
-    assert T.params_hash(a) == T.params_hash(b) and len(T.params_hash(a)) == 64
-    assert T.params_hash(a) != T.params_hash({**a, "promote": {"seed": 43}})
+    assert provenance.params_hash(a) == provenance.params_hash(b) and len(provenance.params_hash(a)) == 64
+    assert provenance.params_hash(a) != provenance.params_hash({**a, "promote": {"seed": 43}})
 
 
 def test_metric_keys_are_mlflow_safe():
-    assert T.metric_key("ndcg@10") == "ndcg_at_10"
-    assert T.metric_key("test.content.imp_ndcg@5") == "test.content.imp_ndcg_at_5"
-    assert T.flatten({"a": {"b": 1, "c": [1, 2]}}) == {"a.b": 1, "a.c": [1, 2]}
-    assert T.numeric(True) is None and T.numeric(float("nan")) is None and T.numeric("0.5") == 0.5
+    assert tracking.metric_key("ndcg@10") == "ndcg_at_10"
+    assert tracking.metric_key("test.content.imp_ndcg@5") == "test.content.imp_ndcg_at_5"
+    assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}}) == {"a.b": 1, "a.c": [1, 2]}
+    assert tracking.numeric(True) is None and tracking.numeric(float("nan")) is None and tracking.numeric("0.5") == 0.5
 
 
 def test_git_commit_outside_a_repository_is_unknown(tmp_path):
-    assert T.git_commit(tmp_path) == "unknown"
+    assert provenance.git_commit(tmp_path) == "unknown"
 
 
 def test_data_hashes_from_files_and_dvc_lock(tmp_path_factory, tmp_path):
@@ -53,14 +53,15 @@ def test_data_hashes_from_files_and_dvc_lock(tmp_path_factory, tmp_path):
     paths = S.Paths(tmp_path / "p")
     shutil.copytree(src, paths.root)
     # with a train record: the hashes of what train read, even after the files changed since
-    trained = T.data_hashes(paths)
+    trained = provenance.data_hashes(paths)
     assert trained["data/processed/items.parquet"] == io.file_md5(paths.items)
     io.save_npy(np.zeros((3, 2), np.float32), paths.vectors)
-    assert T.data_hashes(paths) == trained != {**trained, "data/embeddings/vectors.npy": io.file_md5(paths.vectors)}
+    assert provenance.data_hashes(paths) == trained != {**trained,
+                                                        "data/embeddings/vectors.npy": io.file_md5(paths.vectors)}
     # without one (nothing trained yet): dvc.lock + the bytes of the key files
     (paths.root / "data" / "manifests" / "train.json").unlink()
     shutil.copy(src / "data" / "embeddings" / "vectors.npy", paths.vectors)
-    hashes = T.data_hashes(paths)
+    hashes = provenance.data_hashes(paths)
     assert hashes["data/processed/items.parquet"] == io.file_md5(paths.items)
     assert hashes["data/embeddings/vectors.npy"] == io.file_md5(paths.vectors)
     assert "data/embeddings" not in hashes
@@ -68,13 +69,13 @@ def test_data_hashes_from_files_and_dvc_lock(tmp_path_factory, tmp_path):
         "schema: '2.0'\nstages:\n  embed:\n    cmd: genre embed\n    outs:\n"
         "    - path: data/embeddings\n      hash: md5\n      md5: abc123.dir\n      size: 10\n"
         "    - path: data/processed/items.parquet\n      hash: md5\n      md5: stale\n      size: 1\n")
-    with_lock = T.data_hashes(paths)
+    with_lock = provenance.data_hashes(paths)
     assert with_lock["data/embeddings"] == "abc123.dir"
     # the bytes on disk win over a stale lock entry for the key data files
     assert with_lock["data/processed/items.parquet"] == io.file_md5(paths.items)
-    tags = T.lineage_tags(paths, {"a": 1})
+    tags = provenance.lineage_tags(paths, {"a": 1})
     assert tags["data.data/embeddings"] == "abc123.dir" and tags["split_mode"] == "user_temporal"
-    assert tags["data_hash"] == T.combined_hash(with_lock) != T.combined_hash(hashes)
+    assert tags["data_hash"] == provenance.combined_hash(with_lock) != provenance.combined_hash(hashes)
 
 
 @pytest.mark.slow
@@ -82,11 +83,11 @@ def test_pipeline_run_logs_params_curves_metrics_artifacts_and_lineage(project):
     import mlflow
 
     params = params_dict()
-    with T.pipeline_run(project, params) as run_id:
+    with tracking.pipeline_run(project, params) as run_id:
         assert mlflow.active_run().info.run_id == run_id
-        summary = T.log_pipeline(run_id, project, params)
+        summary = stage_logging.log_pipeline(run_id, project, params)
     assert mlflow.active_run() is None
-    cl = T.client(project)
+    cl = tracking_store.client(project)
     run = cl.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert cl.get_experiment(run.info.experiment_id).name == "genre-mlops"
@@ -100,8 +101,8 @@ def test_pipeline_run_logs_params_curves_metrics_artifacts_and_lineage(project):
     assert "train.strategies.content.valid_ndcg_at_10" in m
     # lineage tags
     t = run.data.tags
-    assert t["params_hash"] == T.params_hash(params) and t["git_commit"]
-    assert t["data_hash"] == T.combined_hash(T.data_hashes(project))
+    assert t["params_hash"] == provenance.params_hash(params) and t["git_commit"]
+    assert t["data_hash"] == provenance.combined_hash(provenance.data_hashes(project))
     assert t["data.data/processed/interactions.parquet"] == io.file_md5(project.interactions)
     assert t["split_mode"] == "user_temporal"
     # artifacts
@@ -129,17 +130,17 @@ def test_pipeline_run_logs_params_curves_metrics_artifacts_and_lineage(project):
 def test_resumes_the_env_run_ends_stale_runs_and_is_idempotent(project, monkeypatch):
     import mlflow
 
-    T.configure(project)
-    airflow_run = T.client(project).create_run(mlflow.get_experiment_by_name("genre-mlops").experiment_id,
+    tracking_store.configure(project)
+    airflow_run = tracking_store.client(project).create_run(mlflow.get_experiment_by_name("genre-mlops").experiment_id,
                                                run_name="dag-run").info.run_id
     monkeypatch.setenv("GENRE_MLFLOW_RUN_ID", airflow_run)
     mlflow.start_run()  # a stale run left active in this process
     stale = mlflow.active_run().info.run_id
     for _ in range(2):  # e.g. an Airflow retry of the task
-        with T.pipeline_run(project, params_dict()) as run_id:
+        with tracking.pipeline_run(project, params_dict()) as run_id:
             assert run_id == airflow_run
-            T.log_pipeline(run_id, project, params_dict())
-    cl = T.client(project)
+            stage_logging.log_pipeline(run_id, project, params_dict())
+    cl = tracking_store.client(project)
     assert cl.get_run(stale).info.status == "FINISHED"
     children = cl.search_runs([cl.get_run(airflow_run).info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{airflow_run}'")
@@ -151,9 +152,9 @@ def test_resumes_the_env_run_ends_stale_runs_and_is_idempotent(project, monkeypa
 @pytest.mark.slow
 def test_a_failing_block_marks_the_run_failed(project):
     with pytest.raises(ValueError):
-        with T.pipeline_run(project) as run_id:
+        with tracking.pipeline_run(project) as run_id:
             raise ValueError("boom")
-    assert T.client(project).get_run(run_id).info.status == "FAILED"
+    assert tracking_store.client(project).get_run(run_id).info.status == "FAILED"
     assert os.environ.get("GENRE_MLFLOW_RUN_ID") is None
 
 
@@ -164,15 +165,15 @@ def test_search_trials_are_child_runs_of_their_strategy_run(project):
                "seconds": 1.5} for i, (lr, v) in enumerate([(0.005, 0.10), (0.01, 0.12)])]
     record["strategies"]["content"]["search"] = {"chosen": 1, "grid_size": 3, "trials": trials}
     io.write_json(record, project.metrics("train"))
-    with T.pipeline_run(project, params_dict()) as run_id:
-        children = T.log_training(run_id, project)
-        again = T.log_training(run_id, project)  # idempotent: no second set of trial runs
+    with tracking.pipeline_run(project, params_dict()) as run_id:
+        children = stage_logging.log_training(run_id, project)
+        again = stage_logging.log_training(run_id, project)  # idempotent: no second set of trial runs
     assert children == again
-    cl = T.client(project)
+    cl = tracking_store.client(project)
     parent = cl.get_run(children["content"])
     runs = cl.search_runs([parent.info.experiment_id],
                           filter_string=f"tags.`mlflow.parentRunId` = '{children['content']}'")
-    by_trial = {r.data.tags[T.TRIAL_TAG]: r for r in runs}
+    by_trial = {r.data.tags[stage_logging.TRIAL_TAG]: r for r in runs}
     assert sorted(by_trial) == ["0", "1"]
     assert by_trial["1"].data.params["lr"] == "0.01" and by_trial["1"].data.metrics["valid_ndcg_at_10"] == 0.12
     assert by_trial["1"].data.tags["genre.search_chosen"] == "true"

@@ -110,14 +110,14 @@ def _env(tmp: Path) -> dict:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, monkeypatch):
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
     from genre_tasks.schema import Paths
 
     (tmp_path / "mlflow").mkdir()
     for k, v in _env(tmp_path).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv(OVERRIDE_ENV, raising=False)
-    monkeypatch.delenv(tracking.RUN_ID_ENV, raising=False)
+    monkeypatch.delenv(tracking_store.RUN_ID_ENV, raising=False)
     remote = tmp_path / "remote"
     project = make_project(tmp_path, remote)
     # the committed tiny config (it sets evaluate/promote values, which a trigger form may not)
@@ -125,7 +125,7 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
     params = deep_merge(deep_merge(W.effective_params(project), tiny),
                         {"ingest": {"max_users": 30}, "train": {"strategies": ["content"], "epochs": 2}})
     paths = Paths(project)
-    tracking.init_store(paths)  # what the DAG's first task does
+    tracking_store.init_store(paths)  # what the DAG's first task does
     mlflow_run = tracking.create_run(paths, None, run_name="two-workers")
     timings: dict[str, float] = {}
 
@@ -139,7 +139,7 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
         W.materialise(ws, mlflow_run, paths)
         for stage in stages:
             t0 = time.perf_counter()
-            W.run_stage(ws, stage, env={tracking.RUN_ID_ENV: mlflow_run})
+            W.run_stage(ws, stage, env={tracking_store.RUN_ID_ENV: mlflow_run})
             tracking.log_run_lock(mlflow_run, ws.lock_file, paths)
             timings[f"{name}:{stage}"] = time.perf_counter() - t0
         return ws

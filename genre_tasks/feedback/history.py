@@ -106,11 +106,11 @@ def _bundle_cutoff(cl, name: str, version: str) -> int | None:
 def _prequential_runs(cl, paths: S.Paths, name: str) -> dict[str, list[dict]]:
     """{version: [prequential records sorted by batch id]} from MLflow + local records."""
     from genre_tasks.feedback.params import TAG_BATCH, TAG_MODEL, TAG_PREQUENTIAL, TAG_VERSION, FeedbackPaths
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
 
     out: dict[str, dict[str, dict]] = {}
     try:
-        exp = cl.get_experiment_by_name(tracking.experiment_name())
+        exp = cl.get_experiment_by_name(tracking_store.experiment_name())
         runs = cl.search_runs([exp.experiment_id], max_results=5000,
                               filter_string=f"tags.`{TAG_PREQUENTIAL}` = '1' and "
                                             f"tags.`{TAG_MODEL}` = '{name}'") if exp else []
@@ -138,15 +138,15 @@ def _prequential_runs(cl, paths: S.Paths, name: str) -> dict[str, list[dict]]:
 
 def collect(paths: S.Paths, model_name: str) -> list[VersionRow]:
     """The history rows of ``model_name`` (oldest version first); [] without a registry."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
 
-    uri = tracking.tracking_uri(paths)
+    uri = tracking_store.tracking_uri(paths)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return []
     from mlflow.exceptions import MlflowException
 
-    tracking.set_uris(paths)
-    cl = tracking.client(paths)
+    tracking_store.set_uris(paths)
+    cl = tracking_store.client(paths)
     try:
         rm = cl.get_registered_model(model_name)
     except MlflowException:

@@ -132,15 +132,15 @@ def score_batch(rec: Any, catalog: Any, store: pd.DataFrame, batch: pd.DataFrame
 def load_champion(paths: S.Paths, model_name: str) -> tuple[Any, str | None, str]:
     """``(model, version, reason)``: the ``@champion`` as a serving.GenreRecommenderModel, or
     ``(None, None, why not)`` when there is no registry / registered model / champion yet."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    uri = tracking.tracking_uri(paths)
+    uri = tracking_store.tracking_uri(paths)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None, None, f"no MLflow database at {uri} yet"
     from mlflow.exceptions import MlflowException
 
-    tracking.set_uris(paths)
-    cl = tracking.client(paths)
+    tracking_store.set_uris(paths)
+    cl = tracking_store.client(paths)
     try:
         mv = cl.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
@@ -154,10 +154,10 @@ def load_champion(paths: S.Paths, model_name: str) -> tuple[Any, str | None, str
 def log_prequential(paths: S.Paths, record: dict) -> str:
     """Log a prequential record to MLflow (one run per batch x model version; an existing
     finished run of the same batch content and version is reused). Returns the run id."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
 
-    exp_id = tracking.configure(paths)
-    cl = tracking.client(paths)
+    exp_id = tracking_store.configure(paths)
+    cl = tracking_store.client(paths)
     tags = {TAG_PREQUENTIAL: "1", TAG_BATCH: record["batch_id"], TAG_MODEL: record["model_name"],
             TAG_VERSION: record["model_version"], TAG_SHA1: record.get("sha1") or "",
             "genre.logical_date": record.get("logical_date") or ""}

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from genre_tasks import config, io, logs
-from genre_tasks.registry import tracking
+from genre_tasks.registry import stage_logging, tracking_store
 from genre_tasks import schema as S
 from genre_tasks.models.determinism import passive_openmp
 from genre_tasks.models.params import (  # noqa: F401  (STRATEGIES, TWO_TOWER: also for train's readers)
@@ -289,7 +289,7 @@ def load_warm_source(spec: str, paths: S.Paths):
         try:
             from genre_tasks.registry import serving
 
-            tracking.configure(paths)
+            tracking_store.configure(paths)
             return serving.load(spec).recommender
         except Exception as exc:  # no registry / no champion yet: the caller trains in full
             logging.getLogger("genre.train").warning("warm start: %s not loadable (%s)", spec, exc)
@@ -375,7 +375,7 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
             t0 = time.perf_counter()
             if strategy == "ease":
                 rec, curve, best_ndcg, best_i, rec_v = fit_ease_strategy(
-                    p, fit_v, ev_v, fit_t, live=tracking.epoch_logger(strategy, paths))
+                    p, fit_v, ev_v, fit_t, live=stage_logging.epoch_logger(strategy, paths))
                 log.logger.info("ease: lambda %s chosen on valid (%s %.4f; grid %s)", rec.lam, selection_metric,
                                 best_ndcg, ", ".join(f"{c['lambda']:g}: {c['valid_ndcg@10']:.4f}" for c in curve))
                 rec.meta.update({"valid_ndcg@10": _finite(best_ndcg), "selection_metric": selection_metric})
@@ -433,8 +433,8 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                     main_seed = seed == p.seed
                     rec, rec_v, record, res = fit_tower(
                         ps, strategy, fit_v, ev_v, fit_t, selection_metric,
-                        live=tracking.epoch_logger(strategy, paths) if main_seed else None,
-                        live_refit=tracking.epoch_logger(strategy, paths, phase="refit") if main_seed else None,
+                        live=stage_logging.epoch_logger(strategy, paths) if main_seed else None,
+                        live_refit=stage_logging.epoch_logger(strategy, paths, phase="refit") if main_seed else None,
                         init=warm_tower if warm_tower is not None and warm_tower.strategy == strategy else None,
                         valid_fit=searched_fit if main_seed else None)
                     if warm_from is not None:

@@ -26,7 +26,7 @@ import yaml
 from genre_tasks import io
 from genre_tasks.errors import StageError
 from genre_tasks import schema as S
-from genre_tasks.registry import tracking
+from genre_tasks.registry import tracking, tracking_store
 from genre_tasks.registry import workspace as W
 
 DVC_YAML_ARTIFACT = "run/dvc.yaml"
@@ -38,7 +38,7 @@ def _version(params: dict, paths: S.Paths, version: str):
     from mlflow.exceptions import MlflowException
 
     name = (params.get("promote") or {}).get("model_name", "genre-recommender")
-    cl = tracking.client(paths)
+    cl = tracking_store.client(paths)
     try:
         if not str(version).isdigit():  # an alias: champion, challenger, ...
             return cl.get_model_version_by_alias(name, str(version).lstrip("@"))
@@ -51,7 +51,7 @@ def _version(params: dict, paths: S.Paths, version: str):
             known, aliases = [], []
         there = (f"versions {', '.join(str(v.version) for v in known)}; aliases {', '.join(aliases) or 'none'}"
                  if known else "no version registered")
-        raise StageError(f"model {name!r} (registry {tracking.registry_uri(paths)}) has no version or alias "
+        raise StageError(f"model {name!r} (registry {tracking_store.registry_uri(paths)}) has no version or alias "
                          f"{version!r}: {there}") from None
 
 
@@ -65,7 +65,7 @@ def _lock_entries(lock: dict) -> dict[str, dict[str, str]]:
 def record(params: dict, paths: S.Paths, version: str) -> dict[str, Any]:
     """Everything recorded about ``version`` (a number or an alias)."""
     mv = _version(params, paths, version)
-    cl = tracking.client(paths)
+    cl = tracking_store.client(paths)
     run = cl.get_run(mv.run_id)
     tags, metrics = run.data.tags, run.data.metrics
     out: dict[str, Any] = {

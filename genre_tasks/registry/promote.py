@@ -250,9 +250,9 @@ def registry_lock(paths: S.Paths, name: str, timeout: float = 3600.0):
     one-slot pool ``genre_registry``; registration is idempotent on the content key either way."""
     from filelock import FileLock
 
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
-    db = tracking.sqlite_file(tracking.tracking_uri(paths))
+    db = tracking_store.sqlite_file(tracking_store.tracking_uri(paths))
     lock = (db.parent / f".{db.name}.promote-{name}.lock") if db is not None \
         else paths.root / ".cache" / f"promote-{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +282,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
     """
     from genre_tasks.evaluation import protocol as evaluation
     from genre_tasks.registry import serving
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import provenance, stage_logging, tracking, tracking_store
     from genre_tasks.models import views as D
     from genre_tasks.registry import workspace as W
 
@@ -308,10 +308,10 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
         dataset = D.Dataset.load(paths)
         fit, ev = dataset.phase("test")
         slog.read(paths.processed_dir, f"test phase: {len(ev.users)} users")
-        split = tracking.split_mode(paths)
+        split = provenance.split_mode(paths)
         name = p.model_name
-        lineage = tracking.lineage_tags(paths, params)  # data hashes: what train read
-        tracking.require_store(paths)
+        lineage = provenance.lineage_tags(paths, params)  # data hashes: what train read
+        tracking_store.require_store(paths)
 
         with registry_lock(paths, name):
             work = Path(tempfile.mkdtemp(prefix="bundle-", dir=_work_dir(paths)))
@@ -323,7 +323,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
             chal_model = serving.load_local(bundle)
             res_c = evaluation.evaluate_recommender(_Named(chal_model, "challenger"), fit, ev, seed)
             _same_as_evaluated(paths, strategy, res_c, p.primary_metric)
-            cl = tracking.client(paths)
+            cl = tracking_store.client(paths)
             existing = _find_version(cl, name, key) if _registered(cl, name) else None
             champion_before = _alias_version(cl, name, CHAMPION)
             version = str(existing.version) if existing is not None else None
@@ -342,7 +342,7 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
 
             # --- the decision is made: now (and only now) write to MLflow -----------------------
             with tracking.pipeline_run(paths, params) as run_id:
-                summary = tracking.log_pipeline(run_id, paths, params)
+                summary = stage_logging.log_pipeline(run_id, paths, params)
                 slog.logger.info("MLflow run %s: %d params, %d test metrics, artifacts %s", run_id,
                                  summary.get("params", 0), summary.get("test_metrics", 0),
                                  summary.get("artifacts"))
@@ -454,21 +454,21 @@ def _user() -> str:
 
 def registry_state(model_name: str, paths: S.Paths | None = None) -> str:
     """Markdown table of the registered versions: aliases, decision, primary metric, reason."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
 
     paths = paths or S.Paths(".")
-    cl = tracking.client(paths)
+    cl = tracking_store.client(paths)
     from mlflow.exceptions import MlflowException
 
     try:
         rm = cl.get_registered_model(model_name)
     except MlflowException:
-        return f"no registered model '{model_name}' at {tracking.tracking_uri(paths)}"
+        return f"no registered model '{model_name}' at {tracking_store.tracking_uri(paths)}"
     by_version: dict[str, list[str]] = {}
     for alias, v in (rm.aliases or {}).items():
         by_version.setdefault(str(v), []).append(alias)
     versions = sorted(cl.search_model_versions(f"name='{model_name}'"), key=lambda mv: -int(mv.version))
-    lines = [f"{model_name} ({tracking.tracking_uri(paths)})",
+    lines = [f"{model_name} ({tracking_store.tracking_uri(paths)})",
              "| version | aliases | strategy | decision | metric: challenger vs reference | gain [lower bound] | reason |",
              "|---:|---|---|---|---|---|---|"]
     for mv in versions:

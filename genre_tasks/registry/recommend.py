@@ -44,16 +44,16 @@ def load_champion(paths: S.Paths, model_name: str = DEFAULT_MODEL, alias: str = 
     """(pyfunc model, registered version) of ``models:/<model_name>@<alias>``."""
     from mlflow.exceptions import MlflowException
 
-    from genre_tasks.registry import serving, tracking
+    from genre_tasks.registry import serving, tracking_store
 
-    uri = tracking.set_uris(paths)
+    uri = tracking_store.set_uris(paths)
     try:
-        mv = tracking.client(paths).get_model_version_by_alias(model_name, alias)
+        mv = tracking_store.client(paths).get_model_version_by_alias(model_name, alias)
     except MlflowException as exc:
         raise StageError(f"no model version '{model_name}@{alias}' in {uri}: run `genre promote` first "
                          f"({exc.message if hasattr(exc, 'message') else exc})") from exc
     # verified: the version's files must hash to what registration recorded
-    return serving.load_pyfunc(f"models:/{model_name}/{mv.version}", tracking.client(paths)), str(mv.version)
+    return serving.load_pyfunc(f"models:/{model_name}/{mv.version}", tracking_store.client(paths)), str(mv.version)
 
 
 def recommend(user_id: str, k: int, paths: S.Paths, model_name: str = DEFAULT_MODEL,

@@ -141,7 +141,7 @@ def effective_params(project: str | Path, overrides: Mapping | None = None) -> d
 
 
 def params_hash(params: Mapping) -> str:
-    from genre_tasks.registry.tracking import params_hash as _hash
+    from genre_tasks.registry.provenance import params_hash as _hash
 
     return _hash(params)
 
@@ -256,13 +256,13 @@ def create(ws: Workspace, params: Mapping) -> Workspace:
 def materialise(ws: Workspace, mlflow_run_id: str | None, tracking_paths) -> Workspace:
     """Make ``ws`` ready on this machine: from the run's MLflow artifacts when the folder is
     empty or its dvc.lock is older than the run's (another worker ran the last stage)."""
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking, tracking_store
 
     if mlflow_run_id is None:
         if not ws.params_file.exists():
             raise RuntimeError(f"{ws.path}: no params snapshot and no MLflow run to fetch it from")
         return create(ws, yaml.safe_load(ws.params_file.read_text()))
-    cl = tracking.client(tracking_paths)
+    cl = tracking_store.client(tracking_paths)
     tags = cl.get_run(mlflow_run_id).data.tags
     if not ws.params_file.exists():
         fetched = tracking.download_run_file(mlflow_run_id, PARAMS_ARTIFACT, tracking_paths)
@@ -288,13 +288,13 @@ def tracking_env(project: Path) -> dict[str, str]:
     """MLFLOW_TRACKING_URI (+ artifact root) of the project's store, made explicit: code running
     with a workspace as its root must not fall back to ``<workspace>/mlflow.db``."""
     from genre_tasks import schema as S
-    from genre_tasks.registry import tracking
+    from genre_tasks.registry import tracking_store
 
     paths = S.Paths(project)
-    env = {tracking.TRACKING_URI_ENV: tracking.tracking_uri(paths)}
-    art = os.environ.get(tracking.ARTIFACTS_ENV, "").strip() or tracking.artifact_location(paths)
+    env = {tracking_store.TRACKING_URI_ENV: tracking_store.tracking_uri(paths)}
+    art = os.environ.get(tracking_store.ARTIFACTS_ENV, "").strip() or tracking_store.artifact_location(paths)
     if art:
-        env[tracking.ARTIFACTS_ENV] = art
+        env[tracking_store.ARTIFACTS_ENV] = art
     return env
 
 
