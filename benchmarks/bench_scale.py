@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genre_tasks import config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: MovieLens-100k's time range (Sep 1997 - Apr 1998): the longest span of one synthetic user
+SPAN_SECONDS = 18_000_000
 #: MovieLens-100k's size (the 1x)
 ML100K = {"items": 1682, "users": 943, "interactions": 100_000}
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -105,7 +107,10 @@ def generate(scale: float, out: Path, seed: int = 0, zipf_a: float = 1.0) -> dic
         pairs = pairs[pairs.groupby("u").cumcount().to_numpy() < counts[pairs["u"].to_numpy()]]
     pairs = pairs.sample(frac=1.0, random_state=seed).sort_values("u", kind="stable")
     start = rng.integers(874_724_710, 890_000_000, n_users)  # MovieLens-100k's time range
-    step = rng.integers(10, 86_400, len(pairs))
+    # gaps up to a day, shorter for heavy users: a user's ratings span at most ~7 months
+    # (MovieLens-100k's range), so timestamps stay plausible at 100x (a heavy user has 84k ratings)
+    per_user = counts[pairs["u"].to_numpy()]
+    step = rng.integers(1, 1 << 62, len(pairs)) % np.clip(2 * SPAN_SECONDS // np.maximum(per_user, 1), 2, 86_400) + 1
     ts = start[pairs["u"].to_numpy()] + pd.Series(step).groupby(pairs["u"].to_numpy()).cumsum().to_numpy()
     inter = pd.DataFrame({"user_id": pairs["u"].to_numpy() + 1, "item_id": pairs["i"].to_numpy() + 1,
                           "timestamp": ts, "rating": rng.choice([1, 2, 3, 4, 5], len(pairs), p=RATING_P)})
