@@ -103,6 +103,33 @@ def test_pip_requirements_are_pinned_without_local_labels():
 
 
 @pytest.mark.slow
+def test_log_model_in_a_run_with_many_metrics_reads_no_metric_history(project, monkeypatch, tmp_path):
+    """MLflow 3 would link every metric of the active run to the new model with one get-history
+    request each (minutes through a server); the model is logged outside the run and linked to it
+    once: still the run's output, in the run's experiment, and the run stays active."""
+    import mlflow
+
+    from genre_tasks.registry import serving
+    from genre_tasks.registry import tracking, tracking_store
+
+    ds = D.Dataset.load(project)
+    fit, _ = ds.phase("test")
+    calls = []
+    real = mlflow.MlflowClient.get_metric_history
+    monkeypatch.setattr(mlflow.MlflowClient, "get_metric_history",
+                        lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    with tracking.pipeline_run(project, {"test": 1}) as run_id:
+        mlflow.log_metrics({f"test.m{i}": float(i) for i in range(40)})
+        info = serving.log_model(project.model_dir / "content", fit, ds.items[S.TITLE].tolist(), tmp_path)
+        assert mlflow.active_run().info.run_id == run_id
+    assert calls == []
+    client = tracking_store.client(project)
+    run = client.get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [info.model_id]
+    assert client.get_logged_model(info.model_id).experiment_id == run.info.experiment_id
+
+
+@pytest.mark.slow
 def test_registered_model_loads_in_a_fresh_process_without_project_data(project, model_name, tmp_path):
     """Log + register + alias, delete the project, then load models:/name@champion elsewhere."""
     import mlflow

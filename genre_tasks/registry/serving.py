@@ -389,12 +389,34 @@ def log_model(model_dir: Path | None, fit: D.FitData, titles: Sequence[str], wor
     # "models from code": the model is this module's class, rebuilt at load time (no pickle)
     script = work_dir / "genre_model.py"
     script.write_text(MODEL_SCRIPT)
-    with warnings.catch_warnings():  # the example's int column "k" triggers a generic hint
-        warnings.filterwarnings("ignore", message=".*Integer columns", category=UserWarning)
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=str(script), artifacts={BUNDLE: str(bundle)},
-            code_paths=[code_path(), *extra_code_paths], pip_requirements=pip_requirements(),
-            signature=signature(), input_example=example, tags=tags)
+
+    def _log():
+        with warnings.catch_warnings():  # the example's int column "k" triggers a generic hint
+            warnings.filterwarnings("ignore", message=".*Integer columns", category=UserWarning)
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(script), artifacts={BUNDLE: str(bundle)},
+                code_paths=[code_path(), *extra_code_paths], pip_requirements=pip_requirements(),
+                signature=signature(), input_example=example, tags=tags)
+
+    run = mlflow.active_run()
+    if run is None:
+        return _log()
+    # MLflow 3 links every metric of the active run to a new LoggedModel, one get-history request
+    # per metric key: ~350 in a pipeline run, minutes through an MLflow server with auth. Logged
+    # from a thread with no active run (the fluent run is thread-local), in the run's experiment,
+    # the model is then linked to the run as its output with one request.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.entities import LoggedModelOutput
+
+    def _log_outside_run():
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
+        return _log()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        info = pool.submit(_log_outside_run).result()
+    mlflow.MlflowClient().log_outputs(run.info.run_id, [LoggedModelOutput(info.model_id, step=0)])
+    return info
 
 
 # --- integrity of the registered artifacts ----------------------------------------------------
