@@ -200,15 +200,16 @@ def connection_settings():
 
 @contextlib.contextmanager
 def stage_environment(root: Path, mlflow_run_id: str | None,
-                      extra_env: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
+                      extra_env: Callable[[], Mapping[str, str]] | None = None,
                       ) -> Iterator[Any]:
     """Run a stage in ``root`` with the DAG run's MLflow run id in the environment.
 
     The cwd is set to the project root so nothing relative lands in the worker's cwd (and
     $GENRE_PARAMS_OVERRIDE paths resolve against the project); both are restored afterwards.
     The Airflow connections ``genre_mlflow`` / ``genre_dvc_remote`` (when defined) are exported
-    first, so they win over the worker's environment; ``extra_env`` may be a callable, evaluated
-    after that (e.g. ``lambda: W.tracking_env(root)``, which reads MLFLOW_TRACKING_URI). Yields the
+    first, so they win over the worker's environment; ``extra_env`` is a callable evaluated after
+    that (e.g. ``lambda: W.tracking_env(root)``, which reads MLFLOW_TRACKING_URI: evaluated before,
+    it would miss the connection). Yields the
     resolved connection settings (``.effective``: secrets masked).
     """
     resolved = connection_settings()
@@ -219,7 +220,7 @@ def stage_environment(root: Path, mlflow_run_id: str | None,
     cwd = os.getcwd()
     os.environ.update(env)
     try:
-        more = dict((extra_env() if callable(extra_env) else extra_env) or {})
+        more = dict(extra_env() if extra_env is not None else {})
         saved.update({k: os.environ.get(k) for k in more if k not in saved})
         os.environ.update(more)
         os.chdir(root)

@@ -341,7 +341,7 @@ def embed_plan(mlflow_run_id: str) -> list[dict]:
     context = get_current_context()
     root = project_root()
     ws = W.workspace(root, context["ti"].run_id)
-    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+    with stage_environment(root, mlflow_run_id, lambda: W.tracking_env(root)):
         W.materialise(ws, mlflow_run_id, Paths(root))
         return shards.plan(ws)
 
@@ -361,7 +361,7 @@ def embed_shard(mlflow_run_id: str, shard: dict) -> dict:
     context = get_current_context()
     root = project_root()
     ws = W.workspace(root, context["ti"].run_id)
-    with stage_environment(root, mlflow_run_id, W.tracking_env(root)):
+    with stage_environment(root, mlflow_run_id, lambda: W.tracking_env(root)):
         out = shards.run_embed_shard(ws, mlflow_run_id, int(shard["shard"]), Paths(root))
     log.info("embed shard %s", out)
     return small_summary(out)
