@@ -61,11 +61,15 @@ RUN grep -vE '^(torch|recbole)==' constraints.txt > /tmp/requirements-local.txt 
 COPY --chown=genre:genre pyproject.toml README.md params.yaml dvc.yaml .dvcignore ./
 COPY --chown=genre:genre .dvc/config .dvc/config
 COPY --chown=genre:genre genre_tasks genre_tasks
+COPY --chown=genre:genre genre_airflow genre_airflow
 COPY --chown=genre:genre dags dags
 COPY --chown=genre:genre configs configs
 COPY --chown=genre:genre docker docker
+# airflow_local_settings in $AIRFLOW_HOME/config: the scheduler and the Celery workers import
+# MLflow, GX and torch once, before forking task processes (genre_airflow/local_settings.py)
 RUN pip install --no-deps . \
-    && python -c "import genre_tasks, airflow.providers.celery, mlflow.server.auth, dvc_s3, psycopg2"
+    && python -c "import genre_tasks, genre_airflow.triggers, airflow.providers.celery, mlflow.server.auth, dvc_s3, psycopg2" \
+    && python -m genre_airflow.local_settings install /opt/airflow
 
 USER 50000:50000
 ENTRYPOINT ["/usr/bin/tini", "--"]

@@ -199,21 +199,24 @@ def _run_stages(stages: tuple[str, ...], mlflow_run_id: str | None, extra_env: d
         log.info("workspace %s (DVC cache %s)", ws.path, ws.cache_dir)
         prepared = prepare(ws, paths) if prepare else None
         for stage in stages:
-            try:
-                result = W.run_stage(ws, stage, env=env)
-            except W.StageFailed as exc:
-                if mlflow_run_id:
-                    tracking.set_tags(mlflow_run_id, {f"{stage_logging.STAGE_TAG}{stage}": "failed"}, paths)
-                if exc.refused:
-                    # Bad params or a stage refusing its input: retrying cannot help, fail at
-                    # once. The stage's own message (for validate: the GX summary) is in the log.
-                    log.error("stage %s FAILED (exit %s): the stage refused its input or params",
-                              stage, exc.code)
-                    raise AirflowFailException(f"{stage}: exit {exc.code}") from exc
-                raise
-            finally:
-                if mlflow_run_id:
-                    tracking.log_run_lock(mlflow_run_id, ws.lock_file, paths)
+            # shared: parallel stages of this run go on; the workspace is not re-made (nor its
+            # dvc.lock replaced by MLflow's older copy) until this stage's lock is uploaded
+            with W.guard(ws, exclusive=False):
+                try:
+                    result = W.run_stage(ws, stage, env=env)
+                except W.StageFailed as exc:
+                    if mlflow_run_id:
+                        tracking.set_tags(mlflow_run_id, {f"{stage_logging.STAGE_TAG}{stage}": "failed"}, paths)
+                    if exc.refused:
+                        # Bad params or a stage refusing its input: retrying cannot help, fail
+                        # at once. The stage's own message (validate: the GX summary) is logged.
+                        log.error("stage %s FAILED (exit %s): the stage refused its input or params",
+                                  stage, exc.code)
+                        raise AirflowFailException(f"{stage}: exit {exc.code}") from exc
+                    raise
+                finally:
+                    if mlflow_run_id:
+                        tracking.log_run_lock(mlflow_run_id, ws.lock_file, paths)
             if mlflow_run_id:
                 stage_logging.log_stage(mlflow_run_id, stage, Paths(ws.path), result["how"], result["seconds"])
             metrics = ws.path / "metrics" / f"{stage}.json"

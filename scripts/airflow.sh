@@ -57,6 +57,11 @@ _genre_airflow_env() {
   # genre_tasks from this checkout (also for a scratch copy of the project)
   case ":${PYTHONPATH:-}:" in *":$root:"*) ;; *) export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}";; esac
   mkdir -p "$AIRFLOW_HOME"
+  # the scheduler (and Celery workers) import MLflow, GX, torch once, before forking the task
+  # processes (genre_airflow/local_settings.py; $GENRE_AIRFLOW_PRELOAD=0 turns it off)
+  if [ ! -f "$AIRFLOW_HOME/config/airflow_local_settings.py" ]; then
+    python -m genre_airflow.local_settings install "$AIRFLOW_HOME" >/dev/null || true
+  fi
 }
 
 _genre_airflow_env

@@ -518,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         params = base / "integration-params.yaml"
         params.write_text(yaml.safe_dump(PARAMS))
         t0 = time.monotonic()
+        # the scheduler and the workers preload MLflow/GX/torch before forking task processes
+        for home in [control, *(base / name / "airflow-home" for name in WORKERS)]:
+            subprocess.run([str(BIN / "python"), "-m", "genre_airflow.local_settings", "install", str(home)],
+                           env=env, cwd=base, check=True, stdout=subprocess.DEVNULL)
         subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, cwd=base, check=True,
                        stdout=open(st.logs / "airflow-db-migrate.log", "wb"), stderr=subprocess.STDOUT)
         subprocess.run([str(BIN / "airflow"), "pools", "set", "genre_registry", "1", "one promote at a time"],

@@ -345,6 +345,23 @@ def test_dockerfile_pins_cpu_torch_installs_the_project_and_drops_root():
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==[0-9][^ ]*", line), f"unpinned: {line}"
 
 
+def test_dockerfile_copies_every_package_it_installs():
+    """``pip install --no-deps .`` in the image installs what pyproject's package patterns find
+    in the build context: a package not copied in is silently missing (genre_airflow was: no
+    asset-watcher trigger for the triggerer, no connection look-ups in tasks)."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({p.rstrip("*") for p in patterns})
+    assert packages, patterns
+    copied = re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s+\S+\s*$", DOCKERFILE.read_text(), flags=re.M)
+    for package in packages:
+        assert (ROOT / package / "__init__.py").exists(), package
+        assert package in copied, f"{package} is installed by pyproject but not copied into the image"
+    # the scheduler / Celery workers of the image preload the tasks' libraries before forking
+    assert "genre_airflow.local_settings install /opt/airflow" in DOCKERFILE.read_text()
+
+
 # --- docker/stack_init.py: credential files 0600 --------------------------------------------
 
 def _stack_init():

@@ -58,9 +58,9 @@ def test_dag_integrity(tmp_path):
     assert info["heavy"] == []  # no pandas / mlflow / dvc, no genre_tasks beyond config+schema
     tasks = info["tasks"]
     assert list(tasks) == ["list_batches", "validate_batch", "prequential", "apply_batches",
-                           "store_changed", "record_store", "announce_store_update", "report"]
+                           "record_store", "report"]
     assert tasks["validate_batch"]["retries"] == 0 and tasks["record_store"]["retries"] >= 2
-    assert tasks["announce_store_update"]["outlets"] == ["genre://interactions/store"]
+    assert tasks["record_store"]["outlets"] == ["genre://interactions/store"]
     assert tasks["report"]["trigger_rule"] == "all_done"
     assert all(t["owner"] == "genre-mlops" for t in tasks.values())
     assert info["catchup"] is False and info["max_active_runs"] == 1 and info["doc"]
@@ -126,12 +126,22 @@ def test_dvc_push_form_defaults_to_params_yaml(monkeypatch, tmp_path):
         seen["push"] = feedback.settings(params_, dvc_push=push).feedback.dvc_push
         return {}
 
-    monkeypatch.setattr(dag_module, "get_current_context", lambda: {"params": {"dvc_push": None}})
+    events: dict = {dag_module.INTERACTIONS: type("Event", (), {"extra": None})()}
+    monkeypatch.setattr(dag_module, "get_current_context",
+                        lambda: {"params": {"dvc_push": None}, "outlet_events": events})
     monkeypatch.setattr(dag_module, "_run_context", lambda: (params, tmp_path, "2026-01-01T00:00:00+00:00"))
     monkeypatch.setattr(feedback, "record_store", fake_record)
     monkeypatch.setenv("GENRE_PROJECT_ROOT", str(tmp_path))
-    dag_module.record_store.function()
+    dag_module.record_store.function({"unrecorded": ["b1"]})
     assert seen["push"] is False
+    assert events[dag_module.INTERACTIONS].extra == dict.fromkeys(("batches", "rows", "store_batches", "dvc", "source_md5"))
+    # nothing applied: skipped (no DVC record, no asset event), DVC never called
+    seen.clear()
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException):
+        dag_module.record_store.function({"unrecorded": []})
+    assert seen == {}
 
 
 #: GENRE_E2E_SIZE=full: the scratch project holds all of MovieLens-100k before the cutoff with

@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import sys
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -114,6 +115,9 @@ def test_batches_drive_training_through_the_real_scheduler(project, tmp_path):  
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
            "GENRE_TRAINING_SCHEDULE": "none",  # asset-triggered only: unpausing runs nothing
            "GENRE_FEEDBACK_WATCH_INTERVAL": "1"}
+    # as scripts/airflow.sh does: the scheduler preloads MLflow/GX/torch before forking tasks
+    # ($GENRE_AIRFLOW_PRELOAD=0 measures without)
+    sh([sys.executable, "-m", "genre_airflow.local_settings", "install", str(home)], root, env)
     sh(["airflow", "pools", "set", "genre_registry", "1", "one promote at a time"], root, env)
     db = home / "airflow.db"
     log_file = open(tmp_path / "standalone.log", "w")

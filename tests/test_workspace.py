@@ -89,6 +89,72 @@ def test_workspace_takes_the_project_remote_and_env_override(tmp_path, monkeypat
     assert "endpointurl = http://127.0.0.1:9000" in conf and "never-in-a-file" not in conf
 
 
+def test_tasks_of_one_run_on_one_worker_do_not_remake_the_workspace_under_each_other(tmp_path):
+    """Tasks of a run that share a worker share its workspace, some at once (embed_plan beside
+    ingest): the code is copied once (a later task leaves the files a running stage imports and
+    hashes alone), re-copied only when the checkout changed, and re-making the workspace waits
+    for a running stage (shared guard) to finish. Before: every task rmtree'd and re-copied
+    genre_tasks/, and a parallel task failed with FileNotFoundError mid-copy."""
+    import threading
+
+    project = make_project(tmp_path, None)
+    params = W.effective_params(project, {})
+    ws = W.create(W.workspace(project, "run-1"), params)
+    train_py = ws.path / "genre_tasks" / "models" / "train.py"
+    inode = train_py.stat().st_ino
+    W.create(ws, params)  # a second task: same code, nothing copied again
+    assert train_py.stat().st_ino == inode
+    (project / "genre_tasks" / "models" / "train.py").write_text("# changed\n")
+    W.create(ws, params)  # the checkout changed: the workspace follows it
+    assert train_py.read_text() == "# changed\n"
+
+    events: list[str] = []
+    stage_running = threading.Event()
+    release = threading.Event()
+
+    def stage():  # a stage task between `dvc repro` and its dvc.lock upload
+        with W.guard(ws, exclusive=False):
+            events.append("stage start")
+            stage_running.set()
+            release.wait(10)
+            events.append("stage end")
+
+    def second_stage():  # shared: runs beside the first
+        stage_running.wait(10)
+        with W.guard(ws, exclusive=False):
+            events.append("parallel stage")
+
+    def remake():
+        stage_running.wait(10)
+        W.materialise(ws, None, None)  # exclusive: waits for the stage
+        events.append("remade")
+
+    threads = [threading.Thread(target=f) for f in (stage, second_stage, remake)]
+    for t in threads:
+        t.start()
+    stage_running.wait(10)
+    time.sleep(0.5)
+    assert events == ["stage start", "parallel stage"]  # the remake is waiting
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert events == ["stage start", "parallel stage", "stage end", "remade"]
+
+
+def test_concurrent_workspace_creation_in_two_processes(tmp_path):
+    project = make_project(tmp_path, None)
+    code = ("import sys; from genre_tasks.registry import workspace as W; "
+            "p = W.effective_params(sys.argv[1], {}); "
+            "[W.create(W.workspace(sys.argv[1], 'run-1'), p) for _ in range(5)]")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(project)], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(120) == 0, proc.stderr.read()
+    ws = W.workspace(project, "run-1")
+    assert (ws.path / "genre_tasks" / "models" / "train.py").read_bytes() == \
+        (project / "genre_tasks" / "models" / "train.py").read_bytes()
+
+
 def test_computed_stages_reads_dvc_output():
     out = ("Stage 'ingest' is cached - skipping run, checking out outputs\n"
            "Running stage 'train':\n> genre train\nStage 'genre' didn't change, skipping\n")

@@ -185,7 +185,52 @@ def _ini(sections: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _code_digest(root: Path) -> str:
+    """md5 over the relative paths and bytes of the :data:`CODE` files under ``root``."""
+    h = hashlib.md5()
+    for name in CODE:
+        src = root / name
+        files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src] if src.exists() else []
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def guard(ws: Workspace, exclusive: bool) -> Iterator[None]:
+    """This machine's lock on ``ws`` (``fcntl.flock`` on ``.dvc/tmp/genre-workspace.lock``).
+
+    Tasks of one DAG run share the workspace when they run on one worker, some at the same time
+    (``embed_plan`` beside the data stages). Making the workspace (code copy, the dvc.lock fetched
+    from MLflow) holds it exclusively; a stage holds it shared from ``dvc repro`` until its new
+    dvc.lock is uploaded to MLflow. So a workspace is never re-made under a running stage, and a
+    dvc.lock a stage has just written is never replaced by the older one MLflow still holds.
+    Not re-entrant: never nest it (a second flock of the same file in one process waits forever).
+    """
+    path = ws.path / ".dvc" / "tmp" / "genre-workspace.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: digest of the code copied into a workspace (skips the copy when the checkout is unchanged)
+CODE_STAMP = Path(".dvc") / "tmp" / "genre-code.md5"
+
+
 def _copy_code(project: Path, dest: Path) -> None:
+    """Copy :data:`CODE` from the checkout into the workspace, unless it already holds this
+    code (the digest of the last copy): tasks after the first leave the files they may be
+    importing or hashing alone."""
+    digest = _code_digest(project)
+    stamp = dest / CODE_STAMP
+    if stamp.exists() and stamp.read_text() == digest:
+        return
     for name in CODE:
         src = project / name
         if not src.exists():
@@ -197,6 +242,7 @@ def _copy_code(project: Path, dest: Path) -> None:
             shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, target)
+    io.write_text(digest, stamp)
 
 
 def _seed(ws: Workspace) -> str | None:
@@ -223,7 +269,13 @@ def _seed(ws: Workspace) -> str | None:
 
 def create(ws: Workspace, params: Mapping) -> Workspace:
     """Make (or refresh) ``ws``: code, DVC config, the params snapshot. Idempotent; an existing
-    params.yaml with other content is an error (a run's params never change)."""
+    params.yaml with other content is an error (a run's params never change). Holds
+    :func:`guard` exclusively."""
+    with guard(ws, exclusive=True):
+        return _create(ws, params)
+
+
+def _create(ws: Workspace, params: Mapping) -> Workspace:
     ws.path.mkdir(parents=True, exist_ok=True)
     text = dump_params(params)
     if ws.params_file.exists() and ws.params_file.read_text() != text:
@@ -255,13 +307,19 @@ def create(ws: Workspace, params: Mapping) -> Workspace:
 
 def materialise(ws: Workspace, mlflow_run_id: str | None, tracking_paths) -> Workspace:
     """Make ``ws`` ready on this machine: from the run's MLflow artifacts when the folder is
-    empty or its dvc.lock is older than the run's (another worker ran the last stage)."""
-    from genre_tasks.registry import tracking, tracking_store
-
+    empty or its dvc.lock is older than the run's (another worker ran the last stage). Holds
+    :func:`guard` exclusively (it waits for the stages running in ``ws`` to upload their lock)."""
     if mlflow_run_id is None:
         if not ws.params_file.exists():
             raise RuntimeError(f"{ws.path}: no params snapshot and no MLflow run to fetch it from")
         return create(ws, yaml.safe_load(ws.params_file.read_text()))
+    with guard(ws, exclusive=True):
+        return _materialise(ws, mlflow_run_id, tracking_paths)
+
+
+def _materialise(ws: Workspace, mlflow_run_id: str, tracking_paths) -> Workspace:
+    from genre_tasks.registry import tracking, tracking_store
+
     cl = tracking_store.client(tracking_paths)
     tags = cl.get_run(mlflow_run_id).data.tags
     if not ws.params_file.exists():
@@ -272,7 +330,7 @@ def materialise(ws: Workspace, mlflow_run_id: str | None, tracking_paths) -> Wor
         params = yaml.safe_load(fetched.read_text())
     else:
         params = yaml.safe_load(ws.params_file.read_text())
-    create(ws, params)
+    _create(ws, params)
     want = tags.get(LOCK_MD5_TAG)
     have = io.file_md5(ws.lock_file) if ws.lock_file.exists() else None
     if want and want != have:
