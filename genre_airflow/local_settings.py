@@ -3,8 +3,8 @@ fork the task processes, so a task starts with them already loaded.
 
 An Airflow 3 task runs in a process forked from its executor's worker (LocalExecutor: a worker
 forked from the scheduler; Celery: a pool process forked from ``airflow celery worker``).
-Every stage task then imported MLflow (~1.9 s here), a feedback validation Great Expectations
-(~4 s), the prequential scoring torch (~2 s): on the feedback -> retrain path (~17 tasks) that
+Every stage task then imported MLflow (~1.9 s here) and DVC, a feedback validation Great
+Expectations (~4 s), the prequential scoring torch (~2 s): on the feedback -> retrain path (~17 tasks) that
 was a third of the batch-to-decision time. Imported here, before the fork, they cost nothing
 per task (copy-on-write pages; the LocalExecutor freezes the GC before forking its workers) --
 the same idea as gunicorn's ``--preload`` or Celery's prefork pool.
@@ -33,6 +33,8 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "mlflow",                             # every stage task: run lock + stage logging
     "great_expectations",                 # feedback validate_batch
     "torch",                              # prequential: the champion's pyfunc model
+    "dvc.repo",                           # stage tasks: dvc push through DVC's API
+    "dvc.repo.push",
     "genre_tasks.registry.tracking",
     "genre_tasks.registry.workspace",
     "genre_tasks.registry.stage_logging",

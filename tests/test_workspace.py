@@ -155,6 +155,41 @@ def test_concurrent_workspace_creation_in_two_processes(tmp_path):
         (project / "genre_tasks" / "models" / "train.py").read_bytes()
 
 
+def test_run_stage_reports_what_dvc_did_and_pushes(tmp_path, monkeypatch):
+    """run_stage reads what DVC did (computed / run-cache / unchanged), pushes through DVC's
+    Python API, and turns a stage that exits 2 into a refusal; the task's environment and cwd
+    are left as they were."""
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    path, remote = tmp_path / "ws", tmp_path / "remote"
+    path.mkdir()
+    subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=path, check=True)
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "r", str(remote)], cwd=path, check=True)
+    (path / "in.txt").write_text("a\n")
+    (path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  copy:\n    cmd: cp in.txt out.txt && echo \"$GENRE_MARK\" > mark.txt\n"
+        "    deps: [in.txt]\n    outs: [out.txt, mark.txt]\n"
+        "  refuse:\n    cmd: exit 2\n    deps: [in.txt]\n    outs: [never.txt]\n")
+    ws = W.Workspace(path, tmp_path, path / ".dvc" / "cache")
+    env_before, cwd_before = dict(os.environ), os.getcwd()
+
+    first = W.run_stage(ws, "copy", env={"GENRE_MARK": "from-the-task"})
+    assert first["how"] == "computed" and "push_seconds" in first
+    assert (path / "out.txt").read_text() == "a\n"
+    assert (path / "mark.txt").read_text() == "from-the-task\n"  # the stage saw the env given
+    assert any(remote.rglob("*")), "pushed to the remote"
+    assert W.run_stage(ws, "copy", env={"GENRE_MARK": "from-the-task"})["how"] == "unchanged"
+    (path / "out.txt").unlink()
+    (path / "mark.txt").unlink()
+    (path / "dvc.lock").unlink()
+    assert W.run_stage(ws, "copy", env={"GENRE_MARK": "from-the-task"})["how"] == "run-cache"
+
+    with pytest.raises(W.StageFailed) as failed:
+        W.run_stage(ws, "refuse")
+    assert failed.value.code == 2 and failed.value.refused
+    assert dict(os.environ) == env_before and os.getcwd() == cwd_before
+
+
 def test_computed_stages_reads_dvc_output():
     out = ("Stage 'ingest' is cached - skipping run, checking out outputs\n"
            "Running stage 'train':\n> genre train\nStage 'genre' didn't change, skipping\n")
