@@ -240,6 +240,12 @@ def test_the_tracking_store_is_created_once_explicitly_and_never_half_made(tmp_p
     tracking_store.require_store(paths)
     assert tracking_store.init_store(paths).endswith("ready")
     assert tracking_store.client(paths).search_experiments()
+    # the "usable" verdict is kept per process for this file only: a file put in its place
+    # (another inode) is checked again
+    db.rename(tmp_path / "good.db")
+    sqlite3.connect(db).execute("create table experiments (experiment_id integer)").connection.commit()
+    with pytest.raises(StageError, match="half-made"):
+        tracking_store.require_store(paths)
 
 
 @pytest.mark.slow

@@ -150,6 +150,37 @@ def test_resumes_the_env_run_ends_stale_runs_and_is_idempotent(project, monkeypa
 
 
 @pytest.mark.slow
+def test_promote_does_not_log_again_what_the_stage_tasks_logged_live(project, monkeypatch):
+    """An Airflow run: every stage task logged its stage into the run (log_stage) and
+    snapshot_params the params; promote's log_pipeline then adds only the metrics files -- no
+    second set of lineage inputs, child runs, params or test metrics."""
+    import mlflow
+
+    tracking_store.configure(project)
+    cl = tracking_store.client(project)
+    run_id = cl.create_run(mlflow.get_experiment_by_name("genre-mlops").experiment_id).info.run_id
+    cl.set_tag(run_id, "genre.params_hash", "snapshot")  # as snapshot_params does
+    for stage in ("validate", "preprocess", "train", "evaluate"):
+        stage_logging.log_stage(run_id, stage, project, "computed", 1.0)
+    before = cl.get_run(run_id)
+    calls = []
+    monkeypatch.setattr(stage_logging, "log_params", lambda *a, **k: calls.append("params"))
+    monkeypatch.setattr(stage_logging, "log_training", lambda *a, **k: calls.append("training"))
+    monkeypatch.setattr(stage_logging, "log_evaluation", lambda *a, **k: calls.append("evaluation"))
+    monkeypatch.setattr(stage_logging, "log_lineage", lambda *a, **k: calls.append("lineage"))
+    summary = stage_logging.log_pipeline(run_id, project, params_dict())
+    assert calls == [] and summary["logged_live"] == ["evaluate", "preprocess", "train", "validate"]
+    after = cl.get_run(run_id)
+    assert len(after.inputs.dataset_inputs) == len(before.inputs.dataset_inputs) > 0
+    assert after.data.metrics == before.data.metrics
+    assert {"metrics/train.json", "metrics/evaluate.json"} <= {f.path for f in cl.list_artifacts(run_id, "metrics")}
+    # a failed stage is not "logged": promote after a retry would log it here
+    cl.set_tag(run_id, "genre.stage.train", "failed")
+    stage_logging.log_pipeline(run_id, project, params_dict())
+    assert calls == ["training"]
+
+
+@pytest.mark.slow
 def test_a_failing_block_marks_the_run_failed(project):
     with pytest.raises(ValueError):
         with tracking.pipeline_run(project) as run_id:

@@ -343,9 +343,10 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
             # --- the decision is made: now (and only now) write to MLflow -----------------------
             with tracking.pipeline_run(paths, params) as run_id:
                 summary = stage_logging.log_pipeline(run_id, paths, params)
-                slog.logger.info("MLflow run %s: %d params, %d test metrics, artifacts %s", run_id,
-                                 summary.get("params", 0), summary.get("test_metrics", 0),
-                                 summary.get("artifacts"))
+                slog.logger.info("MLflow run %s: %d params, %d test metrics, artifacts %s (stages "
+                                 "logged live by their tasks: %s)", run_id, summary.get("params", 0),
+                                 summary.get("test_metrics", 0), summary.get("artifacts"),
+                                 ", ".join(summary["logged_live"]) or "none")
                 _ensure_registered_model(cl, name)
                 if version is None:
                     info = serving.log_model(None, fit, [], work, tags={**lineage, CONTENT_KEY: key,

@@ -186,32 +186,42 @@ def log_lineage(run_id: str, paths: S.Paths) -> list[str]:
 
 def log_pipeline(run_id: str, paths: S.Paths, params: Mapping | None) -> dict:
     """Everything a pipeline run records: params, training curves (child runs), test metrics,
-    plots/tables/metrics files as artifacts, dataset lineage. Returns a small summary."""
-    summary: dict[str, Any] = {"run_id": run_id}
-    if params is not None:
+    plots/tables/metrics files as artifacts, dataset lineage. Returns a small summary.
+
+    What the run already holds is not logged again: in an Airflow run every stage task logged
+    its stage live (:func:`log_stage`, tag ``genre.stage.<stage>``) and ``snapshot_params`` the
+    params (tag ``genre.params_hash``), so promote adds only the metrics files (their final
+    state). A CLI run (``genre promote`` after ``dvc repro``) gets everything here.
+    (Re-logging it all cost promote ~8 s a run: lineage datasets, child runs, ~300 values.)"""
+    tags = client(paths).get_run(run_id).data.tags
+    live = {k[len(STAGE_TAG):] for k, v in tags.items() if k.startswith(STAGE_TAG) and v != "failed"}
+    summary: dict[str, Any] = {"run_id": run_id, "logged_live": sorted(live)}
+    if params is not None and "genre.params_hash" not in tags:
         summary["params"] = log_params(run_id, params, paths)
-    summary["children"] = log_training(run_id, paths)
-    train_metrics = paths.metrics("train")
-    if train_metrics.exists():
-        log_metrics(run_id, io.read_json(train_metrics), paths, prefix="train.")
-    summary["test_metrics"] = log_evaluation(run_id, paths)
-    artifacts = {
-        paths.root / "data" / "eval" / "comparison.md": "evaluation",
-        paths.root / "data" / "eval" / "comparison.png": "evaluation",
-        paths.model_dir / "train_curve.png": "training",
-        paths.model_dir / "selected.json": "training",
-        paths.validation_summary: "validation",
-        paths.split_info: "data",
-    }
+    artifacts: dict[Path, str] = {}
+    if "train" not in live:
+        summary["children"] = log_training(run_id, paths)
+        train_metrics = paths.metrics("train")
+        if train_metrics.exists():
+            log_metrics(run_id, io.read_json(train_metrics), paths, prefix="train.")
+        artifacts.update(_stage_artifacts("train", paths))
+    if "evaluate" not in live:
+        summary["test_metrics"] = log_evaluation(run_id, paths)
+        artifacts.update(_stage_artifacts("evaluate", paths))
+    if "validate" not in live:
+        artifacts[paths.validation_summary] = "validation"
+    if "preprocess" not in live:
+        artifacts[paths.split_info] = "data"
     if paths.metrics_dir.exists():
         artifacts.update({f: "metrics" for f in sorted(paths.metrics_dir.glob("*.json"))})
     summary["artifacts"] = sorted(_rel(paths, f) for f, where in artifacts.items()
                                   if log_artifact(run_id, f, paths, where))
-    try:
-        summary["inputs"] = log_lineage(run_id, paths)
-    except Exception as exc:  # lineage is a record, never a reason to fail the pipeline
-        log.warning("dataset lineage not logged: %s", exc)
-        summary["inputs"] = []
+    if "preprocess" not in live:
+        try:
+            summary["inputs"] = log_lineage(run_id, paths)
+        except Exception as exc:  # lineage is a record, never a reason to fail the pipeline
+            log.warning("dataset lineage not logged: %s", exc)
+            summary["inputs"] = []
     return summary
 
 
