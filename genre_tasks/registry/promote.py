@@ -94,11 +94,23 @@ def _find_version(cl, name: str, key: str):
     return None
 
 
-def _set_version_tags(cl, name: str, version: str, tags: dict[str, Any]) -> None:
+def _tag_values(tags: dict[str, Any]) -> dict[str, str]:
+    """Registry tag keys/values as MLflow stores them (keys sanitised, values <= 5000 chars)."""
     from genre_tasks.registry.tracking import metric_key
 
-    for k, v in tags.items():
-        cl.set_model_version_tag(name, version, metric_key(k), str(v)[:5000])
+    return {metric_key(k): str(v)[:5000] for k, v in tags.items()}
+
+
+def _set_version_tags(cl, name: str, version: str, tags: dict[str, Any],
+                      current: dict[str, str] | None = None) -> None:
+    """Set the tags the version does not hold yet (with these values): one request per changed
+    tag, none for the ones already there (a re-run, or tags given at creation). ``current``:
+    the version's tags if the caller has just read them."""
+    if current is None:
+        current = dict(cl.get_model_version(name, version).tags or {})
+    for k, v in _tag_values(tags).items():
+        if current.get(k) != v:
+            cl.set_model_version_tag(name, version, k, v)
 
 
 #: tags written by a decision (a re-decision on a reused version removes the stale ones)
@@ -112,10 +124,12 @@ def _replace_decision_tags(cl, name: str, version: str, tags: dict[str, str]) ->
     from genre_tasks.registry.tracking import metric_key
 
     new = {metric_key(k) for k in tags}
-    for key in cl.get_model_version(name, version).tags:
+    current = dict(cl.get_model_version(name, version).tags or {})
+    for key in list(current):
         if key not in new and key.startswith(DECISION_TAG_PREFIXES):
             cl.delete_model_version_tag(name, version, key)
-    _set_version_tags(cl, name, version, tags)
+            del current[key]
+    _set_version_tags(cl, name, version, tags, current)
 
 
 def _fmt(x: float) -> str:
@@ -348,30 +362,36 @@ def run(p: PromoteParams, paths: S.Paths, force: bool = False, reason: str | Non
                                  summary.get("test_metrics", 0), summary.get("artifacts"),
                                  ", ".join(summary["logged_live"]) or "none")
                 _ensure_registered_model(cl, name)
+                version_tags = {**lineage, CONTENT_KEY: key, "strategy": strategy, "run_id": run_id}
                 if version is None:
                     info = serving.log_model(None, fit, [], work, tags={**lineage, CONTENT_KEY: key,
                                                                         "strategy": strategy})
-                    # the content key is set with the version, in one transaction: a re-run after a
-                    # kill anywhere below finds this version instead of registering a second one
-                    # (the client API: mlflow.register_model prints "already exists" to stderr,
-                    # which Airflow shows at error level on every successful promote)
-                    version = str(cl.create_model_version(name, info.model_uri, run_id=run_id,
-                                                          tags={CONTENT_KEY: key}, model_id=info.model_id).version)
-                    slog.logger.info("registered %s v%s from %s", name, version, info.model_uri)
                     # the run's own record (params snapshot hash, dvc.lock md5: genre lineage /
-                    # genre checkout) goes onto the version that this run registered
+                    # genre checkout) goes onto the version that this run registered (not the
+                    # dvc.lock md5: the run's lock is final only after promote; `genre lineage`
+                    # reads it from the run)
                     run_tags = cl.get_run(run_id).data.tags
-                    # (not the dvc.lock md5: the run's lock is final only after promote; `genre
-                    # lineage` reads it from the run)
                     if W.PARAMS_HASH_TAG in run_tags:
-                        _set_version_tags(cl, name, version, {W.PARAMS_HASH_TAG: run_tags[W.PARAMS_HASH_TAG]})
+                        version_tags[W.PARAMS_HASH_TAG] = run_tags[W.PARAMS_HASH_TAG]
+                    # the content key (and the lineage) are set with the version, in one
+                    # transaction: a re-run after a kill anywhere below finds this version instead
+                    # of registering a second one (the client API: mlflow.register_model prints
+                    # "already exists" to stderr, which Airflow shows at error level)
+                    # ... and so is the decision (a new version is never "unchanged"): _record
+                    # below then finds its tags in place, one registry request instead of ~40
+                    at_creation = {**version_tags,
+                                   **decision_tags(d, champion_before, force_by, force_reason)}
+                    version = str(cl.create_model_version(name, info.model_uri, run_id=run_id,
+                                                          tags=_tag_values(at_creation),
+                                                          model_id=info.model_id).version)
+                    slog.logger.info("registered %s v%s from %s", name, version, info.model_uri)
                 else:
                     slog.logger.info("model unchanged since v%s (same content key): reusing it", version)
-                if not cl.get_model_version(name, version).tags.get(serving.ARTIFACTS_TAG):
+                current = dict(cl.get_model_version(name, version).tags or {})
+                if not current.get(serving.ARTIFACTS_TAG):
                     # the files as the store holds them now; every later load checks against it
-                    serving.record_artifacts_digest(cl, name, version, work)
-                _set_version_tags(cl, name, version, {**lineage, CONTENT_KEY: key, "strategy": strategy,
-                                                      "run_id": run_id})
+                    current[serving.ARTIFACTS_TAG] = serving.record_artifacts_digest(cl, name, version, work)
+                _set_version_tags(cl, name, version, version_tags, current)  # no-op unless reused
                 cl.set_registered_model_alias(name, CHALLENGER, version)
                 record = _record(p, cl, name, version, strategy, champion_before, d, split, force_by,
                                  force_reason)
