@@ -41,11 +41,13 @@ def test_modules_from_the_environment():
 def test_preload_imports_in_a_forking_process_and_survives_a_missing_module():
     code = ("import sys; from genre_airflow import local_settings as L; "
             "done = L.preload(['airflow', 'celery', 'worker'], "
-            "{'GENRE_AIRFLOW_PRELOAD': 'colorsys,genre_no_such_module'}, 'CeleryExecutor'); "
-            "print(done, 'colorsys' in sys.modules)")
+            "{'GENRE_AIRFLOW_PRELOAD': 'colorsys,genre_no_such_module,"
+            "genre_tasks.registry.tracking_store:_head_revision'}, 'CeleryExecutor'); "
+            "from genre_tasks.registry import tracking_store as T; "
+            "print(done, 'colorsys' in sys.modules, T._head_revision.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
-    assert out.strip() == "['colorsys'] True"
+    assert out.strip() == "['colorsys', 'genre_tasks.registry.tracking_store:_head_revision'] True 1"
     assert L.preload(["airflow", "api-server"], {L.ENV: "colorsys"}, "LocalExecutor") == []
 
 
