@@ -98,8 +98,9 @@ def preload(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = N
             done.append(name)
         except Exception as exc:  # noqa: BLE001 - a preload must never stop the scheduler
             log.warning("genre preload: %s not imported (%s)", name, exc)
-    log.info("genre preload: %s imported in %.1f s, before task processes are forked",
-             ", ".join(done) or "nothing", time.perf_counter() - t0)
+    # printed, not logged: Airflow configures logging only after importing its local settings
+    print(f"genre preload ({argv[1:3]}): {', '.join(done) or 'nothing'} in "
+          f"{time.perf_counter() - t0:.1f} s, before task processes are forked", file=sys.stderr)
     return done
 
 
