@@ -218,26 +218,12 @@ def _quantized(path: str, quantize: str) -> tuple[Any, Any]:
     return tokenizer, q.eval()
 
 
-@contextlib.contextmanager
-def hf_quiet() -> Iterator[None]:
-    """No transformers "Loading weights" progress bar per model load inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
 @functools.lru_cache(maxsize=2)
 def _load_encoder(path: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    with hf_quiet():
+    with logs.hf_quiet():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model.eval()

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from genre_tasks import io
+from genre_tasks import io, logs
 from genre_tasks.errors import StageError
 
 logger = logging.getLogger("genre.embed")
@@ -98,11 +98,9 @@ def _export(path: str, target: Path) -> None:
     import torch
     from transformers import AutoModel
 
-    from genre_tasks.features.embed import hf_quiet
-
     logger.info("embed: exporting %s to ONNX -> %s", path, target)
     # eager attention: a plain MatMul/Softmax graph (the SDPA one traces in NaN guards)
-    with hf_quiet():
+    with logs.hf_quiet():
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                           attn_implementation="eager").eval()
 
