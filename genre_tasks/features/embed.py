@@ -68,9 +68,11 @@ AUGMENTED_TEXT = ("none", "append", "replace")
 #: embed.quantize values: int8 dynamic quantization (torch, per-channel weights) of the
 #: encoder's linear layers - ``int8-attention``: the attention projections only (query, key,
 #: value, attention output); ``int8``: every linear layer (the feed-forward ones too); the
-#: ``onnx*`` ones run the encoder in ONNX Runtime (float32, or int8 the same two ways; needs
-#: the onnx extra), see genre_tasks/features/encoder_onnx.py
-QUANTIZE = ("none", "int8-attention", "int8", "onnx", "onnx-int8-attention", "onnx-int8")
+#: ``onnx*`` ones run the encoder in ONNX Runtime (float32, or int8 the same two ways, or all but
+#: the feed-forward output projections; needs the onnx extra), see
+#: genre_tasks/features/encoder_onnx.py
+QUANTIZE = ("none", "int8-attention", "int8", "onnx", "onnx-int8-attention", "onnx-int8-no-ffn-out",
+            "onnx-int8")
 TORCH_QUANTIZE = QUANTIZE[:3]
 
 
@@ -87,7 +89,8 @@ class EmbedParams:
     augmented_text none | append | replace: the augment stage's enriched item text
                    (data/augment/items.parquet, marked [generated]) appended to the item text or
                    replacing it, for the items that have one (the others keep their text)
-    quantize       none | int8-attention | int8 | onnx | onnx-int8-attention | onnx-int8: a
+    quantize       none | int8-attention | int8 | onnx | onnx-int8-attention |
+                   onnx-int8-no-ffn-out | onnx-int8: a
                    compressed (int8 dynamic quantization) encoder in torch, or the encoder in
                    ONNX Runtime, see QUANTIZE; part of the model id, so its vectors never mix
                    with the float32 ones in the cache (benchmarks/bench_embed.py measures all)

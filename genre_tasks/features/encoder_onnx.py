@@ -1,4 +1,5 @@
-"""ONNX Runtime item encoder: ``embed.quantize`` = ``onnx`` | ``onnx-int8-attention`` | ``onnx-int8``.
+"""ONNX Runtime item encoder: ``embed.quantize`` = ``onnx`` | ``onnx-int8-attention`` |
+``onnx-int8-no-ffn-out`` | ``onnx-int8``.
 
 The embed stage's local encoder folder (all-MiniLM-L6-v2 by default) is exported once to ONNX
 with ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``, opset 17, dynamic batch
@@ -10,6 +11,8 @@ activations quantized per batch at run time):
 ``onnx``                 float32 graph (ONNX Runtime instead of torch, same weights)
 ``onnx-int8-attention``  only the attention projections' MatMuls (query, key, value, attention
                          output) are int8, as ``int8-attention`` does in torch
+``onnx-int8-no-ffn-out`` every MatMul with a weight but the feed-forward output projection
+                         (d_ff -> d, whose GELU input has the outliers that int8 loses)
 ``onnx-int8``            every MatMul with a weight (the feed-forward ones too)
 
 Only the encoder runs in ONNX Runtime: the output is mean-pooled over the attention mask and
@@ -43,8 +46,10 @@ from genre_tasks.errors import StageError
 logger = logging.getLogger("genre.embed")
 
 #: embed.quantize values served by ONNX Runtime -> weight-carrying MatMuls made int8
-#: (None: none; "attention": the attention block's; "all": every one)
-VARIANTS = {"onnx": None, "onnx-int8-attention": "attention", "onnx-int8": "all"}
+#: (None: none; "attention": the attention block's; "no-ffn-out": all but the feed-forward
+#: output projections; "all": every one)
+VARIANTS = {"onnx": None, "onnx-int8-attention": "attention", "onnx-int8-no-ffn-out": "no-ffn-out",
+            "onnx-int8": "all"}
 #: Bumped whenever the export or quantization recipe changes (part of the artifact folder key).
 EXPORT_RECIPE = "torchscript-export/opset17/eager-attention+quantize_dynamic/qint8/per-channel/v1"
 OPSET = 17
@@ -128,16 +133,20 @@ def _export(path: str, target: Path) -> None:
 
 def weight_matmuls(model_file: Path, scope: str) -> list[str]:
     """Names of the MatMul nodes of ``model_file`` whose second input is a weight (an
-    initializer): all of them (``scope="all"``) or those of the attention blocks."""
+    initializer): all of them (``scope="all"``), those of the attention blocks
+    (``"attention"``) or all but the feed-forward output projections (``"no-ffn-out"``; BERT
+    naming: ``.../layer.N/output/dense/MatMul``, the attention's is ``.../attention/output/...``)."""
     import onnx
 
     graph = onnx.load(str(model_file), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
-    names = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    if scope == "attention":
-        names = [n for n in names if "/attention/" in n]
-    if not names:
-        raise StageError(f"embed: {model_file} has no {scope} MatMul with a weight to quantize")
+    every = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    names = {"all": every,
+             "attention": [n for n in every if "/attention/" in n],
+             "no-ffn-out": [n for n in every if "/attention/" in n or "/output/dense/" not in n]}[scope]
+    if not names or (scope != "all" and len(names) == len(every)):
+        raise StageError(f"embed: cannot select the {scope} MatMuls of {model_file} (quantizing "
+                         f"{len(names)} of {len(every)}); is it a BERT-style encoder?")
     return names
 
 
