@@ -15,7 +15,7 @@ export / quantization happens before the timed runs (printed as load s). ``--qua
 measures every value side by side (torch and ONNX Runtime).
 
     python benchmarks/bench_embed.py [--repeats 5] [--batch-size 64] [--threads 2] [--max-length 128]
-                                     [--quantize all | int8-attention int8 onnx onnx-int8-attention onnx-int8]
+        [--quantize all | int8-attention int8 onnx onnx-int8-attention onnx-int8-no-ffn-out onnx-int8]
 
 The machines are shared and noisy: read the ratio (measured side by side), not absolute speeds.
 Under load, 2 OpenMP threads with the default spin-wait policy lose far more than their fair

@@ -97,7 +97,8 @@ def test_embed_stage_onnx_files_under_the_project_cache(onnx_cache, tmp_path, mo
     monkeypatch.setenv(encoder_onnx.CACHE_ENV, str(tmp_path / "elsewhere"))
     monkeypatch.setattr(encoder_onnx, "_export", lambda *_a: pytest.fail("exported again"))
     summary = run_embed(paths, quantize="onnx-int8-attention")
-    assert summary["n_texts_encoded"] == 4 and summary["model_id"] == embed.model_id(None, 128, "onnx-int8-attention")
+    assert summary["n_texts_encoded"] == 4
+    assert summary["model_id"] == embed.model_id(None, 128, "onnx-int8-attention")
     assert not (tmp_path / "elsewhere").exists()
     assert embed.EmbeddingCache(paths.embed_cache, summary["model_id"]).shards()
 

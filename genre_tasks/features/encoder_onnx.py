@@ -200,8 +200,9 @@ class OrtEncoder:
         ids = input_ids.numpy() if hasattr(input_ids, "numpy") else np.asarray(input_ids)
         mask = (np.ones_like(ids) if attention_mask is None else
                 attention_mask.numpy() if hasattr(attention_mask, "numpy") else np.asarray(attention_mask))
-        (hidden,) = self.session.run(["last_hidden_state"], {
-            "input_ids": ids.astype(np.int64, copy=False), "attention_mask": mask.astype(np.int64, copy=False)})
+        feed = {"input_ids": ids.astype(np.int64, copy=False),
+                "attention_mask": mask.astype(np.int64, copy=False)}
+        (hidden,) = self.session.run(["last_hidden_state"], feed)
         return types.SimpleNamespace(last_hidden_state=torch.from_numpy(hidden))
 
 
