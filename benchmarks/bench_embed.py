@@ -8,9 +8,14 @@ the same vectors (min cosine) and prints the peak RSS of the process.
 ``--quantize int8-attention int8`` adds the compressed encoders of ``embed.quantize`` to the same
 rotation (every encoder runs once per repeat, the order rotating), each compared with our
 float32 vectors: texts/s, speed-up over ``SentenceTransformer.encode`` and over float32, min and
-mean cosine (the issue's target: >= 1.5x ST at min cosine >= 0.99).
+mean cosine (the issue's target: >= 1.5x ST at min cosine >= 0.99). The ``onnx*`` values run
+the encoder in ONNX Runtime (float32 / int8, genre_tasks/features/encoder_onnx.py) with
+``intra_op_num_threads`` = ``--threads``, the same batches and the same pooling; their one-time
+export / quantization happens before the timed runs (printed as load s). ``--quantize all``
+measures every value side by side (torch and ONNX Runtime).
 
     python benchmarks/bench_embed.py [--repeats 5] [--batch-size 64] [--threads 2] [--max-length 128]
+        [--quantize all | int8-attention int8 onnx onnx-int8-attention onnx-int8-no-ffn-out onnx-int8]
 
 The machines are shared and noisy: read the ratio (measured side by side), not absolute speeds.
 Under load, 2 OpenMP threads with the default spin-wait policy lose far more than their fair
@@ -66,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N texts (0 = all)")
-    ap.add_argument("--quantize", nargs="*", default=[], choices=[q for q in embed.QUANTIZE if q != "none"],
-                    help="also measure these int8 encoders (embed.quantize)")
+    ap.add_argument("--quantize", nargs="*", default=[],
+                    choices=[q for q in embed.QUANTIZE if q != "none"] + ["all"],
+                    help="also measure these encoders (embed.quantize; all = every one)")
     args = ap.parse_args(argv)
+    if "all" in args.quantize:
+        args.quantize = [q for q in embed.QUANTIZE if q != "none"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         runners[f"encode_texts quantize={q}"] = (lambda batch, q=q: embed.encode_texts(
             batch, model_path, batch_size=args.batch_size, max_length=args.max_length,
             threads=args.threads, quantize=q))
+    load_s = {}
+    for q in args.quantize:  # load (ONNX: export + quantize on first use) outside the timing
+        t0 = time.perf_counter()
+        embed.load_encoder(model_path, q, args.threads)
+        load_s[f"encode_texts quantize={q}"] = time.perf_counter() - t0
     for fn in runners.values():  # warm-up (allocator, kernels)
         fn(texts[:200])
 
@@ -126,26 +139,35 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"threads={args.threads} batch_size={args.batch_size} max_length={args.max_length} "
-          f"repeats={args.repeats} (alternating)")
+          f"repeats={args.repeats} (alternating){_versions(args.quantize)}")
     print()
-    print("| encoder | median s | texts/s | runs (s) |")
-    print("|---|---:|---:|---|")
+    print("| encoder | median s | texts/s | x ST | x float32 | cosine to float32 min / mean | "
+          "load s | runs (s) |")
+    print("|---|---:|---:|---:|---:|---|---:|---|")
     for n in names:
         runs = ", ".join(f"{t:.2f}" for t in times[n])
-        print(f"| {n} | {statistics.median(times[n]):.2f} | {tps[n]:.0f} | {runs} |")
-    paired = [tb / ta for ta, tb in zip(times[names[0]], times[names[1]])]
-    for n in names[2:]:
         c = (outputs[n] * a).sum(axis=1) / (np.linalg.norm(outputs[n], axis=1) * np.linalg.norm(a, axis=1))
-        print(f"| **{n}**: x ST {tps[n] / tps[names[1]]:.3f}, x float32 {tps[n] / tps[names[0]]:.3f} | | "
-              f"| cosine to float32: min {c.min():.4f}, mean {c.mean():.4f} |")
-    print(f"| **ratio ours / ST** (medians) | | **{tps[names[0]] / tps[names[1]]:.3f}** | |")
-    print(f"| ratio ours / ST (median of paired repeats) | | {statistics.median(paired):.3f} | "
+        load = f"{load_s[n]:.1f}" if n in load_s else ""
+        print(f"| {n} | {statistics.median(times[n]):.2f} | {tps[n]:.0f} | {tps[n] / tps[names[1]]:.3f} | "
+              f"{tps[n] / tps[names[0]]:.3f} | {c.min():.4f} / {c.mean():.4f} | {load} | {runs} |")
+    paired = [tb / ta for ta, tb in zip(times[names[0]], times[names[1]])]
+    print(f"| **ratio ours / ST** (medians) | | **{tps[names[0]] / tps[names[1]]:.3f}** | | | | | |")
+    print(f"| ratio ours / ST (median of paired repeats) | | {statistics.median(paired):.3f} | | | | | "
           f"{', '.join(f'{x:.2f}' for x in paired)} |")
     print()
     print(f"parity: min cosine {cos.min():.6f}, max |diff| {np.abs(a - b).max():.2e}")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
     print(f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     return 0
+
+
+def _versions(quantize: list[str]) -> str:
+    """", onnxruntime X" when an ONNX Runtime encoder is measured."""
+    if not any(q.startswith("onnx") for q in quantize):
+        return ""
+    import onnxruntime
+
+    return f", onnxruntime {onnxruntime.__version__}"
 
 
 if __name__ == "__main__":

@@ -70,3 +70,18 @@ def stage(name: str, paths=None) -> Iterator[StageLog]:
         logger.info("recorded %s", manifests.write(paths, name, log.reads, log.writes))
     logger.info("stage %s: done in %.1fs (read %d, wrote %d file(s), peak RSS %.0f MB)",
                 name, log.seconds, len(log.reads), len(log.writes), peak_rss_mb())
+
+
+@contextlib.contextmanager
+def hf_quiet() -> Iterator[None]:
+    """No transformers "Loading weights" progress bar per model load inside the block (the
+    previous setting is restored). Imports transformers: call it where a model is loaded."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()

