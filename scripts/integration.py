@@ -408,7 +408,13 @@ class MLflow:
         return self.get("/registered-models/alias", name=MODEL, alias="champion")["model_version"]
 
     def versions(self) -> list[dict]:
-        return self.get("/model-versions/search", filter=f"name='{MODEL}'").get("model_versions", [])
+        """Every version, with its ``aliases`` (model-versions/search leaves them out: they come
+        from registered-models/get)."""
+        found = self.get("/model-versions/search", filter=f"name='{MODEL}'").get("model_versions", [])
+        aliases: dict[str, list[str]] = {}
+        for a in self.get("/registered-models/get", name=MODEL)["registered_model"].get("aliases", []):
+            aliases.setdefault(str(a["version"]), []).append(a["alias"])
+        return [{**v, "aliases": sorted(aliases.get(str(v["version"]), []))} for v in found]
 
     def artifact(self, run_id: str, path: str) -> bytes:
         run = self.get("/runs/get", run_id=run_id)["run"]
