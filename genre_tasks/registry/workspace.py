@@ -409,15 +409,20 @@ def _dvc_api(ws: Workspace, env: Mapping[str, str]) -> Iterator[None]:
     """DVC's Python API as the ``dvc`` process would run: ``os.environ`` = ``env`` (remote
     credentials), cwd = the workspace; both restored afterwards."""
     saved, cwd = dict(os.environ), os.getcwd()
-    os.environ.clear()
-    os.environ.update(env)
+    _set_environ(env)
     os.chdir(ws.path)
     try:
         yield
     finally:
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(saved)
+        _set_environ(saved)
+
+
+def _set_environ(env: Mapping[str, str]) -> None:
+    """Make ``os.environ`` equal ``env`` key by key (never empty in between)."""
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update(env)
 
 
 def _push(ws: Workspace, stage: str, env: Mapping[str, str]) -> None:
