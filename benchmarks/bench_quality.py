@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from genre_tasks import schema as S
 from genre_tasks.cli import run_stage
@@ -55,6 +56,30 @@ def scratch_root(project: Path, name: str) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(src.resolve(), target_is_directory=src.is_dir())
     return root
+
+
+#: params sections of the stages whose outputs the MovieLens-100k splits take from the project
+#: as they are (SHARED): an override of them would be silently ignored
+SHARED_SECTIONS = ("ingest", "validate", "embed", "genre")
+
+
+def check_override(override: str | None, params_file: Path) -> None:
+    """Refuse an override that changes a shared stage's params: those outputs (data/embeddings,
+    ...) come from the project's last `dvc repro`, so the override would change nothing (an
+    `embed.quantize` given here measured the float32 vectors again)."""
+    if not override:
+        return
+    doc = yaml.safe_load(Path(override).read_text()) or {}
+    base = load_params(params_file)
+    changed = [f"{section}.{key}" for section in SHARED_SECTIONS
+               for key, value in ((doc.get(section) or {}).items())
+               if (base.get(section) or {}).get(key) != value]
+    if changed:
+        raise SystemExit(
+            f"{override}: changes {', '.join(changed)}, but the MovieLens-100k splits reuse the project's "
+            f"{', '.join(SHARED)} as the last `dvc repro` made them; run the pipeline with these "
+            "params first (e.g. `dvc repro embed` after editing params.yaml), then bench_quality "
+            "without them")
 
 
 def run_split(project: Path, name: str, params: dict) -> tuple[dict, dict, Path, dict]:
@@ -283,6 +308,8 @@ def main() -> None:
     args = parser.parse_args()
     project = Path(args.root).resolve()
     base = load_params(project / args.params, [args.override] if args.override else None)
+    if args.modes:
+        check_override(args.override, project / args.params)
     everything = {}
     t_all = time.perf_counter()
     for mode in args.modes:
