@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ else:
 def install(airflow_home: str | os.PathLike) -> str:
     """Write the :data:`SHIM` as ``<airflow_home>/config/airflow_local_settings.py`` (replacing
     an older copy of it; a file that is not ours is left alone). Returns the path."""
-    from pathlib import Path
-
     path = Path(airflow_home) / "config" / "airflow_local_settings.py"
     if path.exists() and "genre_airflow.local_settings" not in path.read_text(errors="replace"):
         log.warning("%s exists and is not genre-mlops' one: left as it is (no preload)", path)

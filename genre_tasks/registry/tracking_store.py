@@ -17,7 +17,6 @@ every other use goes through :func:`require_store` (:func:`client`, :func:`set_u
 from __future__ import annotations
 
 import functools
-
 import os
 from pathlib import Path
 
