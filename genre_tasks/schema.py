@@ -50,7 +50,10 @@ USER_IDX = "user_idx"  # dense int index 0..n_users-1
 ITEM_IDX = "item_idx"  # dense int index 0..n_items-1 (row in the embedding matrix)
 SPLIT = "split"  # "train" | "valid" | "test" | "excluded"
 POSITIVE = "positive"  # bool: implicit positive label
-COLD = "cold"  # bool on items: part of a cold set (cold_items split)
+COLD = "cold"  # on items: "test" | "valid" | null: part of a cold set (cold_items split)
+#: per-item columns that follow from the split, not from the item: written to item_split.parquet,
+#: so items.parquet (what augment/embed/genre read) does not change when only interactions do
+ITEM_SPLIT_COLUMNS = (COLD, "pop_train", "pop_trainvalid")
 ROW = "row"  # original row order, the tie-breaker of temporal sorting
 
 # --- provenance of raw rows (ingest -> validate): where each row is in the USER's files ------
@@ -134,6 +137,11 @@ class Paths:
     @property
     def histories(self) -> Path:
         return self.processed_dir / "histories.parquet"
+
+    @property
+    def item_split(self) -> Path:
+        """item_idx + the split-derived item columns (:data:`ITEM_SPLIT_COLUMNS`)."""
+        return self.processed_dir / "item_split.parquet"
 
     @property
     def split_info(self) -> Path:

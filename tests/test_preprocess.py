@@ -128,6 +128,35 @@ def test_run_requires_successful_validation_and_writes_outputs(tmp_path):
     pd.testing.assert_frame_equal(first, pd.read_parquet(paths.interactions))
 
 
+@pytest.mark.parametrize("mode", ["user_temporal", "cold_items"])
+def test_items_file_does_not_change_when_only_interactions_do(tmp_path, mode):
+    """A feedback batch changes interactions, not items: items.parquet (what augment, embed and
+    genre depend on) must stay byte-identical, so DVC skips those stages; the split-derived item
+    columns go to item_split.parquet, and load_items joins them back."""
+    from genre_tasks.models.views import load_items
+
+    paths = S.Paths(tmp_path)
+    items, inter = make_raw(n_users=30)
+    p = PreprocessParams(split=SplitParams(mode=mode))
+    io.write_json({"success": True}, paths.validation_summary)
+    hashes = []
+    for rows in (inter.iloc[: len(inter) - 60], inter):  # then a "batch" of 60 more interactions
+        io.write_parquet(items, paths.raw_items)
+        io.write_parquet(rows.reset_index(drop=True), paths.raw_interactions)
+        run(p, paths)
+        hashes.append((io.file_md5(paths.items), io.file_md5(paths.item_split)))
+        written = pd.read_parquet(paths.items)
+        assert not set(S.ITEM_SPLIT_COLUMNS) & set(written.columns)
+        joined = load_items(paths)
+        expected, *_ = preprocess(items, rows.reset_index(drop=True), p)
+        for col in (S.ITEM_IDX, *S.ITEM_SPLIT_COLUMNS):
+            def plain(values):
+                return [None if pd.isna(v) else v for v in values]
+            assert plain(joined[col]) == plain(expected[col]), col
+    assert hashes[0][0] == hashes[1][0], "items.parquet changed with the interactions"
+    assert hashes[0][1] != hashes[1][1], "the popularity counts did change"
+
+
 def test_text_template_builds_the_encoder_text_from_item_columns():
     from genre_tasks import config
     from genre_tasks.data.adapters.movielens import item_text

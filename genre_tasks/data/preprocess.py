@@ -5,9 +5,14 @@ left a successful data/validation/summary.json) and writes data/processed/:
 
 ``items.parquet``
     item_id, item_idx (int32, 0..n_items-1 = row of the embedding matrix), title, text
-    (cleaned; or built from the item's columns by ``preprocess.text_template``), genres (list[str]), cold ("test" | "valid" | null; cold_items split only),
-    pop_train / pop_trainvalid (int: positives in train / train+valid, the popularity
-    distribution for negative sampling and the MostPop baseline), extra columns.
+    (cleaned; or built from the item's columns by ``preprocess.text_template``), genres
+    (list[str]), extra columns: only what comes from the items, so it stays byte-identical
+    when only interactions change (a feedback batch) and the item stages (augment, embed,
+    genre) are skipped by DVC.
+``item_split.parquet``
+    item_idx, cold ("test" | "valid" | null; cold_items split only), pop_train /
+    pop_trainvalid (int: positives in train / train+valid): the item columns that follow from
+    the split (``genre_tasks.models.views.load_items`` joins them back).
 ``interactions.parquet``
     the canonical columns + row (original order), user_idx, item_idx, positive (bool),
     split ("train" | "valid" | "test"), sorted by (user_idx, timestamp, row).
@@ -305,8 +310,11 @@ def run(p: PreprocessParams, paths: S.Paths) -> dict:
             s = stats[name]
             log.logger.info("split %-15s %-5s rows=%7d positives=%6d users=%4d", p.split.mode, name,
                             s["rows"], s["positives"], s["users"])
-        io.write_parquet(items, paths.items)
+        split_cols = [c for c in S.ITEM_SPLIT_COLUMNS if c in items]
+        io.write_parquet(items.drop(columns=split_cols), paths.items)
         log.wrote(paths.items, f"{len(items):,} items")
+        io.write_parquet(items[[S.ITEM_IDX, *split_cols]], paths.item_split)
+        log.wrote(paths.item_split, f"{', '.join(split_cols)} per item")
         io.write_parquet(inter, paths.interactions)
         log.wrote(paths.interactions, f"{len(inter):,} interactions")
         io.write_parquet(hist, paths.histories)

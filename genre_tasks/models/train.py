@@ -353,7 +353,7 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                 log.logger.info("warm start from %s: retraining %s for at most %d epochs", p.warm_from,
                                 list(strategies), p.warm_epochs)
         ds = Dataset.load(paths)
-        for path in (paths.items, paths.interactions, paths.histories, paths.vectors, paths.vector_index,
+        for path in (paths.items, paths.item_split, paths.interactions, paths.histories, paths.vectors, paths.vector_index,
                      paths.genre_predictions):
             if path.exists():  # genre predictions are optional (items may all have genres)
                 log.read(path)

@@ -79,8 +79,13 @@ class Recommender(Protocol):
 
 
 def load_items(paths: S.Paths) -> pd.DataFrame:
-    """Processed items, with genres filled by the genre classifier where they were missing."""
+    """Processed items, with the split-derived columns (cold, pop_*) joined from
+    item_split.parquet, and genres filled by the genre classifier where they were missing."""
     items = pd.read_parquet(paths.items)
+    if paths.item_split.exists():
+        split = pd.read_parquet(paths.item_split)
+        items = items.drop(columns=[c for c in split.columns if c != S.ITEM_IDX and c in items])
+        items = items.merge(split, on=S.ITEM_IDX, how="left", validate="one_to_one")
     pred = paths.genre_predictions
     if pred.exists():
         filled = pd.read_parquet(pred, columns=[S.ITEM_ID, "genres_filled"])

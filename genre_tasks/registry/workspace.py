@@ -16,7 +16,8 @@ Layout of a workspace ``<workspaces>/<run slug>/`` (``$GENRE_WORKSPACES``, defau
                                 ``.dvc/config.local``, or ``$GENRE_DVC_REMOTE_URL``)
     .cache -> <project>/.cache  the embedding cache (only when the DVC cache is the project's)
 
-How a stage runs (:func:`run_stage`): ``dvc repro --single-item --pull <stage>``. ``--pull``
+How a stage runs (:func:`run_stage`): ``dvc repro --single-item --pull <stage>`` (through DVC's
+Python API, the ``genre`` command in the same process: :mod:`genre_tasks.registry.repro`). ``--pull``
 fetches the run-cache entries from the remote and, for this stage only, the missing inputs (the
 outputs of upstream stages named in the run's dvc.lock); when DVC's run-cache already holds a
 run with the same command, deps and params, the stage is not computed (outputs are checked
@@ -51,6 +52,7 @@ from typing import Any
 import yaml
 
 from genre_tasks import io
+from genre_tasks.registry import repro
 from genre_tasks.config import OVERRIDE_ENV, apply_overrides, load_params
 
 log = logging.getLogger("genre.workspace")
@@ -427,9 +429,7 @@ def _set_environ(env: Mapping[str, str]) -> None:
 
 def _push(ws: Workspace, stage: str, env: Mapping[str, str]) -> None:
     """``dvc push <stage> --run-cache`` through DVC's Python API: no process start-up and DVC
-    import per stage (~0.6 s; the Airflow workers preload DVC). ``dvc repro`` stays a process:
-    the stage's own output must be captured and logged line by line (a stage command run by
-    the API would write to the task's stderr, which Airflow logs at error level)."""
+    import per stage (~0.6 s; the Airflow workers preload DVC)."""
     from dvc.repo import Repo
 
     with _dvc_api(ws, env), Repo(str(ws.path)) as repo:
@@ -437,7 +437,9 @@ def _push(ws: Workspace, stage: str, env: Mapping[str, str]) -> None:
 
 
 def run_stage(ws: Workspace, stage: str, env: Mapping[str, str] | None = None, push: bool = True) -> dict:
-    """``dvc repro --single-item --pull <stage>`` then ``dvc push <stage> --run-cache``.
+    """``dvc repro --single-item --pull <stage>`` then ``dvc push <stage> --run-cache``, both
+    through DVC's Python API, the stage's ``genre`` command called in this process
+    (:mod:`genre_tasks.registry.repro`; ``$GENRE_STAGE_INPROCESS=0``: ``dvc repro`` as a process).
 
     Returns ``{"stage", "computed": bool, "how": "computed" | "run-cache" | "unchanged" |
     "pulled", "seconds", "push_seconds"}``. Raises :class:`StageFailed`.
@@ -448,7 +450,12 @@ def run_stage(ws: Workspace, stage: str, env: Mapping[str, str] | None = None, p
     if remote:
         args.insert(1, "--pull")
     with _timer() as t:
-        proc = dvc(ws, *args, env=full_env, check=False, echo=True)
+        if repro.enabled():  # DVC's API here, the stage command in this process: no start-ups
+            with _dvc_api(ws, full_env):
+                code, output = repro.reproduce(ws.path, stage, pull=remote, echo=lambda line: log.info("| %s", line))
+            proc = subprocess.CompletedProcess(["dvc", *args], code, output, "")
+        else:
+            proc = dvc(ws, *args, env=full_env, check=False, echo=True)
     if proc.returncode != 0:
         m = re.search(r"exited with (\d+)", proc.stdout)
         code = int(m.group(1)) if m else proc.returncode
