@@ -51,11 +51,21 @@ def ws(tmp_path, monkeypatch):
     return W.Workspace(path, tmp_path, path / ".dvc" / "cache")
 
 
-def test_stage_runs_here_with_dvcs_env_and_is_locked_and_pushed(ws, caplog):
+def test_stage_runs_here_with_dvcs_env_and_is_locked_and_pushed(ws, caplog, capfd):
     env_before, cwd_before = dict(os.environ), os.getcwd()
     caplog.set_level(logging.INFO)
+    import dvc.repo  # noqa: F401 - DVC installs its stdout/stderr handlers on import
+
+    dvc_handlers = list(logging.getLogger("dvc").handlers)
+    assert dvc_handlers
 
     first = W.run_stage(ws, "ok", env={"GENRE_MARK": "from-the-task"})
+
+    # nothing reached the task's stdout/stderr (Airflow logs stderr at error level): DVC's own
+    # handlers were detached during the call, the stage's prints were captured
+    printed = capfd.readouterr()
+    assert "Running stage" not in printed.out + printed.err and "to stdout" not in printed.out
+    assert logging.getLogger("dvc").handlers == dvc_handlers
 
     assert first["how"] == "computed" and "push_seconds" in first
     pid, mark, cwd, dvc_stage = (ws.path / "ran.txt").read_text().split()

@@ -157,26 +157,30 @@ def commands_here(echo: Echo) -> Iterator[None]:
 
 
 class _Lines(logging.Handler):
-    def __init__(self, echo: Echo) -> None:
+    def __init__(self, echo: Echo, warn: Echo) -> None:
         super().__init__(logging.INFO)
-        self.echo = echo
+        self.echo, self.warn = echo, warn
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad log call must not fail the stage
             message = str(record.msg)
-        prefix = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        out = self.echo if record.levelno < logging.WARNING else self.warn
         for line in message.splitlines() or [""]:
-            self.echo(prefix + line)
+            out(line)
 
 
 @contextlib.contextmanager
-def dvc_messages(echo: Echo) -> Iterator[None]:
-    """DVC's log messages (INFO and up), line by line, to ``echo`` instead of the root logger."""
+def dvc_messages(echo: Echo, warn: Echo | None = None) -> Iterator[None]:
+    """DVC's log messages, line by line: INFO to ``echo``, WARNING and up to ``warn`` (default
+    ``echo``), instead of the handlers DVC installs on import (stdout, and stderr for warnings,
+    which an Airflow task would log at error level)."""
     logger = logging.getLogger("dvc")
-    handler = _Lines(echo)
-    saved = (logger.level, logger.propagate)
+    handler = _Lines(echo, warn or echo)
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    for h in saved[2]:
+        logger.removeHandler(h)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.addHandler(handler)
@@ -184,11 +188,13 @@ def dvc_messages(echo: Echo) -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
+        for h in saved[2]:
+            logger.addHandler(h)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
 
 
-def reproduce(path: str | Path, stage: str, pull: bool, echo: Echo) -> tuple[int, str]:
+def reproduce(path: str | Path, stage: str, pull: bool, echo: Echo, warn: Echo | None = None) -> tuple[int, str]:
     """``dvc repro --single-item [--pull] <stage>`` in ``path`` through DVC's Python API (call it
     with ``os.environ`` and cwd set as for the ``dvc`` process); returns (exit code, output) in
     the ``dvc`` process's terms: 0, or the stage command's ``exited with N``, or
@@ -202,8 +208,12 @@ def reproduce(path: str | Path, stage: str, pull: bool, echo: Echo) -> tuple[int
         lines.append(line)
         echo(line)
 
+    def warned(line: str) -> None:
+        lines.append(line)
+        (warn or echo)(line)
+
     code = 0
-    with dvc_messages(both), commands_here(both):
+    with dvc_messages(both, warned), commands_here(both):
         try:
             with Repo(str(path)) as repo:
                 repo.reproduce(targets=[stage], single_item=True, pull=pull)

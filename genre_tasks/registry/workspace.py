@@ -432,8 +432,16 @@ def _push(ws: Workspace, stage: str, env: Mapping[str, str]) -> None:
     import per stage (~0.6 s; the Airflow workers preload DVC)."""
     from dvc.repo import Repo
 
-    with _dvc_api(ws, env), Repo(str(ws.path)) as repo:
+    with _dvc_api(ws, env), repro.dvc_messages(_echo, _warn), Repo(str(ws.path)) as repo:
         repo.push(targets=[stage], run_cache=True)
+
+
+def _echo(line: str) -> None:
+    log.info("| %s", line)
+
+
+def _warn(line: str) -> None:
+    log.warning("| %s", line)
 
 
 def run_stage(ws: Workspace, stage: str, env: Mapping[str, str] | None = None, push: bool = True) -> dict:
@@ -452,7 +460,7 @@ def run_stage(ws: Workspace, stage: str, env: Mapping[str, str] | None = None, p
     with _timer() as t:
         if repro.enabled():  # DVC's API here, the stage command in this process: no start-ups
             with _dvc_api(ws, full_env):
-                code, output = repro.reproduce(ws.path, stage, pull=remote, echo=lambda line: log.info("| %s", line))
+                code, output = repro.reproduce(ws.path, stage, pull=remote, echo=_echo, warn=_warn)
             proc = subprocess.CompletedProcess(["dvc", *args], code, output, "")
         else:
             proc = dvc(ws, *args, env=full_env, check=False, echo=True)
