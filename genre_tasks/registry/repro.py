@@ -38,6 +38,7 @@ import shlex
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from unittest.mock import patch  # patch.dict: os.environ changed and restored exactly
 
 INPROCESS_ENV = "GENRE_STAGE_INPROCESS"
 #: stage programs called in this process: program name -> "module:function", function(argv) -> exit code
@@ -101,26 +102,17 @@ def run_here(target: str, argv: Sequence[str], env: dict[str, str], echo: Echo) 
     interrupt) propagates."""
     module, function = target.split(":")
     call = getattr(importlib.import_module(module), function)
-    saved = {k: os.environ.get(k) for k in env}
     stream = _LineStream(echo)
-    os.environ.update(env)
-    try:
-        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
-            try:
-                result = call(list(argv))
-                code = result if isinstance(result, int) else 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            except Exception:  # noqa: BLE001 - the process would have died with this traceback
-                traceback.print_exc()
-                code = 1
-            stream.flush()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with patch.dict(os.environ, env), contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        try:
+            result = call(list(argv))
+            code = result if isinstance(result, int) else 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception:  # noqa: BLE001 - the process would have died with this traceback
+            traceback.print_exc()
+            code = 1
+        stream.flush()
     return code
 
 
@@ -139,12 +131,8 @@ def commands_here(echo: Echo) -> Iterator[None]:
         if target is None:
             return original(executable, cmd, **kwargs)
         dvc_vars = {k: v for k, v in kwargs["env"].items() if k.startswith("DVC_") and os.environ.get(k) != v}
-        cwd = os.getcwd()
-        os.chdir(kwargs["cwd"])
-        try:
+        with contextlib.chdir(kwargs["cwd"]):
             code = run_here(target[0], target[1], dvc_vars, echo)
-        finally:
-            os.chdir(cwd)
         if code != 0:
             raise StageCmdFailedError(cmd, code)
         return None
