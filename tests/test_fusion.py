@@ -166,18 +166,53 @@ def test_warm_start_begins_from_the_given_weights(staged):
 def test_warm_mode_retrains_only_the_source_strategy(staged, tmp_path):
     paths, _, _ = staged
     root = copy_processed(paths, tmp_path)
+    source = train.load_recommender(paths.model_dir / "fusion")
     params = {"train": {**dataclasses.asdict(dataclasses.replace(P, epochs=3, patience=1)),
                         "strategies": ["content", "ease", "fusion"], "extra_seeds": [8],
                         "ease_lambda": [1.0, 10.0], "fusion_weights": [0.0, 0.5, 1.0],
-                        "mode": "warm", "warm_from": str(paths.model_dir / "fusion"), "warm_epochs": 2}}
+                        "mode": "warm", "warm_from": str(paths.model_dir / "fusion"), "warm_epochs": 2,
+                        "warm_revalidate": False}}
     summary = train.main(params, root)
     assert summary["mode"] == "warm" and summary["seeds"] == [P.seed]  # one seed
     assert set(summary["strategies"]) == {"content", "ease", "fusion"}
-    assert summary["strategies"]["content"]["epochs_run"] <= 2
-    assert io.read_json(root.model_dir / "content" / "meta.json")["warm_from"] == str(paths.model_dir / "fusion")
+    # the champion's validated choices are kept; the tower is fine-tuned on train + valid for
+    # exactly warm_epochs epochs, with no validation phase (no valid scores anywhere)
+    assert summary["strategies"]["content"]["epochs_refit"] == 2
+    assert "epochs_run" not in summary["strategies"]["content"]
+    fused = train.load_recommender(root.model_dir / "fusion")
+    assert (fused.weight, fused.prior_weight, fused.ease.lam) == (source.weight, source.prior_weight, source.ease.lam)
+    meta = io.read_json(root.model_dir / "content" / "meta.json")
+    assert meta["warm_from"] == str(paths.model_dir / "fusion") and meta["fit_phase"] == "test"
+    assert len(meta["refit_history"]) == 2 and meta["history"] == []
+    assert summary["selected"] == "fusion" and summary["selection_metric"] is None
+    assert io.read_json(root.model_dir / "selected.json")["valid_ndcg@10"] == {"content": None, "ease": None,
+                                                                             "fusion": None}
+    assert (root.model_dir / "train_curve.png").stat().st_size > 0
+    # fine-tuning moved the tower away from the champion's weights
+    tuned = train.load_recommender(root.model_dir / "content")
+    assert not np.allclose(tuned.net.state_dict()["content.0.weight"].numpy(),
+                           source.tower.net.state_dict()["content.0.weight"].numpy())
+    # warm_revalidate: early stopping on valid within warm_epochs, refit, the blend re-chosen
+    params["train"]["warm_revalidate"] = True
+    again = train.main(params, root)
+    assert again["mode"] == "warm" and again["selection_metric"] == "ndcg@10"
+    assert again["strategies"]["content"]["epochs_run"] <= 2
+    assert again["strategies"]["fusion"]["weight"] in (0.0, 0.5, 1.0)
     # nothing to start from: a full run
     params["train"]["warm_from"] = str(tmp_path / "nothing-here")
     assert train.main(params, root)["mode"] == "full"
+
+
+def test_warm_retrain_of_an_ease_champion_refits_it_at_its_lambda(staged, tmp_path):
+    paths, _, _ = staged
+    root = copy_processed(paths, tmp_path)
+    lam = train.load_recommender(paths.model_dir / "ease").lam
+    params = {"train": {**dataclasses.asdict(P), "strategies": ["content", "ease", "fusion"],
+                        "ease_lambda": [1.0, 10.0], "mode": "warm", "warm_from": str(paths.model_dir / "ease"),
+                        "warm_revalidate": False}}
+    summary = train.main(params, root)
+    assert set(summary["strategies"]) == {"ease"} and summary["selected"] == "ease"
+    assert train.load_recommender(root.model_dir / "ease").lam == lam
 
 
 def test_promote_accepts_a_selected_fusion_model(staged, tmp_path):

@@ -258,7 +258,8 @@ def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit
 
 # --- outputs ---------------------------------------------------------------------------------
 
-def _plot(curves: pd.DataFrame, path: Path, metric_label: str) -> None:
+def _plot(curves: pd.DataFrame, path: Path, metric_label: str, column: str = "valid_ndcg@10",
+          title: str = "train: validation nDCG@10 per epoch") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,12 +267,13 @@ def _plot(curves: pd.DataFrame, path: Path, metric_label: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for strategy, g in curves.groupby("strategy", sort=False):
-        ax.plot(g["epoch"], g["valid_ndcg@10"], marker="o", label=strategy)
+        ax.plot(g["epoch"], pd.to_numeric(g[column], errors="coerce"), marker="o", label=strategy)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric_label)
-    ax.set_title("train: validation nDCG@10 per epoch")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # an EASE-only warm retrain has no epochs
+        ax.legend()
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -332,6 +334,194 @@ def select(p: TrainParams, valid: dict[str, dict[int, tuple[float, float]]]) -> 
     return best, means
 
 
+def fit_all(p: TrainParams, ds: Dataset, paths: S.Paths, logger: logging.Logger, warm_tower: Any = None,
+            warm_from: str | None = None) -> tuple[dict, dict, list[dict], dict]:
+    """Every strategy of ``p.strategies`` and every seed: early stopping on valid, refit, the
+    fusion blend chosen on valid, the selection (:func:`select`). With ``warm_tower`` (a warm start
+    with ``train.warm_revalidate``) the towers start from its weights. Returns (strategy -> seed ->
+    test-phase model, per-strategy record, curve rows, the selected.json record)."""
+    from genre_tasks.models import fusion
+
+    fit_v, ev_v = ds.phase("valid")
+    fit_t, _ = ds.phase("test")
+    cold = ev_v.cold_items is not None
+    selection_metric = "cold_ndcg@10" if cold else "ndcg@10"
+    users = eval_users(ev_v)[0]
+    logger.info("valid phase: %d users, %d items, %d fit positives; early stopping on %s "
+                "over %d users; seeds %s", fit_v.n_users, fit_v.n_items, int(fit_v.positives.nnz),
+                selection_metric, 0 if users is None else len(users), list(p.seeds))
+
+    results: dict[str, dict] = {}
+    finals: dict[str, dict[int, Any]] = {}  # strategy -> seed -> test-phase model
+    valid_models: dict[str, dict[int, Any]] = {}  # strategy -> seed -> valid-phase model
+    valid: dict[str, dict[int, tuple[float, float]]] = {}  # strategy -> seed -> (sel, full)
+    curves = []
+    for strategy in p.strategies:
+        t0 = time.perf_counter()
+        if strategy == "ease":
+            rec, curve, best_ndcg, best_i, rec_v = fit_ease_strategy(
+                p, fit_v, ev_v, fit_t, live=stage_logging.epoch_logger(strategy, paths))
+            logger.info("ease: lambda %s chosen on valid (%s %.4f; grid %s)", rec.lam, selection_metric,
+                        best_ndcg, ", ".join(f"{c['lambda']:g}: {c['valid_ndcg@10']:.4f}" for c in curve))
+            rec.meta.update({"valid_ndcg@10": _finite(best_ndcg), "selection_metric": selection_metric})
+            finals[strategy] = {p.seed: rec}
+            valid_models[strategy] = {p.seed: rec_v}
+            valid[strategy] = {p.seed: (best_ndcg, full_ndcg(rec_v, fit_v, ev_v, p.seed))}
+            results[strategy] = {"best_epoch": best_i, "valid_ndcg@10": _finite(best_ndcg),
+                                 "lambda": rec.lam, "epochs_run": len(curve)}
+            curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
+                        "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in curve]
+        elif strategy == "fusion":
+            ease_v, ease_t = valid_models["ease"][p.seed], finals["ease"][p.seed]
+            tower = p.fusion_tower
+            grid = [(float(w), float(v)) for w in p.fusion_weights for v in p.fusion_prior_weights]
+            if (0.0, 0.0) not in grid:
+                grid.append((0.0, 0.0))  # EASE itself: the AUC reference
+            q_valid = fusion.quality_prior(fit_v)[0]
+            grids = {seed: fusion_grid(ease_v, valid_models[tower][seed], grid, fit_v, ev_v, p.seed, q_valid)
+                     for seed in p.seeds}
+            means = [tuple(float(np.mean([grids[sd][i][k] for sd in p.seeds])) for k in range(3))
+                     for i in range(len(grid))]
+            ease_auc = means[grid.index((0.0, 0.0))][2]
+            best_i = choose_blend(grid, means, ease_auc, p.fusion_auc_tolerance)
+            w, v = grid[best_i]
+            logger.info("fusion: tower weight %s, quality-prior weight %s chosen on valid (mean over seeds "
+                        "%s %.4f, AUC %.4f vs EASE %.4f - tolerance %s; grid %s)", w, v, selection_metric,
+                        means[best_i][0], means[best_i][2], ease_auc, p.fusion_auc_tolerance,
+                        ", ".join(f"{a:g}/{b:g}: {m[0]:.4f}|{m[2]:.3f}" for (a, b), m in zip(grid, means)))
+            grid_meta = [{"weight": a, "prior_weight": b, "valid_" + selection_metric: _finite(m[0]),
+                          "valid_ndcg@10_full": _finite(m[1]), "valid_auc": _finite(m[2])}
+                         for (a, b), m in zip(grid, means)]
+            q_test, q_unknown = fusion.quality_prior(fit_t)
+            quality = ([str(i) for i in fit_t.item_ids], q_test, q_unknown)
+            finals[strategy] = {}
+            valid[strategy] = {}
+            for seed in p.seeds:
+                meta = {"valid_grid": grid_meta, "valid_ndcg@10": _finite(grids[seed][best_i][0]),
+                        "valid_auc": _finite(grids[seed][best_i][2]), "valid_auc_ease": _finite(ease_auc),
+                        "selection_metric": selection_metric, "seed": seed, "fit_phase": "test"}
+                finals[strategy][seed] = fusion.FusionRecommender(ease_t, finals[tower][seed], w, meta, v, quality)
+                valid[strategy][seed] = grids[seed][best_i][:2]
+            results[strategy] = {"weight": w, "prior_weight": v, "tower": tower, "lambda": ease_t.lam,
+                                 "valid_ndcg@10": _finite(grids[p.seed][best_i][0]),
+                                 "valid_auc": _finite(means[best_i][2]), "valid_auc_ease": _finite(ease_auc)}
+            curves += [{"strategy": strategy, "epoch": i + 1, "train_loss": None, "valid_ndcg@10": m[0],
+                        "seconds": None} for i, m in enumerate(means)]
+        else:
+            finals[strategy], valid_models[strategy], valid[strategy] = {}, {}, {}
+            records = {}
+            p_strategy, searched, searched_fit = p, None, None
+            if p.search_trials > 0 and warm_from is None:
+                p_strategy, searched, searched_fit = search(p, strategy, fit_v, ev_v, logger)
+            for seed in p.seeds:
+                ps = dataclasses.replace(p_strategy, seed=seed)
+                main_seed = seed == p.seed
+                rec, rec_v, record, res = fit_tower(
+                    ps, strategy, fit_v, ev_v, fit_t, selection_metric,
+                    live=stage_logging.epoch_logger(strategy, paths) if main_seed else None,
+                    live_refit=stage_logging.epoch_logger(strategy, paths, phase="refit") if main_seed else None,
+                    init=warm_tower if warm_tower is not None and warm_tower.strategy == strategy else None,
+                    valid_fit=searched_fit if main_seed else None)
+                if warm_from is not None:
+                    rec.meta["warm_from"] = warm_from
+                logger.info("%s seed %d: best epoch %d, valid %s %.4f (%d epochs run, %d refit)", strategy,
+                            seed, res.best_epoch, selection_metric, res.best_ndcg, len(res.curve),
+                            record["epochs_refit"])
+                finals[strategy][seed], valid_models[strategy][seed] = rec, rec_v
+                valid[strategy][seed] = (res.best_ndcg, full_ndcg(rec_v, fit_v, ev_v, p.seed) if cold
+                                         else res.best_ndcg)
+                records[seed] = record
+                if main_seed:
+                    curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
+                                "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in res.curve]
+            results[strategy] = dict(records[p.seed])
+            if searched is not None:
+                results[strategy]["search"] = searched
+            if p.extra_seeds:
+                results[strategy]["per_seed"] = {str(sd): {k: r[k] for k in ("best_epoch", "valid_ndcg@10",
+                                                                               "epochs_run")}
+                                                 for sd, r in records.items()}
+        vals = [v[0] for v in valid[strategy].values() if v[0] is not None and math.isfinite(v[0])]
+        results[strategy].update({
+            "valid_mean": _finite(float(np.mean(vals))) if vals else None,
+            "valid_sd": _finite(float(np.std(vals, ddof=1))) if len(vals) > 1 else None,
+            "seeds": sorted(valid[strategy]),
+            "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(logs.peak_rss_mb(), 1)})
+
+    best, means = select(p, valid)
+    scores = {s: _finite(means[s][0]) if means[s][0] is not None else None for s in p.strategies}
+    selected = {"strategy": best, "selection_metric": selection_metric,
+                "rule": f"best mean over seeds {list(p.seeds)} of valid {selection_metric}"
+                        + ("; ties by full-ranking valid nDCG@10" if cold else ""),
+                "valid_ndcg@10": scores}
+    return finals, results, curves, selected
+
+
+def fit_warm(p: TrainParams, source: Any, ds: Dataset, paths: S.Paths,
+             logger: logging.Logger) -> tuple[dict, dict, list[dict], dict]:
+    """A warm retrain that keeps what the champion's full run validated (``train.warm_revalidate``
+    false): its strategy, EASE lambda and fusion weights. The tower is fine-tuned from the
+    champion's weights on the test-phase data (train + valid) for ``p.warm_epochs`` epochs, EASE is
+    refitted in closed form, the fusion quality prior recomputed; nothing is chosen on valid (the
+    champion was fitted on the previous data's valid targets: a valid score of its fine-tuned
+    weights would be optimistic, and the weekly full run re-selects everything). The gate then
+    judges the result on test against the champion. Returns what :func:`fit_all` returns."""
+    from genre_tasks.models import fusion, linear
+    from genre_tasks.models.model import fit_model, untimed
+
+    fit_t, _ = ds.phase("test")
+    logger.info("warm retrain on the test-phase data: %d users, %d items, %d fit positives; %s kept from %s",
+                fit_t.n_users, fit_t.n_items, int(fit_t.positives.nnz),
+                "strategy, lambda, fusion weights" if isinstance(source, fusion.FusionRecommender)
+                else "strategy and hyper-parameters", p.warm_from)
+    finals: dict[str, dict[int, Any]] = {}
+    results: dict[str, dict] = {}
+    curves: list[dict] = []
+    keep = {"warm_from": p.warm_from, "fit_phase": "test", "seed": p.seed, "selection_metric": None}
+    ease_src = source.ease if isinstance(source, fusion.FusionRecommender) else source
+    tower_src = source.tower if isinstance(source, fusion.FusionRecommender) else (
+        None if isinstance(source, linear.EaseRecommender) else source)
+    if isinstance(ease_src, linear.EaseRecommender):
+        t0 = time.perf_counter()
+        rec = linear.fit_ease(fit_t, ease_src.lam)
+        rec.meta.update(keep)
+        finals["ease"] = {p.seed: rec}
+        results["ease"] = {"lambda": rec.lam, "seconds": round(time.perf_counter() - t0, 2)}
+    if tower_src is not None:
+        t0 = time.perf_counter()
+        strategy = tower_src.strategy
+        res = fit_model(p, strategy, fit_t, None, epochs=p.warm_epochs, show_progress=True,
+                        live=stage_logging.epoch_logger(strategy, paths, phase="refit"), init=tower_src)
+        rec = res.recommender
+        rec.meta.update({**keep, "best_epoch": None, "history": [], "refit_history": untimed(res.curve)})
+        finals[strategy] = {p.seed: rec}
+        per_epoch = [c["seconds"] for c in res.curve]
+        results[strategy] = {"epochs_refit": len(res.curve), "examples_test": res.n_examples,
+                             "seconds_per_epoch": round(float(np.median(per_epoch)), 3),
+                             "seconds": round(time.perf_counter() - t0, 2)}
+        curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
+                    "valid_ndcg@10": None, "seconds": c["seconds"]} for c in res.curve]
+        logger.info("%s: fine-tuned %d epochs from %s (loss %s)", strategy, len(res.curve), p.warm_from,
+                    ", ".join(f"{c['train_loss']:.4f}" for c in res.curve))
+    if isinstance(source, fusion.FusionRecommender):
+        q_test, q_unknown = fusion.quality_prior(fit_t)
+        quality = ([str(i) for i in fit_t.item_ids], q_test, q_unknown)
+        rec = fusion.FusionRecommender(finals["ease"][p.seed], finals[tower_src.strategy][p.seed], source.weight,
+                                       keep, source.prior_weight, quality)
+        finals[fusion.STRATEGY] = {p.seed: rec}
+        results[fusion.STRATEGY] = {"weight": source.weight, "prior_weight": source.prior_weight,
+                                    "tower": tower_src.strategy, "lambda": rec.ease.lam}
+    best = getattr(source, "strategy", None) or next(iter(finals))
+    for strategy in finals:
+        results[strategy].update({"seeds": [p.seed], "warm": "kept the champion's validated choices",
+                                  "peak_rss_mb": round(logs.peak_rss_mb(), 1)})
+    selected = {"strategy": best, "selection_metric": None,
+                "rule": f"warm retrain of {p.warm_from}: its strategy, with the choices its full run "
+                        "validated (train.warm_revalidate false)",
+                "valid_ndcg@10": {s: None for s in finals}}
+    return finals, results, curves, selected
+
+
 def run(p: TrainParams, paths: S.Paths) -> dict:
     passive_openmp()
     from genre_tasks.models import fusion, linear
@@ -350,125 +540,19 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                                         fusion_tower=warm_tower.strategy if warm_tower is not None else p.fusion_tower,
                                         ease_lambda=(float(lam),) if lam else p.ease_lambda)
                 warm_from = p.warm_from
-                log.logger.info("warm start from %s: retraining %s for at most %d epochs", p.warm_from,
-                                list(strategies), p.warm_epochs)
+                log.logger.info("warm start from %s: retraining %s, %s %d epochs", p.warm_from, list(strategies),
+                                "early stopping on valid within" if p.warm_revalidate else
+                                "the champion's validated choices kept, fine-tuned for", p.warm_epochs)
         ds = Dataset.load(paths)
         for path in (paths.items, paths.item_split, paths.interactions, paths.histories, paths.vectors, paths.vector_index,
                      paths.genre_predictions):
             if path.exists():  # genre predictions are optional (items may all have genres)
                 log.read(path)
-        fit_v, ev_v = ds.phase("valid")
-        fit_t, _ = ds.phase("test")
-        cold = ev_v.cold_items is not None
-        selection_metric = "cold_ndcg@10" if cold else "ndcg@10"
-        users = eval_users(ev_v)[0]
-        log.logger.info("valid phase: %d users, %d items, %d fit positives; early stopping on %s "
-                        "over %d users; seeds %s", fit_v.n_users, fit_v.n_items, int(fit_v.positives.nnz),
-                        selection_metric, 0 if users is None else len(users), list(p.seeds))
-
-        results: dict[str, dict] = {}
-        finals: dict[str, dict[int, Any]] = {}  # strategy -> seed -> test-phase model
-        valid_models: dict[str, dict[int, Any]] = {}  # strategy -> seed -> valid-phase model
-        valid: dict[str, dict[int, tuple[float, float]]] = {}  # strategy -> seed -> (sel, full)
-        curves = []
-        for strategy in p.strategies:
-            t0 = time.perf_counter()
-            if strategy == "ease":
-                rec, curve, best_ndcg, best_i, rec_v = fit_ease_strategy(
-                    p, fit_v, ev_v, fit_t, live=stage_logging.epoch_logger(strategy, paths))
-                log.logger.info("ease: lambda %s chosen on valid (%s %.4f; grid %s)", rec.lam, selection_metric,
-                                best_ndcg, ", ".join(f"{c['lambda']:g}: {c['valid_ndcg@10']:.4f}" for c in curve))
-                rec.meta.update({"valid_ndcg@10": _finite(best_ndcg), "selection_metric": selection_metric})
-                finals[strategy] = {p.seed: rec}
-                valid_models[strategy] = {p.seed: rec_v}
-                valid[strategy] = {p.seed: (best_ndcg, full_ndcg(rec_v, fit_v, ev_v, p.seed))}
-                results[strategy] = {"best_epoch": best_i, "valid_ndcg@10": _finite(best_ndcg),
-                                     "lambda": rec.lam, "epochs_run": len(curve)}
-                curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
-                            "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in curve]
-            elif strategy == "fusion":
-                ease_v, ease_t = valid_models["ease"][p.seed], finals["ease"][p.seed]
-                tower = p.fusion_tower
-                grid = [(float(w), float(v)) for w in p.fusion_weights for v in p.fusion_prior_weights]
-                if (0.0, 0.0) not in grid:
-                    grid.append((0.0, 0.0))  # EASE itself: the AUC reference
-                q_valid = fusion.quality_prior(fit_v)[0]
-                grids = {seed: fusion_grid(ease_v, valid_models[tower][seed], grid, fit_v, ev_v, p.seed, q_valid)
-                         for seed in p.seeds}
-                means = [tuple(float(np.mean([grids[sd][i][k] for sd in p.seeds])) for k in range(3))
-                         for i in range(len(grid))]
-                ease_auc = means[grid.index((0.0, 0.0))][2]
-                best_i = choose_blend(grid, means, ease_auc, p.fusion_auc_tolerance)
-                w, v = grid[best_i]
-                log.logger.info("fusion: tower weight %s, quality-prior weight %s chosen on valid (mean over seeds "
-                                "%s %.4f, AUC %.4f vs EASE %.4f - tolerance %s; grid %s)", w, v, selection_metric,
-                                means[best_i][0], means[best_i][2], ease_auc, p.fusion_auc_tolerance,
-                                ", ".join(f"{a:g}/{b:g}: {m[0]:.4f}|{m[2]:.3f}" for (a, b), m in zip(grid, means)))
-                grid_meta = [{"weight": a, "prior_weight": b, "valid_" + selection_metric: _finite(m[0]),
-                              "valid_ndcg@10_full": _finite(m[1]), "valid_auc": _finite(m[2])}
-                             for (a, b), m in zip(grid, means)]
-                q_test, q_unknown = fusion.quality_prior(fit_t)
-                quality = ([str(i) for i in fit_t.item_ids], q_test, q_unknown)
-                finals[strategy] = {}
-                valid[strategy] = {}
-                for seed in p.seeds:
-                    meta = {"valid_grid": grid_meta, "valid_ndcg@10": _finite(grids[seed][best_i][0]),
-                            "valid_auc": _finite(grids[seed][best_i][2]), "valid_auc_ease": _finite(ease_auc),
-                            "selection_metric": selection_metric, "seed": seed, "fit_phase": "test"}
-                    finals[strategy][seed] = fusion.FusionRecommender(ease_t, finals[tower][seed], w, meta, v, quality)
-                    valid[strategy][seed] = grids[seed][best_i][:2]
-                results[strategy] = {"weight": w, "prior_weight": v, "tower": tower, "lambda": ease_t.lam,
-                                     "valid_ndcg@10": _finite(grids[p.seed][best_i][0]),
-                                     "valid_auc": _finite(means[best_i][2]), "valid_auc_ease": _finite(ease_auc)}
-                curves += [{"strategy": strategy, "epoch": i + 1, "train_loss": None, "valid_ndcg@10": m[0],
-                            "seconds": None} for i, m in enumerate(means)]
-            else:
-                finals[strategy], valid_models[strategy], valid[strategy] = {}, {}, {}
-                records = {}
-                p_strategy, searched, searched_fit = p, None, None
-                if p.search_trials > 0 and warm_from is None:
-                    p_strategy, searched, searched_fit = search(p, strategy, fit_v, ev_v, log.logger)
-                for seed in p.seeds:
-                    ps = dataclasses.replace(p_strategy, seed=seed)
-                    main_seed = seed == p.seed
-                    rec, rec_v, record, res = fit_tower(
-                        ps, strategy, fit_v, ev_v, fit_t, selection_metric,
-                        live=stage_logging.epoch_logger(strategy, paths) if main_seed else None,
-                        live_refit=stage_logging.epoch_logger(strategy, paths, phase="refit") if main_seed else None,
-                        init=warm_tower if warm_tower is not None and warm_tower.strategy == strategy else None,
-                        valid_fit=searched_fit if main_seed else None)
-                    if warm_from is not None:
-                        rec.meta["warm_from"] = warm_from
-                    log.logger.info("%s seed %d: best epoch %d, valid %s %.4f (%d epochs run, %d refit)", strategy,
-                                    seed, res.best_epoch, selection_metric, res.best_ndcg, len(res.curve),
-                                    record["epochs_refit"])
-                    finals[strategy][seed], valid_models[strategy][seed] = rec, rec_v
-                    valid[strategy][seed] = (res.best_ndcg, full_ndcg(rec_v, fit_v, ev_v, p.seed) if cold
-                                             else res.best_ndcg)
-                    records[seed] = record
-                    if main_seed:
-                        curves += [{"strategy": strategy, "epoch": c["epoch"], "train_loss": c["train_loss"],
-                                    "valid_ndcg@10": c["valid_ndcg@10"], "seconds": c["seconds"]} for c in res.curve]
-                results[strategy] = dict(records[p.seed])
-                if searched is not None:
-                    results[strategy]["search"] = searched
-                if p.extra_seeds:
-                    results[strategy]["per_seed"] = {str(sd): {k: r[k] for k in ("best_epoch", "valid_ndcg@10",
-                                                                                   "epochs_run")}
-                                                     for sd, r in records.items()}
-            vals = [v[0] for v in valid[strategy].values() if v[0] is not None and math.isfinite(v[0])]
-            results[strategy].update({
-                "valid_mean": _finite(float(np.mean(vals))) if vals else None,
-                "valid_sd": _finite(float(np.std(vals, ddof=1))) if len(vals) > 1 else None,
-                "seeds": sorted(valid[strategy]),
-                "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(logs.peak_rss_mb(), 1)})
-
-        best, means = select(p, valid)
-        scores = {s: _finite(means[s][0]) if means[s][0] is not None else None for s in p.strategies}
-        selected = {"strategy": best, "selection_metric": selection_metric,
-                    "rule": f"best mean over seeds {list(p.seeds)} of valid {selection_metric}"
-                            + ("; ties by full-ranking valid nDCG@10" if cold else ""),
-                    "valid_ndcg@10": scores}
+        if warm_from is not None and not p.warm_revalidate:
+            finals, results, curves, selected = fit_warm(p, source, ds, paths, log.logger)
+        else:
+            finals, results, curves, selected = fit_all(p, ds, paths, log.logger, warm_tower, warm_from)
+        best, selection_metric = selected["strategy"], selected["selection_metric"]
         curve_df = pd.DataFrame(curves, columns=["strategy", "epoch", "train_loss", "valid_ndcg@10", "seconds"])
 
         def save(rec, d: Path) -> None:
@@ -490,7 +574,11 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
                     if seed != p.seed:
                         save(rec, tmp / SEEDS_DIR / strategy / str(seed))
             io.write_json(selected, tmp / "selected.json")
-            _plot(curve_df, tmp / "train_curve.png", f"validation {selection_metric}")
+            if selection_metric is None:  # a warm retrain: no validation phase, its training loss
+                _plot(curve_df, tmp / "train_curve.png", "training loss", "train_loss",
+                      "warm retrain: training loss per epoch (train + valid)")
+            else:
+                _plot(curve_df, tmp / "train_curve.png", f"validation {selection_metric}")
         log.wrote(paths.model_dir, f"{len(finals)} model(s), selected {best}")
 
         io.write_text(curve_df.drop(columns="seconds").to_csv(index=False), paths.plots_dir / "train_curve.csv")
