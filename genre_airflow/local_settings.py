@@ -29,12 +29,25 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: What the tasks import themselves (not the ``genre <stage>`` processes DVC starts: those exec
-#: a fresh interpreter and gain nothing from a preload).
+#: What the tasks import themselves, the stages they run in-process included (with
+#: ``GENRE_STAGE_INPROCESS=0`` the ``genre <stage>`` processes DVC starts exec a fresh interpreter
+#: and gain nothing from a preload).
 DEFAULT_MODULES: tuple[str, ...] = (
     "mlflow",                             # every stage task: run lock + stage logging
     "great_expectations",                 # feedback validate_batch
     "torch",                              # prequential: the champion's pyfunc model
+    # the stages now run in the task process (genre_tasks/registry/repro.py): what their first
+    # call imports is paid by every task otherwise. torch.use_deterministic_algorithms (train)
+    # imports torch._inductor (~2.4 s); the train / evaluate plots import pyplot (~0.5 s)
+    "torch._inductor.config",
+    "matplotlib.pyplot",
+    "genre_tasks.models.train",
+    "genre_tasks.evaluation.evaluate",
+    "genre_tasks.registry.promote",
+    # every pyfunc load (prequential, the warm start, promote's champion) checks the model's pip
+    # requirements against the installed packages; MLflow maps modules to packages by reading
+    # every installed distribution's metadata, once per process: ~2.2 s
+    "mlflow.utils.requirements_utils:_init_modules_to_packages_map",
     "dvc.repo",                           # stage tasks: dvc push through DVC's API
     "dvc.repo.push",
     "genre_tasks.registry.tracking",

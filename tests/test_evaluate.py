@@ -312,3 +312,41 @@ def test_stage_without_models_and_with_bad_inputs(tmp_path, fake_train):
         main(params, paths)
     with pytest.raises(StageError, match="missing"):
         main(params, S.Paths(tmp_path / "empty"))
+
+
+def _impressions_by_definition(ds: D.Dataset, phase: str, fit: D.FitData) -> list:
+    """The impressions as defined: rows of ``phase`` whose user has a history, one impression per
+    impression id (else per user) in key order, an item shown twice kept once with its last label
+    (row order otherwise kept), only impressions with both labels."""
+    rows = ds.interactions[ds.interactions[S.SPLIT] == phase]
+    rows = rows[[len(fit.histories[u]) > 0 for u in rows[S.USER_IDX]]]
+    key = S.IMPRESSION_ID if rows[S.IMPRESSION_ID].notna().any() else S.USER_IDX
+    rows = rows[rows[key].notna()]
+    out = []
+    for _, g in rows.groupby(key, sort=True):
+        g = g.drop_duplicates(S.ITEM_IDX, keep="last")
+        labels = g[S.POSITIVE].to_numpy().astype(np.int8)
+        if 0 < labels.sum() < len(labels):
+            out.append((int(g[S.USER_IDX].iloc[0]), g[S.ITEM_IDX].to_numpy(np.int64), labels))
+    return out
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_impressions_follow_their_definition(with_ids):
+    ds = synthetic_dataset()
+    inter = ds.interactions.copy()
+    test = inter.index[inter[S.SPLIT] == "test"]
+    # an item shown twice to a user, first liked then not: its last label counts
+    dup = inter.loc[[test[0]]].assign(**{S.POSITIVE: ~inter.loc[test[0], S.POSITIVE]})
+    inter = pd.concat([inter, dup], ignore_index=True)
+    if with_ids:  # MIND-like: two impressions per user, ids not in user order
+        test = inter.index[inter[S.SPLIT] == "test"]
+        inter[S.IMPRESSION_ID] = None
+        inter.loc[test, S.IMPRESSION_ID] = [f"imp-{(9 - u % 10)}-{i % 2}"
+                                            for i, u in enumerate(inter.loc[test, S.USER_IDX])]
+    ds = dataclasses.replace(ds, interactions=inter)
+    fit, ev = ds.phase("test")
+    want = _impressions_by_definition(ds, "test", fit)
+    assert len(want) > 3 and len(ev.impressions) == len(want)
+    for (u, items, labels), (wu, witems, wlabels) in zip(ev.impressions, want):
+        assert u == wu and np.array_equal(items, witems) and np.array_equal(labels, wlabels)

@@ -117,6 +117,16 @@ def test_pipeline_run_logs_params_curves_metrics_artifacts_and_lineage(project):
     assert {("interactions-trainvalid", "training"), ("interactions-test", "test"), ("items", "training")} <= inputs
     digest = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert digest["interactions-test"].startswith(io.file_md5(project.interactions)[:10])
+    # the profile counts every row (the schema is inferred from the first rows only)
+    import json
+
+    import pandas as pd
+
+    inter = pd.read_parquet(project.interactions)
+    ds = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert json.loads(ds["interactions-test"].profile)["num_rows"] == int((inter["split"] == "test").sum())
+    cols = {c["name"] for c in json.loads(ds["interactions-test"].schema)["mlflow_colspec"]}
+    assert {"user_id", "item_id", "split"} <= cols
     # one nested child run per strategy, per-epoch metrics with epoch steps
     child = cl.get_run(summary["children"]["content"])
     assert child.data.tags["mlflow.parentRunId"] == run_id

@@ -163,11 +163,20 @@ def build_eval(phase: Phase, items: pd.DataFrame, inter: pd.DataFrame, fit: FitD
     imp_rows = rows[has_history[rows[S.USER_IDX].to_numpy()]]
     if imp_key == S.IMPRESSION_ID:
         imp_rows = imp_rows[imp_rows[S.IMPRESSION_ID].notna()]
-    for _, g in imp_rows.groupby(imp_key, sort=True):
-        g = g.drop_duplicates(S.ITEM_IDX, keep="last")
-        labels = g[S.POSITIVE].to_numpy().astype(np.int8)
+    # one impression per key (in key order): its items in row order, an item shown twice counted
+    # once with its last label; kept only if it has both a positive and a negative
+    kept = imp_rows.drop_duplicates([imp_key, S.ITEM_IDX], keep="last")
+    keys = kept[imp_key].to_numpy()
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    user_col = kept[S.USER_IDX].to_numpy(np.int64)[order]
+    item_col = kept[S.ITEM_IDX].to_numpy(np.int64)[order]
+    label_col = kept[S.POSITIVE].to_numpy().astype(np.int8)[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    for a, b in zip(starts, np.r_[starts[1:], len(keys)].astype(np.int64)):
+        labels = label_col[a:b]
         if 0 < labels.sum() < len(labels):
-            impressions.append((int(g[S.USER_IDX].iloc[0]), g[S.ITEM_IDX].to_numpy(np.int64), labels))
+            impressions.append((int(user_col[a]), item_col[a:b], labels))
 
     ev = EvalData(phase=phase, users=users, targets=targets, impressions=impressions)
     if S.COLD in items and items[S.COLD].notna().any():
