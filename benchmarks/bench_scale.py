@@ -19,15 +19,25 @@ with the growth factor against the smallest scale run.
 What the benchmark changes from params.yaml, printed in its output too: ``train.strategies:
 [content]`` with few epochs and one seed (the ease/fusion strategies hold a dense items x items
 EASE matrix: they are bounded by the evaluate baseline's ``ease_max_items`` logic only in
-evaluate), ``evaluate.max_users`` (a seeded user sample, stated in metrics/evaluate.json) and the
+evaluate), ``train.negatives`` (``--negatives``, default 100 sampled negatives per positive:
+a training step then scores the batch's positives and negatives only, so its cost is bounded by
+the batch, not the catalogue; 0 = the full softmax over every item, users x items per epoch),
+``evaluate.max_users`` (a seeded user sample, stated in metrics/evaluate.json) and the
 default ``evaluate.ease_max_items`` (EASE skipped above it with a log line). The encoder is the
 real MiniLM at every scale run (no cheaper text path).
+
+``--reuse-data`` keeps a scale folder's generated source data (re-run some stages, e.g. train and
+evaluate with another ``--negatives``); ``--stage-timeout`` stops a stage that runs longer (its
+row says ``"exit": "timeout"`` with the wall time and peak RSS up to then; the train stage logs
+its s/batch every minute, so the log shows how far it got). Each stage's key figures (train:
+seconds per epoch, valid nDCG@10; evaluate: test nDCG@10 per model) are printed after it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +63,8 @@ GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "
 RATING_P = [0.061, 0.114, 0.271, 0.341, 0.213]
 WORDS = ("night day love war star dark last city blue river game house king road story girl man "
          "world heart time ghost secret summer winter fire water stone wild lost big little").split()
+#: exit code of a stage stopped by ``--stage-timeout``
+TIMEOUT = -1000
 STAGES = ("source", "ingest", "validate", "preprocess", "embed", "genre", "train", "evaluate")
 
 
@@ -126,28 +138,61 @@ def generate(scale: float, out: Path, seed: int = 0, zipf_a: float = 1.0) -> dic
             "user_ratings_min_median_max": [int(per_user.min()), int(per_user.median()), int(per_user.max())]}
 
 
-def overrides(scale: float, epochs: int, max_users: int | None) -> dict:
+def overrides(scale: float, epochs: int, max_users: int | None, negatives: int = 0) -> dict:
     return {
         "ingest": {"adapter": "tabular",
                    "tabular": {"items": "items.csv", "interactions": "interactions.csv",
                                "text_fields": ["title", "genres"]}},
         "embed": {"show_progress": False},
-        "train": {"strategies": ["content"], "extra_seeds": [], "epochs": epochs, "patience": 1},
+        "train": {"strategies": ["content"], "extra_seeds": [], "epochs": epochs, "patience": 1,
+                  "negatives": negatives},
         "evaluate": {"itemknn_k": [50], "ease_lambda": [250.0], "max_users": max_users},
     }
 
 
-def run_stage(root: Path, override: Path, stage: str, log) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB of the stage's process tree as waited for, exit code)."""
+def run_stage(root: Path, override: Path, stage: str, log, timeout: float | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB of the stage's process tree as waited for, exit code).
+
+    ``timeout``: the stage's process group is sent SIGTERM after that many seconds (exit code
+    :data:`TIMEOUT`); its peak RSS up to then is still reported."""
     cmd = [sys.executable, "-m", "genre_tasks.cli", "--root", str(root), "--params",
            str(root / "params.yaml"), "--override", str(override), stage]
     env = {**os.environ, "GENRE_PROJECT_ROOT": str(root), "HF_HUB_OFFLINE": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if timeout is not None else 0)
+        if pid:
+            break
+        if not timed_out and time.perf_counter() - t0 > timeout:
+            os.killpg(proc.pid, signal.SIGTERM)
+            timed_out = True
+        time.sleep(1.0)
+    proc.returncode = TIMEOUT if timed_out else os.waitstatus_to_exitcode(status)
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, proc.returncode
+
+
+def report(root: Path, scale: float, stage: str) -> None:
+    """The figures of ``stage``'s metrics file worth a line next to its time."""
+    f = root / "metrics" / f"{stage}.json"
+    if not f.exists():
+        return
+    rep = json.loads(f.read_text())
+    if stage == "train":
+        for name, r in rep.get("strategies", {}).items():
+            print(f"x{scale:g} train {name}: seconds_per_epoch {r.get('seconds_per_epoch')}, epochs "
+                  f"{r.get('epochs_run')} + {r.get('epochs_refit')} refit, examples {r.get('examples_valid')}, "
+                  f"valid nDCG@10 {r.get('valid_ndcg@10')}")
+    elif stage == "evaluate":
+        print(f"x{scale:g} evaluate: eval_users {json.dumps(rep.get('eval_users'))}; "
+              f"skipped_baselines {json.dumps(rep.get('skipped_baselines'))}")
+        print(f"x{scale:g} evaluate: test nDCG@10 " + ", ".join(
+            f"{name} {m['ndcg@10']:.4f}" for name, m in rep.get("models", {}).items()))
+    elif stage == "embed":
+        print(f"x{scale:g} embed: {rep['n_texts_encoded']} texts encoded in {rep['encode_seconds']} s "
+              f"({rep['texts_per_second']} texts/s)")
 
 
 def main() -> None:
@@ -157,6 +202,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--eval-max-users", type=int, default=2000)
+    ap.add_argument("--negatives", type=int, default=100,
+                    help="train.negatives: sampled negatives per positive (0 = the full softmax over every item)")
+    ap.add_argument("--reuse-data", action="store_true",
+                    help="keep data/source of a scale folder that has it (no new generation)")
+    ap.add_argument("--stage-timeout", type=float, default=None,
+                    help="stop a stage after this many seconds (its row: exit 'timeout', peak RSS up to then)")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -165,38 +216,36 @@ def main() -> None:
     table = []
     for scale in args.scales:
         root = work / f"x{scale:g}"
-        t0 = time.perf_counter()
-        data = generate(scale, root / "data" / "source", args.seed)
-        data["generate_seconds"] = round(time.perf_counter() - t0, 1)
-        print("data:", json.dumps(data))
+        src = root / "data" / "source"
+        if args.reuse_data and (src / "items.csv").exists() and (src / "interactions.csv").exists():
+            print(f"data: reusing {src}")
+        else:
+            t0 = time.perf_counter()
+            data = generate(scale, src, args.seed)
+            data["generate_seconds"] = round(time.perf_counter() - t0, 1)
+            print("data:", json.dumps(data))
         if args.generate_only:
             continue
         # merged into the scratch root's params.yaml (evaluate settings are refused in override files)
-        over = overrides(scale, args.epochs, args.eval_max_users)
+        over = overrides(scale, args.epochs, args.eval_max_users, args.negatives)
         params = config.deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), over)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         (root / "scale.yaml").write_text("{}\n")
         print(f"x{scale:g} changes to params.yaml: {json.dumps(over)}")
-        with open(root / "bench.log", "w") as log:
+        with open(root / "bench.log", "a") as log:
             for stage in args.stages:
-                sec, rss, code = run_stage(root, root / "scale.yaml", stage, log)
+                (root / "metrics" / f"{stage}.json").unlink(missing_ok=True)  # no stale figures
+                sec, rss, code = run_stage(root, root / "scale.yaml", stage, log, args.stage_timeout)
                 row = {"scale": scale, "stage": stage, "seconds": round(sec, 1), "peak_rss_mib": round(rss),
-                       "exit": code}
+                       "exit": "timeout" if code == TIMEOUT else code}
                 table.append(row)
                 print(json.dumps(row), flush=True)
+                report(root, scale, stage)
                 if code != 0:
-                    print(f"x{scale:g} {stage} FAILED (exit {code}); see {root / 'bench.log'}")
+                    why = (f"STOPPED after --stage-timeout {args.stage_timeout:g} s" if code == TIMEOUT
+                           else f"FAILED (exit {code})")
+                    print(f"x{scale:g} {stage} {why}; see {root / 'bench.log'}")
                     break
-        ev = root / "metrics" / "evaluate.json"
-        if ev.exists():
-            rep = json.loads(ev.read_text())
-            print(f"x{scale:g} evaluate: eval_users {json.dumps(rep.get('eval_users'))}; "
-                  f"skipped_baselines {json.dumps(rep.get('skipped_baselines'))}")
-        em = root / "metrics" / "embed.json"
-        if em.exists():
-            rep = json.loads(em.read_text())
-            print(f"x{scale:g} embed: {rep['n_texts_encoded']} texts encoded in {rep['encode_seconds']} s "
-                  f"({rep['texts_per_second']} texts/s)")
     if not table:
         return
     df = pd.DataFrame(table)

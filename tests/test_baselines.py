@@ -143,6 +143,26 @@ def test_itemknn_keeps_the_top_k_cosine_neighbours(phases):
     assert ((s[0] > 0) == ((knn[:, 2] > 0) | (knn[:, 9] > 0))).all()
 
 
+def test_itemknn_blocks_are_bounded_by_cells_not_by_the_catalogue(phases, monkeypatch):
+    """A big catalogue shrinks the item blocks (block x I dense cells at most), same neighbours."""
+    _, (fit, _) = phases
+    ref = B.ItemKNN(k=5).fit(fit).neighbours.toarray()
+    shapes = []
+    real = np.argpartition
+
+    def spy(a, *args, **kwargs):
+        shapes.append(np.shape(a))
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(B.ItemKNN, "block_cells", 3 * fit.n_items + 1)
+    monkeypatch.setattr(B.np, "argpartition", spy)
+    small = B.ItemKNN(k=5).fit(fit).neighbours.toarray()
+    monkeypatch.undo()
+    assert shapes and max(r * c for r, c in shapes) <= 3 * fit.n_items
+    assert {r for r, _ in shapes} == {3} | ({fit.n_items % 3} - {0})
+    assert np.allclose(small, ref)
+
+
 def test_content_mean_is_the_cosine_to_the_mean_history_vector(phases):
     _, (fit, _) = phases
     rec = B.ContentMean().fit(fit)

@@ -161,6 +161,74 @@ def test_training_is_deterministic(synth, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_sampled_step_scores_only_the_sampled_items(synth):
+    """negatives > 0: the step's scores equal the [batch, distinct items] formulation, but no
+    tensor of that shape (or batch x catalogue) is ever formed: a step's cost is bounded by the
+    batch, not by the catalogue."""
+    from torch.overrides import TorchFunctionMode
+
+    _, _, fit, _, _, _ = synth
+    k, bs = 3, 32
+    p = dataclasses.replace(P, negatives=k, batch_size=bs)
+    net = tower.TwoTower("content", fit.n_items, VEC_DIM, len(fit.genre_names), dim=p.dim, hidden=p.hidden,
+                         history_max=p.history_max, dropout=0.0)
+    tr = tower.Trainer(net, fit, loss="softmax", negatives=k, negative_sampling="popularity",
+                       logq_correction=False, batch_size=bs, lr=p.lr, weight_decay=0.0, use_genres=True,
+                       genre_names=fit.genre_names, seed=0)
+    hist, mask, target = tr._batch(np.arange(bs))
+    neg = torch.from_numpy(tr._sample(bs))
+    n_distinct = len(torch.unique(torch.cat([hist.reshape(-1), target, neg.reshape(-1)])))
+    assert n_distinct > max(p.dim, p.history_max, k + 1)  # else the check below proves nothing
+
+    class Shapes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                          if isinstance(t, torch.Tensor)]
+            return out
+
+    net.eval()  # no dropout: the two formulations see the same network
+    with Shapes() as rec:
+        s_pos, s_neg = tr.sampled_scores(hist, mask, target, neg)
+    wide = [s for s in rec.seen if len(s) == 2 and s[0] == bs and s[1] > max(p.dim, p.history_max, k + 1)]
+    assert not wide, wide
+    assert s_pos.shape == (bs,) and s_neg.shape == (bs, k)
+    # the reference: every item of the catalogue scored, then the target / negatives picked
+    with torch.no_grad():
+        rep, bias = net.items(tr.cat, torch.arange(fit.n_items + 1))
+        u, _ = net.pool(rep, hist, mask)
+        full = u @ rep.T + bias
+    assert torch.allclose(s_pos, full.gather(1, target[:, None])[:, 0], atol=1e-5)
+    assert torch.allclose(s_neg, full.gather(1, neg), atol=1e-5)
+
+
+def test_validation_scores_users_in_cell_bounded_batches(synth, fitted, monkeypatch):
+    from genre_tasks.models import validation
+
+    _, _, fit, ev, _, _ = synth
+    rec = fitted["content"].recommender
+    ref = validation.validation_ndcg(rec, fit, ev, seed=3)
+    sizes = []
+    real = rec.score
+    monkeypatch.setattr(rec, "score", lambda h, data: sizes.append(len(h)) or real(h, data))
+    monkeypatch.setattr(validation, "BATCH_CELLS", 5 * fit.n_items)
+    assert validation.validation_ndcg(rec, fit, ev, seed=3) == pytest.approx(ref, abs=1e-12)
+    assert max(sizes) == 5 and sum(sizes) == len(ev.users)
+
+
+def test_long_epochs_log_their_rate(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="genre.train"):
+        out = list(M.logged_progress(range(3), "train content valid epoch 1", every=0.0))
+    assert out == [0, 1, 2]
+    assert "train content valid epoch 1: batch 3/3" in caplog.text and "s/batch" in caplog.text
+
+
 def test_early_stopping_respects_patience(synth):
     _, _, fit, ev, _, _ = synth
     res = M.fit_model(dataclasses.replace(P, epochs=40, patience=2), "collaborative", fit, ev,

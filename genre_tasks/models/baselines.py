@@ -11,7 +11,8 @@
 
 All of them score from the ``histories`` they are given (binary row vectors built from the
 item_idx lists), not from the fit users, so a fitted baseline scores new users too. Memory is
-bounded by working in blocks of items (ItemKNN) and of users (scoring); EASE needs a dense
+bounded by working in blocks of items (ItemKNN: at most ``ItemKNN.block_cells`` dense cells
+per block) and of users (scoring); EASE needs a dense
 [I, I] float64 matrix and refuses catalogues above ``EASE.max_items``.
 """
 from __future__ import annotations
@@ -110,6 +111,11 @@ class ItemKNN:
 
     name = "ItemKNN"
 
+    #: dense cells [block items, I] of one co-occurrence block (2**24: 64 MiB float32, as much
+    #: again for the top-k's negated copy, twice that for its int64 indices): 1,024 items per
+    #: block at 16,820 items, 99 at 168,200
+    block_cells = 2 ** 24
+
     def __init__(self, k: int = 50, block: int = 1024) -> None:
         if k < 1:
             raise ValueError(f"ItemKNN: k must be >= 1, got {k}")
@@ -125,9 +131,12 @@ class ItemKNN:
         norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)
         inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
         k = min(self.k, max(n_items - 1, 1))
+        # memory is bounded by the block (block x I dense cells), not by the catalogue; time is
+        # still the items x items co-occurrence (one pass over each user's positives squared)
+        block = max(1, min(self.block, self.block_cells // max(n_items, 1)))
         rows, cols, vals = [], [], []
-        for lo in range(0, n_items, self.block):
-            hi = min(lo + self.block, n_items)
+        for lo in range(0, n_items, block):
+            hi = min(lo + block, n_items)
             sim = (xt[lo:hi] @ x).toarray()  # [b, I] co-occurrence counts
             sim *= inv[lo:hi, None]
             sim *= inv[None, :]

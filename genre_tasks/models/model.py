@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -289,8 +290,9 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
         best_state = None
         for e in range(1, epochs + 1):
             t0 = time.perf_counter()
-            bar = (lambda it, e=e: tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch",
-                                        leave=False, disable=None if show_progress else True))
+            bar = (lambda it, e=e: logged_progress(
+                tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch", leave=False,
+                     disable=None if show_progress else True), f"train {strategy} {fit.phase} epoch {e}"))
             loss = trainer.epoch(bar)
             seconds = time.perf_counter() - t0
             ndcg = validation_ndcg(rec, fit, ev, p.seed) if use_eval else None
@@ -317,6 +319,24 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
     return FitResult(recommender=rec, curve=curve, best_epoch=best_epoch,
                      best_ndcg=best if use_eval else float("nan"), n_examples=trainer.n_examples,
                      seconds=time.perf_counter() - t_start)
+
+
+#: seconds between two progress lines of a training epoch (:func:`logged_progress`)
+PROGRESS_SECONDS = 60.0
+
+
+def logged_progress(it, desc: str, every: float = PROGRESS_SECONDS, log: logging.Logger | None = None):
+    """Yield from ``it``, logging ``desc: batch i/n, s/batch`` at most every ``every`` seconds
+    (a long epoch shows its rate in the stage log, where the tqdm bar is off)."""
+    log = log or logging.getLogger("genre.train")
+    n = len(it) if hasattr(it, "__len__") else None
+    t0 = last = time.perf_counter()
+    for i, x in enumerate(it, 1):
+        yield x
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            log.info("%s: batch %d/%s, %.3f s/batch", desc, i, n if n is not None else "?", (now - t0) / i)
 
 
 def untimed(curve: list[dict]) -> list[dict]:

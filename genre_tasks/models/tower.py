@@ -397,6 +397,23 @@ class Trainer:
                          if len(self.dis_items) else 0, 0)
         return torch.from_numpy(items.astype(np.int64)), torch.from_numpy(has)
 
+    def sampled_scores(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+                       neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the targets [B] and of the sampled negatives ``neg`` [B, k] (training mode).
+
+        The item tower runs once over the distinct items of the batch (histories, targets,
+        negatives: at most B * (history_max + 1 + k) rows, whatever the catalogue's size), and
+        only the scores the loss uses are formed: not the [B, distinct items] matrix, which
+        grows to B * (history_max + k) columns on a big catalogue."""
+        B, n_h = len(target), hist.numel()
+        uniq, inv = torch.unique(torch.cat([hist.reshape(-1), target, neg.reshape(-1)]), return_inverse=True)
+        rep, bias = self.net.items(self.cat, uniq, drop_ids=True)
+        u, _ = self.net.pool(rep, inv[:n_h].reshape(hist.shape), mask)
+        t_row, n_rows = inv[n_h:n_h + B], inv[n_h + B:].reshape(B, -1)
+        s_pos = (u * rep[t_row]).sum(1) + bias[t_row]
+        s_neg = torch.bmm(rep[n_rows], u.unsqueeze(2)).squeeze(2) + bias[n_rows]
+        return s_pos, s_neg
+
     def step(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
              dislikes: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         net = self.net
@@ -417,14 +434,7 @@ class Trainer:
                 loss = loss + self.dislike_weight * pair.mean()
         else:
             neg = torch.from_numpy(self._sample(B))
-            n_h = hist.numel()
-            uniq, inv = torch.unique(torch.cat([hist.reshape(-1), target, neg.reshape(-1)]),
-                                     return_inverse=True)
-            rep, bias = net.items(self.cat, uniq, drop_ids=True)
-            u, _ = net.pool(rep, inv[:n_h].reshape(hist.shape), mask)
-            logits = u @ rep.T + bias  # [B, U]: every distinct item of the batch
-            s_pos = logits.gather(1, inv[n_h:n_h + B].unsqueeze(1)).squeeze(1)
-            s_neg = logits.gather(1, inv[n_h + B:].reshape(B, -1))
+            s_pos, s_neg = self.sampled_scores(hist, mask, target, neg)
             same = neg == target.unsqueeze(1)
             if self.loss == "bpr":
                 diff = s_pos.unsqueeze(1) - s_neg

@@ -21,13 +21,22 @@ def eval_users(ev: EvalData) -> tuple[np.ndarray, list, np.ndarray | None]:
     return ev.users, ev.targets, None
 
 
+#: score cells [users, items] per batch of :func:`validation_ndcg` (2**23 float32 = 32 MiB; the
+#: same bound as evaluate's protocol.BATCH_CELLS): 2,048 users at 1,682 items, 49 at 168,200
+BATCH_CELLS = 2 ** 23
+
+
 def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int = 2048) -> float:
-    """Mean nDCG@10 of ``rec`` on ``ev`` (seen items of ``fit`` excluded); NaN without users."""
+    """Mean nDCG@10 of ``rec`` on ``ev`` (seen items of ``fit`` excluded); NaN without users.
+
+    Users are scored ``batch`` at a time, fewer on a big catalogue (at most :data:`BATCH_CELLS`
+    score cells per batch); the result does not depend on the batch size."""
     from genre_tasks.evaluation import metrics
 
     users, targets, candidates = eval_users(ev)
     if users is None or len(users) == 0:
         return float("nan")
+    batch = max(1, min(batch, BATCH_CELLS // max(fit.n_items, 1)))
     tie = metrics.tie_order(fit.n_items, seed)
     seen = fit.seen.tocsr()
     out = []
