@@ -478,9 +478,8 @@ def fit_warm(p: TrainParams, source: Any, ds: Dataset, paths: S.Paths,
     results: dict[str, dict] = {}
     curves: list[dict] = []
     keep = {"warm_from": p.warm_from, "fit_phase": "test", "seed": p.seed, "selection_metric": None}
-    ease_src = source.ease if isinstance(source, fusion.FusionRecommender) else source
-    tower_src = source.tower if isinstance(source, fusion.FusionRecommender) else (
-        None if isinstance(source, linear.EaseRecommender) else source)
+    ease_src = getattr(source, "ease", source)  # a fusion model's EASE, or an EASE champion
+    _, tower_src = warm_plan(source)
     if isinstance(ease_src, linear.EaseRecommender):
         t0 = time.perf_counter()
         rec = linear.fit_ease(fit_t, ease_src.lam)
