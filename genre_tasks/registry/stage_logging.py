@@ -148,9 +148,8 @@ def log_lineage(run_id: str, paths: S.Paths) -> list[str]:
     ``test``) and the item table (``training``). Each digest starts with the md5 of its source
     file and each input is tagged with that md5 (``dvc_md5``), the combined ``data_hash`` and the
     split mode. Returns ``["name:context", ...]``."""
-    import warnings
-
     import json
+    import warnings
 
     import mlflow
     import pandas as pd
