@@ -23,7 +23,7 @@ repro: setup
 
 test: setup
 	bash scripts/system-deps.sh
-	$(ENV) pytest -q
+	$(ENV) pytest -q --durations=25
 
 test-fast: setup  ## unit tier only: the edit-test loop (no slow or end-to-end tests)
 	$(ENV) pytest -q -m "not slow and not e2e"

@@ -19,12 +19,15 @@ with the growth factor against the smallest scale run.
 What the benchmark changes from params.yaml, printed in its output too: ``train.strategies:
 [content]`` with few epochs and one seed (the ease/fusion strategies hold a dense items x items
 EASE matrix: they are bounded by the evaluate baseline's ``ease_max_items`` logic only in
-evaluate), ``train.negatives`` (``--negatives``, default 100 sampled negatives per positive:
-a training step then scores the batch's positives and negatives only, so its cost is bounded by
-the batch, not the catalogue; 0 = the full softmax over every item, users x items per epoch),
-``evaluate.max_users`` (a seeded user sample, stated in metrics/evaluate.json) and the
-default ``evaluate.ease_max_items`` (EASE skipped above it with a log line). The encoder is the
-real MiniLM at every scale run (no cheaper text path).
+evaluate), ``train.negatives`` (``--negatives``, default 4,000 sampled negatives shared by a
+batch, ``negative_sharing: batch`` with ``logq_correction``: a training step then scores the
+batch's positives and those negatives only, so its cost is bounded by the batch, not the
+catalogue; 0 = the full softmax over every item, users x items per epoch),
+``train.valid_max_users`` and ``evaluate.max_users`` (``--eval-max-users``: seeded user samples,
+stated in metrics/train.json and metrics/evaluate.json) and the default
+``evaluate.ease_max_items`` / ``itemknn_max_items`` (those baselines skipped above them with a
+log line). ``--set section.key=JSON`` changes one more param (e.g. ``--set train.refit=false``).
+The encoder is the real MiniLM at every scale run (no cheaper text path).
 
 ``--reuse-data`` keeps a scale folder's generated source data (re-run some stages, e.g. train and
 evaluate with another ``--negatives``); ``--stage-timeout`` stops a stage that runs longer (its
@@ -138,16 +141,26 @@ def generate(scale: float, out: Path, seed: int = 0, zipf_a: float = 1.0) -> dic
             "user_ratings_min_median_max": [int(per_user.min()), int(per_user.median()), int(per_user.max())]}
 
 
-def overrides(scale: float, epochs: int, max_users: int | None, negatives: int = 0) -> dict:
-    return {
+def overrides(scale: float, epochs: int, max_users: int | None, negatives: int = 0,
+              sets: list[str] = ()) -> dict:
+    """The bench's changes to params.yaml, then each ``section.key=JSON`` of ``sets`` on top."""
+    over = {
         "ingest": {"adapter": "tabular",
                    "tabular": {"items": "items.csv", "interactions": "interactions.csv",
                                "text_fields": ["title", "genres"]}},
         "embed": {"show_progress": False},
         "train": {"strategies": ["content"], "extra_seeds": [], "epochs": epochs, "patience": 1,
-                  "negatives": negatives},
+                  "negatives": negatives, "negative_sharing": "batch", "logq_correction": True,
+                  "valid_max_users": max_users},
         "evaluate": {"itemknn_k": [50], "ease_lambda": [250.0], "max_users": max_users},
     }
+    for item in sets:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected section.key=JSON, e.g. train.refit=false")
+        over.setdefault(section, {})[name] = json.loads(value)
+    return over
 
 
 def run_stage(root: Path, override: Path, stage: str, log, timeout: float | None = None) -> tuple[float, float, int]:
@@ -202,12 +215,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--eval-max-users", type=int, default=2000)
-    ap.add_argument("--negatives", type=int, default=100,
-                    help="train.negatives: sampled negatives per positive (0 = the full softmax over every item)")
+    ap.add_argument("--negatives", type=int, default=4000,
+                    help="train.negatives: sampled negatives shared by a batch, logQ-corrected "
+                         "(0 = the full softmax over every item)")
     ap.add_argument("--reuse-data", action="store_true",
                     help="keep data/source of a scale folder that has it (no new generation)")
     ap.add_argument("--stage-timeout", type=float, default=None,
                     help="stop a stage after this many seconds (its row: exit 'timeout', peak RSS up to then)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=JSON",
+                    help="one more params change, e.g. --set train.refit=false (repeatable; printed)")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -227,7 +243,7 @@ def main() -> None:
         if args.generate_only:
             continue
         # merged into the scratch root's params.yaml (evaluate settings are refused in override files)
-        over = overrides(scale, args.epochs, args.eval_max_users, args.negatives)
+        over = overrides(scale, args.epochs, args.eval_max_users, args.negatives, args.sets)
         params = config.deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), over)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         (root / "scale.yaml").write_text("{}\n")

@@ -256,25 +256,27 @@ def test_stage_cold_items_split(tmp_path, fake_train):
     assert "cold nDCG@10" in (paths.root / "data" / "eval" / "comparison.md").read_text()
 
 
-def test_ease_baseline_is_skipped_above_its_item_limit(tmp_path, fake_train, caplog):
+@pytest.mark.parametrize("name,limit", [("EASE", "ease_max_items"), ("ItemKNN", "itemknn_max_items")])
+def test_quadratic_baselines_are_skipped_above_their_item_limit(tmp_path, fake_train, caplog, name, limit):
     paths = write_project(tmp_path)
     n_items = len(pd.read_parquet(paths.items))
-    params = {"evaluate": {**PARAMS["evaluate"], "ease_max_items": n_items - 1}}
+    params = {"evaluate": {**PARAMS["evaluate"], limit: n_items - 1}}
     with caplog.at_level("WARNING"):
         summary = main(params, paths)
     report = io.read_json(paths.metrics("evaluate"))
-    assert "EASE" not in report["models"] and "EASE" not in report["chosen_hyperparameters"]
-    assert f"{n_items:,} items > evaluate.ease_max_items={n_items - 1:,}" in report["skipped_baselines"]["EASE"]
+    assert name not in report["models"] and name not in report["chosen_hyperparameters"]
+    assert f"{n_items:,} items > evaluate.{limit}={n_items - 1:,}" in report["skipped_baselines"][name]
+    assert list(report["skipped_baselines"]) == [name]  # the other baseline still runs
     assert summary["skipped_baselines"] == report["skipped_baselines"]
-    assert any("EASE" in r.message and "SKIPPED" in r.message for r in caplog.records)
+    assert any(name in r.message and "SKIPPED" in r.message for r in caplog.records)
     # at the limit it runs
-    params["evaluate"]["ease_max_items"] = n_items
+    params["evaluate"][limit] = n_items
     at = write_project(tmp_path / "at")
     main(params, at)
     report = io.read_json(at.metrics("evaluate"))
-    assert "EASE" in report["models"] and report["skipped_baselines"] == {}
-    with pytest.raises(config.ParamsError, match="ease_max_items"):
-        main({"evaluate": {**PARAMS["evaluate"], "ease_max_items": 0}}, write_project(tmp_path / "bad"))
+    assert name in report["models"] and report["skipped_baselines"] == {}
+    with pytest.raises(config.ParamsError, match=limit):
+        main({"evaluate": {**PARAMS["evaluate"], limit: 0}}, write_project(tmp_path / "bad"))
 
 
 def test_evaluation_users_are_sampled_and_the_sample_is_stated(tmp_path, fake_train):

@@ -161,10 +161,11 @@ def test_training_is_deterministic(synth, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_sampled_step_scores_only_the_sampled_items(synth):
+@pytest.mark.parametrize("sharing", ["batch", "example"])
+def test_sampled_step_scores_only_the_sampled_items(synth, sharing):
     """negatives > 0: the step's scores equal the [batch, distinct items] formulation, but no
     tensor of that shape (or batch x catalogue) is ever formed: a step's cost is bounded by the
-    batch, not by the catalogue."""
+    batch, not by the catalogue. Shared negatives are one [k] draw for the whole batch."""
     from torch.overrides import TorchFunctionMode
 
     _, _, fit, _, _, _ = synth
@@ -174,9 +175,10 @@ def test_sampled_step_scores_only_the_sampled_items(synth):
                          history_max=p.history_max, dropout=0.0)
     tr = tower.Trainer(net, fit, loss="softmax", negatives=k, negative_sampling="popularity",
                        logq_correction=False, batch_size=bs, lr=p.lr, weight_decay=0.0, use_genres=True,
-                       genre_names=fit.genre_names, seed=0)
+                       genre_names=fit.genre_names, seed=0, negative_sharing=sharing)
     hist, mask, target = tr._batch(np.arange(bs))
     neg = torch.from_numpy(tr._sample(bs))
+    assert neg.shape == ((k,) if sharing == "batch" else (bs, k))
     n_distinct = len(torch.unique(torch.cat([hist.reshape(-1), target, neg.reshape(-1)])))
     assert n_distinct > max(p.dim, p.history_max, k + 1)  # else the check below proves nothing
 
@@ -203,7 +205,7 @@ def test_sampled_step_scores_only_the_sampled_items(synth):
         u, _ = net.pool(rep, hist, mask)
         full = u @ rep.T + bias
     assert torch.allclose(s_pos, full.gather(1, target[:, None])[:, 0], atol=1e-5)
-    assert torch.allclose(s_neg, full.gather(1, neg), atol=1e-5)
+    assert torch.allclose(s_neg, full.gather(1, neg.expand(bs, k)), atol=1e-5)
 
 
 def test_validation_scores_users_in_cell_bounded_batches(synth, fitted, monkeypatch):
@@ -216,8 +218,35 @@ def test_validation_scores_users_in_cell_bounded_batches(synth, fitted, monkeypa
     real = rec.score
     monkeypatch.setattr(rec, "score", lambda h, data: sizes.append(len(h)) or real(h, data))
     monkeypatch.setattr(validation, "BATCH_CELLS", 5 * fit.n_items)
+    tower_passes = []
+    real_items = rec.net.items
+    monkeypatch.setattr(rec.net, "items", lambda *a, **k: tower_passes.append(1) or real_items(*a, **k))
     assert validation.validation_ndcg(rec, fit, ev, seed=3) == pytest.approx(ref, abs=1e-12)
     assert max(sizes) == 5 and sum(sizes) == len(ev.users)
+    # one item-tower pass for all the batches (the scoring session), not one per batch
+    assert len(sizes) > 1 and len(tower_passes) == 1
+    assert rec._session is None  # closed: a later call on changed weights recomputes
+    rec.score([fit.histories[0]], fit)
+    assert len(tower_passes) == 2
+
+
+def test_evaluation_scores_a_two_tower_with_one_item_pass(synth, fitted, monkeypatch):
+    """evaluate's batches (protocol.evaluate_recommender) share one item-tower pass, also
+    through fusion and the part views; the metrics equal one batch for everyone."""
+    from genre_tasks.evaluation import protocol
+    from genre_tasks.evaluation.evaluate import PartView
+
+    _, _, fit, ev, _, _ = synth
+    rec = fitted["content"].recommender
+    ref = protocol.evaluate_recommender(rec, fit, ev, seed=1, batch_users=10_000)
+    passes = []
+    real_items = rec.net.items
+    monkeypatch.setattr(rec.net, "items", lambda *a, **k: passes.append(1) or real_items(*a, **k))
+    res = protocol.evaluate_recommender(rec, fit, ev, seed=1, batch_users=4)
+    assert len(passes) == 1
+    assert res.metrics == pytest.approx(ref.metrics, abs=1e-9)
+    protocol.evaluate_recommender(PartView(rec, "personal", "personal"), fit, ev, seed=1, batch_users=4)
+    assert len(passes) == 2
 
 
 def test_long_epochs_log_their_rate(caplog):
@@ -313,6 +342,8 @@ def test_empty_history_gets_the_fallback(synth, fitted):
     {"loss": "bpr", "pooling": "mean", "negative_sampling": "uniform"},
     {"negatives": 0, "use_genres": False},
     {"logq_correction": True, "ema_decay": 0.9},
+    {"negatives": 5, "negative_sharing": "batch", "logq_correction": True},
+    {"negatives": 5, "negative_sharing": "example", "loss": "bpr"},
     {"pooling": "self_attention", "dropout": 0.1},
 ])
 def test_loss_and_pooling_variants_train(synth, overrides):
@@ -363,6 +394,30 @@ def test_stage_writes_outputs_and_models_reload(synth, tmp_path):
     assert set(curve["strategy"]) == {"content", "collaborative"}
     assert (root.model_dir / "train_curve.png").stat().st_size > 1000
     assert not list(root.model_dir.glob(".*"))  # no temporary files left behind
+
+
+def test_validation_on_a_user_sample_is_stated(synth, tmp_path, caplog):
+    """train.valid_max_users: early stopping and selection on a seeded sample of valid users,
+    recorded in metrics/train.json and logged; the same sample on a re-run."""
+    paths, *_ = synth
+    params = {"train": {**dataclasses.asdict(dataclasses.replace(P, epochs=2, patience=1)),
+                        "strategies": ["content"], "valid_max_users": 7}}
+    with caplog.at_level("WARNING"):
+        train.main(params, copy_processed(paths, tmp_path / "a"))
+    m = io.read_json((tmp_path / "a" / "metrics" / "train.json"))
+    total = m["valid_users"]["users_total"]
+    assert total > 7 and m["valid_users"] == {"users_total": total, "users": 7, "sampled": True, "seed": P.seed}
+    assert "SAMPLE of users (train.valid_max_users=7" in caplog.text
+    again = copy_processed(paths, tmp_path / "b")
+    train.main(params, again)
+    assert io.read_json(again.metrics("train"))["strategies"]["content"]["valid_ndcg@10"] == \
+        m["strategies"]["content"]["valid_ndcg@10"]
+    params["train"]["valid_max_users"] = None
+    full = copy_processed(paths, tmp_path / "c")
+    train.main(params, full)
+    assert io.read_json(full.metrics("train"))["valid_users"]["sampled"] is False
+    with pytest.raises(config.ParamsError, match="valid_max_users"):
+        config.section(train.TrainParams, "train", {"train": {"valid_max_users": 0}})
 
 
 def test_refit_through_the_recommender_protocol(synth, fitted):

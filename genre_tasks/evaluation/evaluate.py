@@ -27,7 +27,6 @@ Writes
 """
 from __future__ import annotations
 
-import dataclasses
 
 import importlib
 import math
@@ -46,6 +45,13 @@ from genre_tasks import schema as S
 from genre_tasks.errors import StageError
 
 
+#: baselines that are skipped above a catalogue size: key -> (EvaluateParams field, why)
+ITEM_LIMITS: dict[str, tuple[str, str]] = {
+    "ease": ("ease_max_items", "a dense items x items inverse"),
+    "itemknn": ("itemknn_max_items", "an items x items co-occurrence, users' positives^2 in time"),
+}
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     seed: int = 42
@@ -56,6 +62,9 @@ class EvaluateParams:
     #: bytes and I^3 time; 10k items ~2.4 GB); above it, it is skipped with a log line and
     #: recorded under ``skipped_baselines`` in metrics/evaluate.json
     ease_max_items: int = 10_000
+    #: the ItemKNN baseline only up to this many items: its co-occurrence costs the sum over users
+    #: of positives^2 in time (1.5e10 at 168k items with heavy users: hours); skipped above, as EASE
+    itemknn_max_items: int = 20_000
     #: evaluate (valid tuning and test) on a seeded sample of at most this many users; null = all.
     #: Scoring costs users x items; the sample size is recorded under ``eval_users``
     max_users: int | None = None
@@ -63,8 +72,9 @@ class EvaluateParams:
     def validate(self) -> None:
         if self.max_users is not None and self.max_users < 1:
             raise config.ParamsError(f"evaluate.max_users: must be >= 1 or null, got {self.max_users}")
-        if self.ease_max_items < 1:
-            raise config.ParamsError(f"evaluate.ease_max_items: must be >= 1, got {self.ease_max_items}")
+        for key in ("ease_max_items", "itemknn_max_items"):
+            if getattr(self, key) < 1:
+                raise config.ParamsError(f"evaluate.{key}: must be >= 1, got {getattr(self, key)}")
         unknown = sorted(set(self.baselines) - set(B.BASELINES))
         if unknown:
             raise config.ParamsError(f"evaluate.baselines: unknown {unknown}; known: {sorted(B.BASELINES)}")
@@ -74,33 +84,6 @@ class EvaluateParams:
             raise config.ParamsError(f"evaluate.itemknn_k: need values >= 1, got {list(self.itemknn_k)}")
         if "ease" in self.baselines and (not self.ease_lambda or min(self.ease_lambda) <= 0):
             raise config.ParamsError(f"evaluate.ease_lambda: need values > 0, got {list(self.ease_lambda)}")
-
-
-def sample_users(ev: D.EvalData, max_users: int | None, seed: int) -> tuple[D.EvalData, dict]:
-    """``ev`` restricted to a seeded sample of at most ``max_users`` of its users (the union of
-    ranking, impression and cold users; each keeps all its targets / impressions), and a record
-    {users_total, users, sampled, seed}. Unchanged when ``max_users`` is None or not smaller."""
-    imp_users = [u for u, _, _ in ev.impressions]
-    everyone = np.unique(np.concatenate([np.asarray(ev.users, dtype=np.int64),
-                                         np.asarray(imp_users, dtype=np.int64),
-                                         np.asarray(ev.cold_users if ev.cold_users is not None else [],
-                                                    dtype=np.int64)]))
-    record = {"users_total": int(len(everyone)), "users": int(len(everyone)), "sampled": False,
-              "seed": seed}
-    if max_users is None or len(everyone) <= max_users:
-        return ev, record
-    keep = np.sort(np.random.default_rng(seed).choice(everyone, size=max_users, replace=False))
-    inside = set(keep.tolist())
-    sel = [i for i, u in enumerate(ev.users) if int(u) in inside]
-    out = dataclasses.replace(
-        ev, users=np.asarray(ev.users)[sel], targets=[ev.targets[i] for i in sel],
-        impressions=[x for x in ev.impressions if int(x[0]) in inside])
-    if ev.cold_users is not None:
-        csel = [i for i, u in enumerate(ev.cold_users) if int(u) in inside]
-        out = dataclasses.replace(out, cold_users=np.asarray(ev.cold_users)[csel],
-                                  cold_targets=[ev.cold_targets[i] for i in csel])
-    record.update(users=int(max_users), sampled=True)
-    return out, record
 
 
 #: tuned baseline key -> (grid attribute of EvaluateParams, name reported in chosen_hyperparameters)
@@ -256,6 +239,9 @@ class PartView:
     def score(self, histories, data):
         return self.rec.score(histories, data, part=self.part)
 
+    def scoring_session(self, data):
+        return D.scoring_session(self.rec, data)
+
 
 def has_parts(rec) -> bool:
     import inspect
@@ -324,10 +310,10 @@ def run(p: EvaluateParams, paths: S.Paths,
             if path.exists():
                 log.read(path)
         valid_fit, valid_ev = ds.phase("valid")
-        valid_ev, valid_sample = sample_users(valid_ev, p.max_users, p.seed)
+        valid_ev, valid_sample = D.sample_users(valid_ev, p.max_users, p.seed)
         valid = (valid_fit, valid_ev)
         test_fit, test_ev = ds.phase("test")
-        test_ev, test_sample = sample_users(test_ev, p.max_users, p.seed)
+        test_ev, test_sample = D.sample_users(test_ev, p.max_users, p.seed)
         test = (test_fit, test_ev)
         eval_users = {"max_users": p.max_users, "valid": valid_sample, "test": test_sample}
         if test_sample["sampled"]:
@@ -382,9 +368,10 @@ def run(p: EvaluateParams, paths: S.Paths,
         skipped: dict[str, str] = {}
         for key in p.baselines:
             name = B.BASELINES[key].name
-            if key == "ease" and len(ds.items) > p.ease_max_items:
-                skipped[name] = (f"{len(ds.items):,} items > evaluate.ease_max_items={p.ease_max_items:,} "
-                                 "(a dense items x items inverse)")
+            limit = ITEM_LIMITS.get(key)
+            if limit is not None and len(ds.items) > getattr(p, limit[0]):
+                skipped[name] = (f"{len(ds.items):,} items > evaluate.{limit[0]}={getattr(p, limit[0]):,} "
+                                 f"({limit[1]})")
                 log.logger.warning("%-14s SKIPPED: %s", name, skipped[name])
                 continue
             if name in kinds:

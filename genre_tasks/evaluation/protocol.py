@@ -112,37 +112,38 @@ def evaluate_recommender(rec: D.Recommender, fit: D.FitData, ev: D.EvalData, see
     full = {m: np.full(len(users), np.nan) for m in FULL_METRICS}
     imp = {m: np.full(len(imp_users), np.nan) for m in IMPRESSION_METRICS}
     cmet = {m: np.full(len(cold_users), np.nan) for m in COLD_METRICS}
-    for lo in range(0, len(everyone), batch_users):
-        batch = everyone[lo:lo + batch_users]
-        scores = score_users(rec, fit, batch)
-        tie = M.tie_keys(seed, batch, all_items)  # [batch, I]
+    with D.scoring_session(rec, fit):  # e.g. a two-tower's item tower once, not per batch
+        for lo in range(0, len(everyone), batch_users):
+            batch = everyone[lo:lo + batch_users]
+            scores = score_users(rec, fit, batch)
+            tie = M.tie_keys(seed, batch, all_items)  # [batch, I]
 
-        sel = np.flatnonzero(np.isin(users, batch))
-        if len(sel):
-            rows = np.searchsorted(batch, users[sel])
-            res = M.ranking_metrics(scores[rows], [ev.targets[i] for i in sel], tie=tie[rows],
-                                    exclude=seen[users[sel]])
-            for m in FULL_METRICS:
-                full[m][sel] = res[m]
-
-        sel = np.flatnonzero(np.isin(imp_users, batch))
-        if len(sel):
-            rows = np.searchsorted(batch, imp_users[sel])
-            items = [ev.impressions[i][1] for i in sel]
-            res = M.impression_metrics([scores[r, it] for r, it in zip(rows, items)],
-                                       [ev.impressions[i][2] for i in sel],
-                                       [tie[r, it] for r, it in zip(rows, items)])
-            for src, dst in _IMP_NAMES.items():
-                imp[dst][sel] = res[src]
-
-        if cold and len(cold_users):
-            sel = np.flatnonzero(np.isin(cold_users, batch))
+            sel = np.flatnonzero(np.isin(users, batch))
             if len(sel):
-                rows = np.searchsorted(batch, cold_users[sel])
-                res = M.ranking_metrics(scores[rows], [ev.cold_targets[i] for i in sel], tie=tie[rows],
-                                        exclude=seen[cold_users[sel]], candidates=ev.cold_items)
-                for m in COLD_METRICS:
-                    cmet[m][sel] = res[m.removeprefix("cold_")]
+                rows = np.searchsorted(batch, users[sel])
+                res = M.ranking_metrics(scores[rows], [ev.targets[i] for i in sel], tie=tie[rows],
+                                        exclude=seen[users[sel]])
+                for m in FULL_METRICS:
+                    full[m][sel] = res[m]
+
+            sel = np.flatnonzero(np.isin(imp_users, batch))
+            if len(sel):
+                rows = np.searchsorted(batch, imp_users[sel])
+                items = [ev.impressions[i][1] for i in sel]
+                res = M.impression_metrics([scores[r, it] for r, it in zip(rows, items)],
+                                           [ev.impressions[i][2] for i in sel],
+                                           [tie[r, it] for r, it in zip(rows, items)])
+                for src, dst in _IMP_NAMES.items():
+                    imp[dst][sel] = res[src]
+
+            if cold and len(cold_users):
+                sel = np.flatnonzero(np.isin(cold_users, batch))
+                if len(sel):
+                    rows = np.searchsorted(batch, cold_users[sel])
+                    res = M.ranking_metrics(scores[rows], [ev.cold_targets[i] for i in sel], tie=tie[rows],
+                                            exclude=seen[cold_users[sel]], candidates=ev.cold_items)
+                    for m in COLD_METRICS:
+                        cmet[m][sel] = res[m.removeprefix("cold_")]
 
     metrics = {**M.summarize(full, "n_users"), **M.summarize(imp, "n_impressions")}
     per_user = {**full, **imp}

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from genre_tasks.models.views import FitData
+from genre_tasks.models.views import FitData, scoring_session
 
 STRATEGY = "fusion"
 META_FILE = "meta.json"
@@ -121,6 +121,10 @@ class FusionRecommender:
         tower = standardise(self.tower.score(histories, data, part=part))
         ease = standardise(self.ease.score(histories, data)) if self.weight < 1.0 else 0.0
         return ((1.0 - self.weight) * ease + self.weight * tower + quality).astype(np.float32)
+
+    def scoring_session(self, data: FitData):
+        """The tower's scoring session (EASE has no per-call catalogue work)."""
+        return scoring_session(self.tower, data)
 
     def item_representations(self, data: FitData) -> np.ndarray:
         """The tower's item representations without its bias column [I, dim] (explanations and

@@ -8,6 +8,7 @@ the ``no_history_fallback`` scores instead (:func:`fallback_scores`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -79,6 +80,7 @@ class TorchRecommender:
         self.item_ids: list[str] = [str(i) for i in meta["item_ids"]]
         self.genre_names: list[str] = list(meta["genre_names"])
         self.fallback: str = self.params.get("no_history_fallback", "popularity")
+        self._session: tuple[FitData, tuple] | None = None
 
     # Recommender protocol
     def fit(self, data: FitData) -> "TorchRecommender":
@@ -99,10 +101,29 @@ class TorchRecommender:
 
     @torch.no_grad()
     def _items(self, data: FitData) -> tuple[torch.Tensor, torch.Tensor, Catalogue]:
+        """Item representations [I + 1, dim] (row I = padding, zero), biases [I + 1] and the
+        catalogue of ``data``; reused inside a :meth:`scoring_session` on the same ``data``."""
+        session = getattr(self, "_session", None)
+        if session is not None and session[0] is data:
+            return session[1]
         cat = self.catalogue(data)
         rep, bias = self.net.items(cat, torch.arange(data.n_items + 1))
         rep[data.n_items] = 0.0
         return rep, bias, cat
+
+    @contextlib.contextmanager
+    def scoring_session(self, data: FitData):
+        """Score calls on ``data`` inside it reuse one item-tower pass and one catalogue build
+        (features of every item) instead of one per call: per user batch, that work grows with
+        the catalogue. The network must not be trained inside it
+        (:func:`genre_tasks.models.views.scoring_session`)."""
+        before = getattr(self, "_session", None)
+        self._session = None
+        self._session = (data, self._items(data))
+        try:
+            yield self
+        finally:
+            self._session = before
 
     @torch.no_grad()
     def _users(self, histories: Sequence[np.ndarray], reps: torch.Tensor, pad: int,
@@ -274,7 +295,8 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
                 raise ValueError(f"warm start: {init.strategy} weights for a {strategy} model")
             net.load_state_dict(warm_state(net, init, fit.item_ids))
         trainer = Trainer(net, fit, loss=p.loss, negatives=p.negatives,
-                            negative_sampling=p.negative_sampling, logq_correction=p.logq_correction,
+                            negative_sampling=p.negative_sampling, negative_sharing=p.negative_sharing,
+                            logq_correction=p.logq_correction,
                             batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
                             use_genres=p.use_genres, genre_names=genre_names, seed=p.seed,
                             ema_decay=p.ema_decay, dislike_weight=p.dislike_weight)

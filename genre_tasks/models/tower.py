@@ -42,6 +42,8 @@ mentions (e.g. cold items) are never pushed down.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,8 +58,36 @@ from genre_tasks.models.views import FitData
 STRATEGIES = ("content", "collaborative", "hybrid")
 #: user tower poolings: NRMS additive attention, a plain mean, a one-layer SASRec block
 POOLINGS = ("attention", "mean", "self_attention")
+#: sampled negatives (``negatives`` > 0): ``batch`` = k draws shared by every example of a batch
+#: (TensorFlow's sampled_softmax_loss; the item tower runs over k extra rows per step, not B x k),
+#: ``example`` = k draws per example
+NEGATIVE_SHARING = ("batch", "example")
 #: Exponent of the popularity distribution negatives are sampled from.
 POP_EXPONENT = 0.75
+#: steps between two :func:`release_free_memory` calls in an epoch
+RELEASE_EVERY = 50
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Give glibc's freed heap pages back to the OS (``malloc_trim``; a no-op elsewhere).
+
+    A training step's tensors change size with every batch (the distinct items of the batch),
+    and glibc's heap fragments under that: at 168,200 items the process grew ~16 MB per step
+    although nothing was kept (a 100x epoch peaked at 17 GB RSS). Trimming every
+    :data:`RELEASE_EVERY` steps bounds it: one 288-step epoch on a synthetic 168k catalogue
+    peaked at 7,748 MiB without, 2,607 MiB with it, in the same 54.1 s (every 10 steps: 1,690
+    MiB, 61.3 s)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def uses_content(strategy: str) -> bool:
@@ -321,9 +351,12 @@ class Trainer:
     def __init__(self, net: TwoTower, data: FitData, *, loss: str, negatives: int, negative_sampling: str,
                  logq_correction: bool, batch_size: int, lr: float, weight_decay: float,
                  use_genres: bool, genre_names: Sequence[str], seed: int, ema_decay: float = 0.0,
-                 dislike_weight: float = 0.0) -> None:
+                 dislike_weight: float = 0.0, negative_sharing: str = "example") -> None:
+        if negative_sharing not in NEGATIVE_SHARING:
+            raise ValueError(f"negative_sharing {negative_sharing!r} not in {NEGATIVE_SHARING}")
         self.net, self.data = net, data
         self.loss, self.k, self.batch_size = loss, negatives, batch_size
+        self.shared = negative_sharing == "batch"
         self.logq = logq_correction
         self.rng = np.random.default_rng(seed)
         pop = np.asarray(data.popularity, dtype=np.float64)
@@ -382,7 +415,9 @@ class Trainer:
         return torch.from_numpy(hist), torch.from_numpy(valid), torch.from_numpy(self.flat[pos])
 
     def _sample(self, n: int) -> np.ndarray:
-        u = self.rng.random((n, self.k))
+        """Sampled negatives: [n, k] (one draw per example), or [k] for the whole batch when
+        shared (``negative_sharing: batch``)."""
+        u = self.rng.random(self.k if self.shared else (n, self.k))
         j = np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.candidates) - 1)
         return self.candidates[j]
 
@@ -399,19 +434,24 @@ class Trainer:
 
     def sampled_scores(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
                        neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of the targets [B] and of the sampled negatives ``neg`` [B, k] (training mode).
+        """Scores of the targets [B] and of the sampled negatives [B, k] (training mode).
 
+        ``neg``: [B, k] (each example its own negatives) or [k] (shared by the batch).
         The item tower runs once over the distinct items of the batch (histories, targets,
-        negatives: at most B * (history_max + 1 + k) rows, whatever the catalogue's size), and
-        only the scores the loss uses are formed: not the [B, distinct items] matrix, which
-        grows to B * (history_max + k) columns on a big catalogue."""
+        negatives: at most B * (history_max + 1) + B * k rows, or + k when shared, whatever the
+        catalogue's size), and only the scores the loss uses are formed: not the [B, distinct
+        items] matrix, which grows to B * (history_max + k) columns on a big catalogue."""
         B, n_h = len(target), hist.numel()
         uniq, inv = torch.unique(torch.cat([hist.reshape(-1), target, neg.reshape(-1)]), return_inverse=True)
         rep, bias = self.net.items(self.cat, uniq, drop_ids=True)
         u, _ = self.net.pool(rep, inv[:n_h].reshape(hist.shape), mask)
-        t_row, n_rows = inv[n_h:n_h + B], inv[n_h + B:].reshape(B, -1)
+        t_row, n_rows = inv[n_h:n_h + B], inv[n_h + B:]
         s_pos = (u * rep[t_row]).sum(1) + bias[t_row]
-        s_neg = torch.bmm(rep[n_rows], u.unsqueeze(2)).squeeze(2) + bias[n_rows]
+        if neg.dim() == 1:  # shared: one [B, d] x [d, k] product
+            s_neg = u @ rep[n_rows].T + bias[n_rows]
+        else:
+            n_rows = n_rows.reshape(B, -1)
+            s_neg = torch.bmm(rep[n_rows], u.unsqueeze(2)).squeeze(2) + bias[n_rows]
         return s_pos, s_neg
 
     def step(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
@@ -435,7 +475,7 @@ class Trainer:
         else:
             neg = torch.from_numpy(self._sample(B))
             s_pos, s_neg = self.sampled_scores(hist, mask, target, neg)
-            same = neg == target.unsqueeze(1)
+            same = (neg if neg.dim() == 2 else neg.unsqueeze(0)) == target.unsqueeze(1)
             if self.loss == "bpr":
                 diff = s_pos.unsqueeze(1) - s_neg
                 w = (~same).to(diff.dtype)
@@ -443,7 +483,7 @@ class Trainer:
             else:
                 if self.logq:
                     s_pos = s_pos - self.log_q[target]
-                    s_neg = s_neg - self.log_q[neg]
+                    s_neg = s_neg - self.log_q[neg]  # [B, k] or [k] (broadcast)
                 s_neg = s_neg.masked_fill(same, float("-inf"))
                 loss = nn.functional.cross_entropy(torch.cat([s_pos.unsqueeze(1), s_neg], dim=1),
                                                    torch.zeros(B, dtype=torch.long))
@@ -468,11 +508,13 @@ class Trainer:
         total, n = 0.0, 0
         batches = range(0, len(order), self.batch_size)
         it = progress(batches) if progress is not None else batches
-        for s in it:
+        for i, s in enumerate(it):
             ex = order[s:s + self.batch_size]
             hist, mask, target = self._batch(ex)
             loss = self.step(hist, mask, target, self._dislikes(ex) if self.dislike_weight > 0 else None)
             total += loss * len(ex)
             n += len(ex)
+            if (i + 1) % RELEASE_EVERY == 0:
+                release_free_memory()
         self.net.eval()
         return total / max(n, 1)

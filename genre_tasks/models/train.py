@@ -61,7 +61,7 @@ from genre_tasks.models.determinism import passive_openmp
 from genre_tasks.models.params import (  # noqa: F401  (STRATEGIES, TWO_TOWER: also for train's readers)
     METRIC, STRATEGIES, TWO_TOWER, TrainParams)
 from genre_tasks.models.validation import eval_users, validation_ndcg
-from genre_tasks.models.views import Dataset, EvalData, FitData
+from genre_tasks.models.views import Dataset, EvalData, FitData, sample_users
 
 if TYPE_CHECKING:
     from genre_tasks.models.model import FitResult
@@ -343,6 +343,10 @@ def fit_all(p: TrainParams, ds: Dataset, paths: S.Paths, logger: logging.Logger,
     from genre_tasks.models import fusion
 
     fit_v, ev_v = ds.phase("valid")
+    ev_v, valid_sample = sample_users(ev_v, p.valid_max_users, p.seed)
+    if valid_sample["sampled"]:
+        logger.warning("validating on a SAMPLE of users (train.valid_max_users=%d, seed %d): %d of %d",
+                       p.valid_max_users, p.seed, valid_sample["users"], valid_sample["users_total"])
     fit_t, _ = ds.phase("test")
     cold = ev_v.cold_items is not None
     selection_metric = "cold_ndcg@10" if cold else "ndcg@10"
@@ -453,7 +457,7 @@ def fit_all(p: TrainParams, ds: Dataset, paths: S.Paths, logger: logging.Logger,
     selected = {"strategy": best, "selection_metric": selection_metric,
                 "rule": f"best mean over seeds {list(p.seeds)} of valid {selection_metric}"
                         + ("; ties by full-ranking valid nDCG@10" if cold else ""),
-                "valid_ndcg@10": scores}
+                "valid_ndcg@10": scores, "valid_users": valid_sample}
     return finals, results, curves, selected
 
 
@@ -584,7 +588,7 @@ def run(p: TrainParams, paths: S.Paths) -> dict:
         log.wrote(paths.plots_dir / "train_curve.csv")
         summary = {"selected": best, "selection_metric": selection_metric, "selection_rule": selected["rule"],
                    "mode": "warm" if warm_from is not None else "full", "warm_from": warm_from,
-                   "seeds": list(p.seeds), "strategies": results,
+                   "seeds": list(p.seeds), "strategies": results, "valid_users": selected.get("valid_users"),
                    "seconds": round(log.seconds, 2), "peak_rss_mb": round(logs.peak_rss_mb(), 1)}
         io.write_json(summary, paths.metrics("train"))
         log.wrote(paths.metrics("train"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from genre_tasks.models.params import METRIC
-from genre_tasks.models.views import EvalData, FitData
+from genre_tasks.models.views import EvalData, FitData, scoring_session
 
 
 def eval_users(ev: EvalData) -> tuple[np.ndarray, list, np.ndarray | None]:
@@ -40,9 +40,10 @@ def validation_ndcg(rec, fit: FitData, ev: EvalData, seed: int = 42, batch: int 
     tie = metrics.tie_order(fit.n_items, seed)
     seen = fit.seen.tocsr()
     out = []
-    for s in range(0, len(users), batch):
-        u = users[s:s + batch]
-        scores = rec.score([fit.histories[i] for i in u], fit)
-        out.append(metrics.ranking_metrics(scores, targets[s:s + batch], tie=tie, exclude=seen[u],
-                                           candidates=candidates)[METRIC])
+    with scoring_session(rec, fit):
+        for s in range(0, len(users), batch):
+            u = users[s:s + batch]
+            scores = rec.score([fit.histories[i] for i in u], fit)
+            out.append(metrics.ranking_metrics(scores, targets[s:s + batch], tie=tie, exclude=seen[u],
+                                               candidates=candidates)[METRIC])
     return float(np.mean(np.concatenate(out)))

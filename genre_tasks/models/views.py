@@ -13,6 +13,8 @@ new data (e.g. a registered champion on today's test split).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -207,3 +209,41 @@ class Dataset:
     def phase(self, phase: Phase) -> tuple[FitData, EvalData]:
         fit = build_fit(phase, self.items, self.interactions, self.histories, self.vectors)
         return fit, build_eval(phase, self.items, self.interactions, fit)
+
+
+def sample_users(ev: EvalData, max_users: int | None, seed: int) -> tuple[EvalData, dict]:
+    """``ev`` restricted to a seeded sample of at most ``max_users`` of its users (the union of
+    ranking, impression and cold users; each keeps all its targets / impressions), and a record
+    {users_total, users, sampled, seed}. Unchanged when ``max_users`` is None or not smaller."""
+    imp_users = [u for u, _, _ in ev.impressions]
+    everyone = np.unique(np.concatenate([np.asarray(ev.users, dtype=np.int64),
+                                         np.asarray(imp_users, dtype=np.int64),
+                                         np.asarray(ev.cold_users if ev.cold_users is not None else [],
+                                                    dtype=np.int64)]))
+    record = {"users_total": int(len(everyone)), "users": int(len(everyone)), "sampled": False,
+              "seed": seed}
+    if max_users is None or len(everyone) <= max_users:
+        return ev, record
+    keep = np.sort(np.random.default_rng(seed).choice(everyone, size=max_users, replace=False))
+    inside = set(keep.tolist())
+    sel = [i for i, u in enumerate(ev.users) if int(u) in inside]
+    out = dataclasses.replace(
+        ev, users=np.asarray(ev.users)[sel], targets=[ev.targets[i] for i in sel],
+        impressions=[x for x in ev.impressions if int(x[0]) in inside])
+    if ev.cold_users is not None:
+        csel = [i for i, u in enumerate(ev.cold_users) if int(u) in inside]
+        out = dataclasses.replace(out, cold_users=np.asarray(ev.cold_users)[csel],
+                                  cold_targets=[ev.cold_targets[i] for i in csel])
+    record.update(users=int(max_users), sampled=True)
+    return out, record
+
+
+def scoring_session(rec, data: FitData):
+    """A context in which ``rec`` may reuse its per-catalogue work (e.g. a two-tower's item
+    representations) across ``score`` calls on ``data``; the model must not change inside it.
+
+    Callers that score many user batches against one catalogue (validation, evaluation) open one,
+    so a big catalogue's item tower runs once, not once per batch. Recommenders without a
+    ``scoring_session`` method get a no-op context."""
+    session = getattr(rec, "scoring_session", None)
+    return session(data) if session is not None else contextlib.nullcontext()
