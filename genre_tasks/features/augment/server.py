@@ -176,6 +176,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", default=None, help=".gguf file (default: the packaged SmolLM2)")
     parser.add_argument("--model-name", default=None, help="name served in 'model' (default: the model id)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: dynamic int8 Linear layers (faster on CPU; its own model id)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-wait", type=float, default=0.05, help="seconds to gather a batch")
     parser.add_argument("--api-key-env", default=None,
@@ -185,7 +187,7 @@ def cli(argv: list[str] | None = None) -> int:
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not key:
         parser.error(f"${args.api_key_env} is empty")
-    backend = LocalBackend(args.model_path, args.threads)
+    backend = LocalBackend(args.model_path, args.threads, args.quantize)
     t0 = time.perf_counter()
     backend.load()
     server = serve(backend, args.host, args.port, args.model_name, key, args.batch_size, args.batch_wait)
