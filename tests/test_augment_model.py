@@ -53,3 +53,25 @@ def test_http_backend_against_llm_serve_with_the_real_model(local):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_int8_local_backend_is_its_own_model_and_generates(tmp_path):
+    """augment.quantize int8: the Linear layers become dynamic int8 modules, the cache key's
+    model id differs from float32's (no float32 reply is reused for it), and it still generates
+    schema-checked data through the stage."""
+    import torch
+
+    from genre_tasks.config import ParamsError
+
+    fp32, int8 = LocalBackend(threads=1), LocalBackend(threads=1, quantize="int8")
+    assert int8.model_id == fp32.model_id + "+int8"
+    _, model = int8.load()
+    dynamic = [m for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert dynamic and not any(type(m) is torch.nn.Linear for m in model.modules())
+    paths = write_processed(tmp_path, ["Toy Story (1995)"], {"u1": [0]})
+    p = params(operations=["enrich_items"], batch_size=1, max_new_tokens=12, max_repairs=0, quantize="int8")
+    out = stage.run(p, paths)
+    op = out["per_operation"]["enrich_items"]
+    assert out["model_id"] == int8.model_id and op["generated"] == 1 and op["tokens"] > 0
+    with pytest.raises(ParamsError, match="augment.quantize"):
+        params(quantize="int4").validate()
