@@ -24,7 +24,7 @@ from genre_tasks.config import load_params, section
 from genre_tasks.features.augment import stage
 from genre_tasks.features.augment.backends import LocalBackend
 from genre_tasks.features.augment.engine import generate_structured
-from genre_tasks.features.augment.params import AugmentParams
+from genre_tasks.features.augment.params import QUANTIZE, AugmentParams
 from genre_tasks.features.augment.validation import InvalidOutput, parse_reply
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--rerun-override", default=None)
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="augment.quantize of the local backend")
     args = parser.parse_args()
     root = Path(args.root).resolve()

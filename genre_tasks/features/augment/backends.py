@@ -37,6 +37,7 @@ from typing import Protocol
 
 from genre_tasks import logs
 from genre_tasks.errors import StageError
+from genre_tasks.features.augment.params import QUANTIZE
 
 logger = logging.getLogger("genre.augment")
 
@@ -103,12 +104,6 @@ def local_model_id(model_path: str | Path | None = None) -> str:
     path = resolve_gguf(model_path)
     st = path.stat()
     return f"{path.stem}@{_file_sha1(str(path), st.st_size, st.st_mtime_ns)[:12]}"
-
-
-#: local backend weights: none = the GGUF dequantized to float32 (transformers' GGUF loading);
-#: int8 = torch dynamic int8 quantization of the Linear layers after loading (per-channel
-#: weights, activations quantized per batch): other replies than float32, so its own model id
-QUANTIZE = ("none", "int8")
 
 
 @functools.lru_cache(maxsize=2)

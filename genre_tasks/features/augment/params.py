@@ -7,6 +7,10 @@ from genre_tasks.config import ParamsError
 
 OPERATIONS = ("enrich_items", "profile_users", "synthesize_cold_users")
 BACKENDS = ("local", "http")
+#: local backend weights: none = the GGUF dequantized to float32 (transformers' GGUF loading);
+#: int8 = torch dynamic int8 quantization of the Linear layers after loading (per-channel
+#: weights, activations quantized per batch): other replies than float32, so its own model id
+QUANTIZE = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,8 @@ class AugmentParams:
         bad = sorted(set(self.operations) - set(OPERATIONS))
         if bad:
             raise ParamsError(f"augment.operations: unknown {bad}; allowed {list(OPERATIONS)}")
-        if self.quantize not in ("none", "int8"):
-            raise ParamsError(f"augment.quantize: {self.quantize!r} is not one of ['none', 'int8']")
+        if self.quantize not in QUANTIZE:
+            raise ParamsError(f"augment.quantize: {self.quantize!r} is not one of {list(QUANTIZE)}")
         if self.backend not in BACKENDS:
             raise ParamsError(f"augment.backend: {self.backend!r} is not one of {list(BACKENDS)}")
         for name in ("threads", "batch_size", "max_new_tokens", "profile_history", "cold_max_history",

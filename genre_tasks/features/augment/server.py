@@ -164,6 +164,7 @@ def serve(backend, host: str = "127.0.0.1", port: int = 8765, model_name: str | 
 
 def cli(argv: list[str] | None = None) -> int:
     from genre_tasks.features.augment.backends import LocalBackend
+    from genre_tasks.features.augment.params import QUANTIZE
     from genre_tasks.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="genre llm-serve", description=__doc__,
@@ -176,8 +177,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", default=None, help=".gguf file (default: the packaged SmolLM2)")
     parser.add_argument("--model-name", default=None, help="name served in 'model' (default: the model id)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="int8: dynamic int8 Linear layers (faster on CPU; its own model id)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="int8: dynamic int8 Linear layers (its own model id in the generation cache)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-wait", type=float, default=0.05, help="seconds to gather a batch")
     parser.add_argument("--api-key-env", default=None,
