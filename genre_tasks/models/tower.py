@@ -475,7 +475,7 @@ class Trainer:
         else:
             neg = torch.from_numpy(self._sample(B))
             s_pos, s_neg = self.sampled_scores(hist, mask, target, neg)
-            same = (neg if neg.dim() == 2 else neg.unsqueeze(0)) == target.unsqueeze(1)
+            same = neg == target.unsqueeze(1)  # [B, k]: neg is [B, k] or shared [k] (broadcast)
             if self.loss == "bpr":
                 diff = s_pos.unsqueeze(1) - s_neg
                 w = (~same).to(diff.dtype)
