@@ -1,12 +1,15 @@
 """Generation figures of the augment stage's local backend (SmolLM2-135M GGUF, greedy).
 
-    python benchmarks/bench_augment.py [--root .] [--items 8] [--batch 8] [--threads 1]
+    python benchmarks/bench_augment.py [--root .] [--items 32] [--threads 2] [--quantize none|int8]
+                                       [--stepwise 1 8] [--guided 8 32]
                                        [--rerun-override configs/genre.yaml]
 
 1. load time of the GGUF model;
-2. enrich_items on the same ``--items`` MovieLens items (data/processed/items.parquet), one
-   prompt at a time vs ``--batch`` at a time: items/s and tokens/s, side by side in one run
-   (nothing cached: backend calls only), and the time enriching all items would take batched;
+2. enrich_items on the same ``--items`` MovieLens items (data/processed/items.parquet), side by
+   side in one run (nothing cached: backend calls only): the step-by-step reference (one batched
+   ``generate`` per value, ``--stepwise`` batch sizes) and the guided pass the backend uses
+   (``--guided`` batch sizes). Items/s, generated tokens/s, replies passing the schema, replies
+   identical to the first variant's, and the time enriching all items would take;
 3. with ``--rerun-override``: the augment stage re-run with those params on the project, whose
    generation cache is complete after a first run: seconds and generations (should be 0).
 """
@@ -23,7 +26,8 @@ from genre_tasks import schema as S
 from genre_tasks.config import load_params, section
 from genre_tasks.features.augment import stage
 from genre_tasks.features.augment.backends import LocalBackend
-from genre_tasks.features.augment.engine import generate_structured
+from genre_tasks.features.augment import templates
+from genre_tasks.features.augment.engine import generate_stepwise
 from genre_tasks.features.augment.params import QUANTIZE, AugmentParams
 from genre_tasks.features.augment.validation import InvalidOutput, parse_reply
 
@@ -43,8 +47,11 @@ def valid_count(jobs, replies) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
-    parser.add_argument("--items", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--items", type=int, default=32)
+    parser.add_argument("--stepwise", type=int, nargs="*", default=[1, 8],
+                        help="batch sizes of the step-by-step reference (one generate call per value)")
+    parser.add_argument("--guided", type=int, nargs="*", default=[8, 32],
+                        help="batch sizes of the guided pass (the local backend's path)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--rerun-override", default=None)
@@ -61,23 +68,33 @@ def main() -> None:
     vocab = stage.vocabulary(items)
     jobs = stage.item_jobs(items.head(args.items), vocab)
     chats = [j.chat for j in jobs]
-    rows = {}
-    for label, size in (("single", 1), (f"batched x{args.batch}", args.batch)):
+    plans = [templates.split_prefill(prefill) for _, prefill in chats]
+    variants = [(f"stepwise x{size}", size, False) for size in args.stepwise]
+    variants += [(f"guided x{size}", size, True) for size in args.guided]
+    rows, texts = {}, {}
+    for label, size, guided in variants:
+        backend.ends.clear()
         t0 = time.perf_counter()
-        tokens = 0
-        replies = []
+        tokens, replies = 0, []
         for b in range(0, len(chats), size):
-            out = generate_structured(backend, chats[b:b + size], args.max_new_tokens)
+            part = chats[b:b + size]
+            out = (backend.generate_guided(part, plans[b:b + size], args.max_new_tokens) if guided
+                   else generate_stepwise(backend, part, plans[b:b + size], args.max_new_tokens))
             tokens += sum(r.tokens for r in out)
             replies += [r.text for r in out]
         dt = time.perf_counter() - t0
-        rows[label] = (len(chats) / dt, tokens / dt, dt, tokens)
-        print(f"{label:<12} {len(chats)} items in {dt:6.1f} s: {len(chats) / dt:.3f} items/s, "
-              f"{tokens / dt:.1f} tokens/s ({tokens} tokens); {valid_count(jobs, replies)} of "
-              f"{len(jobs)} replies pass the schema (no repair)", flush=True)
-    single, batched = rows["single"], rows[f"batched x{args.batch}"]
-    print(f"batched / single: {batched[0] / single[0]:.2f}x items/s")
-    print(f"all {len(items)} items batched would take ~{len(items) / batched[0] / 60:.0f} min at this rate "
+        rows[label], texts[label] = len(chats) / dt, replies
+        ends = f"; values ended {dict(backend.ends)}" if guided else ""
+        print(f"{label:<13} {len(chats)} items in {dt:6.1f} s: {len(chats) / dt:.3f} items/s, "
+              f"{tokens / dt:.1f} generated tokens/s ({tokens}); {valid_count(jobs, replies)} of "
+              f"{len(jobs)} replies pass the schema (no repair){ends}", flush=True)
+    reference = texts[variants[0][0]]
+    for label, _, _ in variants[1:]:
+        same = sum(a == b for a, b in zip(texts[label], reference))
+        print(f"{label} / {variants[0][0]}: {rows[label] / rows[variants[0][0]]:.2f}x items/s; "
+              f"{same} of {len(reference)} replies identical")
+    best = max(rows, key=rows.get)
+    print(f"all {len(items)} items with {best} would take ~{len(items) / rows[best] / 60:.1f} min at this rate "
           f"(load {os.getloadavg()[0]:.1f})")
     if args.rerun_override:
         params = load_params(root / "params.yaml", [root / args.rerun_override])

@@ -19,6 +19,8 @@ cache keys. Decoding is greedy everywhere (temperature 0), so a cached reply is 
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -138,6 +140,8 @@ class LocalBackend:
         self.model_id = local_model_id(self.path) + ("" if quantize == "none" else f"+{quantize}")
         self.threads = threads
         self._lock = threading.Lock()
+        self.ends: collections.Counter = collections.Counter()
+        self._prefix = None  # the guided.PrefixCache of the prompts' shared start (the system prompt)
 
     def load(self):
         return _load_local(str(self.path), self.quantize)
@@ -148,6 +152,19 @@ class LocalBackend:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text + prefill
 
+    @contextlib.contextmanager
+    def _running(self):
+        """One generation at a time per model (llm-serve calls from threads), on ``threads``."""
+        import torch
+
+        with self._lock:
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(before)
+
     def generate(self, chats: Sequence[Chat], max_new_tokens: int, stop: str | None = None) -> list[Reply]:
         import torch
 
@@ -155,19 +172,14 @@ class LocalBackend:
             return []
         tokenizer, model = self.load()
         texts = [self.prompt_text(c) for c in chats]
-        with self._lock:  # one generate at a time per model (llm-serve calls from threads)
-            before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                t0 = time.perf_counter()
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                with torch.inference_mode():
-                    extra = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
-                    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id, **extra)
-                seconds = time.perf_counter() - t0
-            finally:
-                torch.set_num_threads(before)
+        with self._running():
+            t0 = time.perf_counter()
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                extra = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, **extra)
+            seconds = time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1]:]
         replies = []
         eos = tokenizer.eos_token_id
@@ -175,6 +187,25 @@ class LocalBackend:
             n = next((i for i, t in enumerate(row) if t in (eos, tokenizer.pad_token_id)), len(row))
             replies.append(Reply(cut(tokenizer.decode(row[:n], skip_special_tokens=True), stop), n, seconds))
         return replies
+
+    def generate_guided(self, chats: Sequence[Chat], plans: Sequence[tuple[list[str], list[str]]],
+                        max_new_tokens: int) -> list[Reply]:
+        """The whole structured reply of each chat in one pass (:mod:`guided`): the values of
+        ``plans`` (``templates.split_prefill`` of each prefill) with their literals.
+        ``self.ends`` counts how values ended (stop / eos / budget) over the backend's life."""
+        from genre_tasks.features.augment import guided
+
+        if not chats:
+            return []
+        tokenizer, model = self.load()
+        prompts = [self.prompt_text((messages, literals[0])) for (messages, _), (literals, _) in zip(chats, plans)]
+        with self._running():
+            if self._prefix is None:
+                self._prefix = guided.PrefixCache()
+            t0 = time.perf_counter()
+            out = guided.generate(model, tokenizer, prompts, plans, max_new_tokens, self._prefix, self.ends)
+            seconds = time.perf_counter() - t0
+        return [Reply(text, tokens, seconds) for text, tokens in out]
 
 
 # --- OpenAI-compatible HTTP ---------------------------------------------------------------------

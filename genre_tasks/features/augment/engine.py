@@ -65,9 +65,19 @@ def _repair_chat(job: Job, reply: str, error: str) -> Chat:
 
 def generate_structured(backend: Backend, chats: Sequence[Chat], max_new_tokens: int) -> list[Reply]:
     """The full assistant reply of each chat: the prefill's literals with the model's values
-    generated in between (:func:`templates.split_prefill`), ``max_new_tokens`` per value.
-    Chats of one template take the same steps, so each step is one batched call."""
+    generated in between (:func:`templates.split_prefill`), ``max_new_tokens`` per value. A
+    backend with ``generate_guided`` (the local one) does it in one pass per batch; otherwise
+    each value is one batched ``generate`` call (chats of one template take the same steps)."""
     plans = [templates.split_prefill(prefill) for _, prefill in chats]
+    guided = getattr(backend, "generate_guided", None)
+    if guided is not None and chats and all(stops for _, stops in plans):
+        return guided(chats, plans, max_new_tokens)
+    return generate_stepwise(backend, chats, plans, max_new_tokens)
+
+
+def generate_stepwise(backend: Backend, chats: Sequence[Chat], plans, max_new_tokens: int) -> list[Reply]:
+    """:func:`generate_structured` by one ``backend.generate`` per value (each re-reads the
+    prompt): the path of the HTTP backend and the reference of the local backend's guided pass."""
     texts = [lits[0] for lits, _ in plans]
     tokens = [0] * len(chats)
     seconds = 0.0

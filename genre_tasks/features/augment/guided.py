@@ -1,0 +1,193 @@
+"""Guided greedy decoding for the local backend: each chat's structured reply in one pass, with
+the key/value cache kept from one generated value to the next and the prompt prefix that every
+chat shares (the system prompt) computed once per process.
+
+It feeds the model the token sequences of the step-by-step reference,
+:func:`engine.generate_structured` over ``backend.generate``. The reference generates value k
+greedily after ``tokenize(prompt + literal_0 + value_0 + ... + literal_k)``. It stops at its stop
+string, EOS or ``max_new_tokens``, and keeps the text before the first stop. It re-reads the whole
+prompt for every value. Here:
+
+* the prompts' common token prefix runs once; later batches reuse its cache when it is still a
+  prefix of all their prompts;
+* when a value ends, the row's text so far plus the next literal is tokenized as the reference
+  tokenizes it. Cached tokens that differ from that (a token that ran past the stop string) are
+  masked out. The rest of the sequence is fed one token per step ("forced"), then generation
+  resumes. So each value is generated after exactly the reference's tokens;
+* a row leaves the batch when its last value ends.
+
+Results equal the reference's up to float rounding: a padded batch and a cached prefix sum in
+another order, which can only flip a near-tie of two tokens (the reference itself varies with
+its batch's padding). ``tests/test_augment_guided.py`` checks the equality on a small model.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+MIN_PREFIX = 8  # shorter common prefixes are not worth a separate cache
+
+
+@dataclass
+class _Row:
+    prompt: str  # chat text up to and including literals[0]
+    literals: list[str]
+    stops: list[str]
+    tokens: list[int]  # the row's unmasked tokens in the cache, in order
+    columns: list[int]  # their cache columns
+    values: list[str] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # the current value's generated ids
+    forced: list[int] = field(default_factory=list)
+    masked: list[int] = field(default_factory=list)  # cache columns to mask out before the next feed
+    n_generated: int = 0
+
+    def text(self) -> str:
+        out = self.literals[0]
+        for value, literal in zip(self.values, self.literals[1:]):
+            out += value + literal
+        return out
+
+
+class PrefixCache:
+    """The key/value cache of one token prefix (batch 1), kept between calls."""
+
+    def __init__(self) -> None:
+        self.ids: tuple[int, ...] = ()
+        self.cache = None
+
+    def for_batch(self, model, rows: Sequence[Sequence[int]]):
+        """(prefix length, a cache holding it for ``len(rows)`` rows, or None when P = 0); call
+        it under ``torch.inference_mode``."""
+        import torch
+
+        usable = lambda ids: (self.cache is not None and len(ids) > len(self.ids)  # noqa: E731
+                              and tuple(ids[:len(self.ids)]) == self.ids)
+        if not all(usable(r) for r in rows):
+            self.ids, self.cache = (), None
+            n = min(len(r) for r in rows) - 1  # every row keeps >= 1 token for its own forward
+            first = rows[0]
+            p = 0
+            while p < n and all(r[p] == first[p] for r in rows):
+                p += 1
+            if p < MIN_PREFIX:
+                return 0, None
+            from transformers import DynamicCache
+
+            out = model(input_ids=torch.tensor([list(first[:p])]), past_key_values=DynamicCache(),
+                        use_cache=True, logits_to_keep=1)
+            self.ids, self.cache = tuple(first[:p]), out.past_key_values
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(rows))
+        return len(self.ids), cache
+
+
+def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[list[str], list[str]]],
+             max_new_tokens: int, prefix: PrefixCache | None = None,
+             ends: Counter | None = None) -> list[tuple[str, int]]:
+    """(reply text, generated tokens) per prompt. ``prompts[i]`` is the chat text up to the
+    assistant's turn followed by ``plans[i]``'s first literal; ``plans[i]`` = (literals, stops)
+    from :func:`templates.split_prefill` with at least one stop. ``max_new_tokens`` per value.
+    ``ends`` counts how the values ended: ``stop``, ``eos`` or ``budget`` (cut at max_new_tokens)."""
+    import torch
+
+    for literals, stops in plans:
+        if not stops or any(not lit for lit in literals[1:-1]):
+            raise ValueError("guided decoding needs >= 1 generated value and a literal between values")
+    end_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prefix = prefix if prefix is not None else PrefixCache()
+    with torch.inference_mode():
+        p, cache = prefix.for_batch(model, ids)
+    width = max(len(r) - p for r in ids)
+    batch = len(ids)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, p + width), dtype=torch.long)
+    mask[:, :p] = 1
+    rows = []
+    for b, (prompt, r, (literals, stops)) in enumerate(zip(prompts, ids, plans)):
+        tail = r[p:]
+        start = width - len(tail)
+        input_ids[b, start:] = torch.tensor(tail)
+        positions[b, start:] = torch.arange(p, len(r))
+        mask[b, p + start:] = 1
+        rows.append(_Row(prompt, list(literals), list(stops), list(r),
+                         list(range(p)) + list(range(p + start, p + width))))
+    results: list[tuple[str, int] | None] = [None] * batch
+    live = list(range(batch))  # the batch position -> the prompt index
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        while live:
+            cache = out.past_key_values
+            best = out.logits[:, -1].argmax(-1).tolist()
+            feed, keep = [], []
+            for b, i in enumerate(live):
+                row = rows[i]
+                token = _step(row, best[b], tokenizer, end_ids, max_new_tokens, ends)
+                if token is None:
+                    results[i] = (row.text(), row.n_generated)
+                    continue
+                for column in row.masked:
+                    mask[b, column] = 0
+                feed.append(token)
+                keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                live = [live[b] for b in keep]
+            column = mask.shape[1]
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            step_positions = []
+            for i, token in zip(live, feed):
+                row = rows[i]
+                step_positions.append(len(row.tokens))
+                row.tokens.append(token)
+                row.columns.append(column)
+            out = model(input_ids=torch.tensor(feed)[:, None], attention_mask=mask,
+                        position_ids=torch.tensor(step_positions)[:, None], past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+    return results  # type: ignore[return-value]
+
+
+def _step(row: _Row, best: int, tokenizer, end_ids: set[int], max_new_tokens: int,
+          ends: Counter | None) -> int | None:
+    """The token the row feeds next (``row.masked`` = cache columns to mask out first), or None
+    when its last value has ended."""
+    row.masked = []
+    if row.forced:
+        return row.forced.pop(0)
+    stop = row.stops[len(row.values)]
+    if best in end_ids:
+        value, why = tokenizer.decode(row.generated, skip_special_tokens=True), "eos"
+    else:
+        row.generated.append(best)
+        row.n_generated += 1
+        text = tokenizer.decode(row.generated, skip_special_tokens=True)
+        at = text.find(stop) if stop else -1
+        if at < 0 and len(row.generated) < max_new_tokens:
+            return best
+        value, why = (text, "budget") if at < 0 else (text[:at], "stop")
+    if ends is not None:
+        ends[why] += 1
+    row.values.append(value)
+    row.generated = []
+    if len(row.values) == len(row.stops):
+        return None
+    # realign to the reference: the tokens of the text so far plus the next literal
+    ref = tokenizer(row.prompt + row.text()[len(row.literals[0]):], add_special_tokens=False)["input_ids"]
+    d = 0
+    while d < min(len(ref), len(row.tokens)) and ref[d] == row.tokens[d]:
+        d += 1
+    row.masked = row.columns[d:]
+    del row.tokens[d:], row.columns[d:]
+    row.forced = ref[d:]
+    if not row.forced:  # cannot happen: the fed tokens never reach past the stop, the literal is not empty
+        raise RuntimeError(f"guided decoding: nothing to feed after value {len(row.values)} of {row.prompt[-80:]!r}")
+    return row.forced.pop(0)

@@ -1,0 +1,111 @@
+"""The local backend's guided pass (genre_tasks/features/augment/guided.py) against its
+reference, one batched ``generate`` per value, on a tiny random Llama with a BPE tokenizer
+trained here (fast: no packaged model is loaded)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from genre_tasks.features.augment import engine, guided, templates
+from genre_tasks.features.augment.backends import LocalBackend
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CORPUS = [
+    'You describe catalogue items for a recommender. Reply with one JSON object only.',
+    '{"summary": "A film about a toy that comes alive.", "genres": ["Comedy"]}',
+    '{"topics": ["Drama", "Horror"], "profile": "Likes dark and funny stories."}',
+    'The quick brown fox jumps over the lazy dog; "quoted", [bracketed] and {braced} text.',
+    'Toy Story (1995) GoldenEye (1995) Four Rooms (1995) Get Shorty (1995) Copycat (1995)',
+]
+TEMPLATE = "{{gen:\"}}\", \"b\": [\"{{gen:\"}}\"], \"c\": \"{{gen:.}}."
+
+
+def tiny(seed: int = 0):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.padding_side = "left"
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():  # peaked, and stop strings and EOS likelier: values end all three ways
+        model.lm_head.weight.mul_(8.0)
+        ends = [i for t, i in tok.get_vocab().items() if set(tok.convert_tokens_to_string([t])) & set('".')]
+        model.lm_head.weight[ends + [tok.eos_token_id]] *= 3.0
+    return tok, model
+
+
+class TinyBackend(LocalBackend):
+    def __init__(self, tok, model, guided_pass: bool = True):
+        self.tok, self.model, self.guided_pass = tok, model, guided_pass
+        self.model_id, self.threads, self.quantize = "tiny", 1, "none"
+        import threading
+
+        self._lock, self._prefix, self.ends = threading.Lock(), None, Counter()
+
+    def load(self):
+        return self.tok, self.model
+
+    def __getattribute__(self, name):
+        if name == "generate_guided" and not object.__getattribute__(self, "guided_pass"):
+            raise AttributeError(name)
+        return object.__getattribute__(self, name)
+
+
+def chats(n: int, system: str = "You describe catalogue items for a recommender. Reply with JSON."):
+    titles = ["Toy Story (1995)", "GoldenEye", "Four Rooms (1995) and a much longer title here",
+              "Get Shorty", "Copycat (1995)", "A", "The quick brown fox", "Jumps over \"the\" dog"]
+    return [([{"role": "system", "content": system}, {"role": "user", "content": titles[k % len(titles)]}],
+             '{"a": "' + TEMPLATE) for k in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_guided_pass_equals_one_generate_per_value(seed):
+    tok, model = tiny(seed)
+    fast, ref = TinyBackend(tok, model), TinyBackend(tok, model, guided_pass=False)
+    batch = chats(6)
+    want = [r.text for r in engine.generate_structured(ref, batch, 7)]
+    assert [r.text for r in engine.generate_structured(fast, batch, 7)] == want
+    assert fast._prefix is not None and len(fast._prefix.ids) >= guided.MIN_PREFIX  # the system prompt
+    kept = fast._prefix.cache
+    # one at a time (no padding) and in another batch: the same replies, from the same prefix cache
+    assert [engine.generate_structured(fast, [c], 7)[0].text for c in batch[:3]] == want[:3]
+    assert [r.text for r in engine.generate_structured(fast, batch[2:], 7)] == want[2:]
+    assert fast._prefix.cache is kept
+    # another system prompt: the prefix is recomputed and the replies still equal the reference
+    other = chats(4, system="Another system prompt, so another shared prefix.")
+    assert [r.text for r in engine.generate_structured(fast, other, 7)] == \
+        [r.text for r in engine.generate_structured(ref, other, 7)]
+    assert fast._prefix.cache is not kept
+
+
+def test_values_end_by_stop_by_eos_and_by_budget_alike():
+    """Over a few seeds each way a value can end occurs, and every reply still equals the reference."""
+    ends = Counter()
+    for seed in range(4):
+        tok, model = tiny(seed)
+        fast, ref = TinyBackend(tok, model), TinyBackend(tok, model, guided_pass=False)
+        batch = chats(8)
+        assert [r.text for r in engine.generate_structured(fast, batch, 5)] == \
+            [r.text for r in engine.generate_structured(ref, batch, 5)]
+        ends += fast.ends
+    assert sum(ends.values()) == 4 * 8 * 3 and set(ends) == {"stop", "eos", "budget"}, ends
+
+
+def test_guided_refuses_adjacent_values():
+    tok, model = tiny(0)
+    with pytest.raises(ValueError, match="literal between"):
+        guided.generate(model, tok, ["x"], [(["", "", ""], ['"', '"'])], 3)
