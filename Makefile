@@ -21,12 +21,15 @@ repro: setup
 	$(ENV) dvc repro
 	$(ENV) genre report
 
+# pytest-xdist workers; --dist loadfile keeps a file's tests (and its module fixtures) on one worker
+PYTEST_WORKERS ?= 2
+
 test: setup
 	bash scripts/system-deps.sh
-	$(ENV) pytest -q --durations=25
+	$(ENV) pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: setup  ## unit tier only: the edit-test loop (no slow or end-to-end tests)
-	$(ENV) pytest -q -m "not slow and not e2e"
+	$(ENV) pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not e2e"
 
 # The production topology without Docker (issue 11): Postgres + Redis (Debian packages), an MLflow
 # server, Airflow CeleryExecutor with two workers in empty folders; ~30 min on 2 busy cores, so
