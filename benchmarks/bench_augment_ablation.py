@@ -1,11 +1,12 @@
 """Ablation of the GENRE augmentation on the evaluation protocol's test split.
 
-    python benchmarks/bench_augment_ablation.py [--root .] [--split user_temporal] [--strategies content hybrid]
+    python benchmarks/bench_augment_ablation.py [--root .] [--split user_temporal|cold_items]
+                                                [--strategies content hybrid] [--seeds 42 43 44]
 
 Needs the project's data/raw + data/validation (genre source/ingest/validate) and data/augment
 from an augment run (e.g. `genre --override configs/genre.yaml augment`). Two scratch roots
-under .cache/bench_augment/<split>/ (base, enriched) run preprocess -> embed -> train with the
-project's params (genre stage skipped: MovieLens items all have genres), the enriched one with
+under .cache/bench_augment/<split>/ (base, enriched; one pair per seed) run preprocess -> embed
+-> train with the project's params (train.seed = the seed, no extra seeds) (genre stage skipped: MovieLens items all have genres), the enriched one with
 embed.augmented_text=append. Rows per strategy, all on the same test users and seeds:
 
   base          the model on the original item text
@@ -14,8 +15,9 @@ embed.augmented_text=append. Rows per strategy, all on the same test users and s
   +cold synth   base model, cold users' synthetic items as pseudo-items
   all           enriched model + profiles + synthetic items
 
-Prints every metric of the protocol, the paired nDCG@10 difference vs base (mean, se, t) over
-all test users and over the users the augmentation touched, and writes the numbers to
+Prints every metric of the protocol as mean ± sd over the seeds, the paired nDCG@10 difference vs
+base (its mean over seeds, the paired t over test users of each seed) and the difference on the
+users the augmentation touched, and writes the numbers to
 .cache/bench_augment/<split>/ablation.json.
 """
 from __future__ import annotations
@@ -74,6 +76,11 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--split", default="user_temporal")
     parser.add_argument("--strategies", nargs="+", default=["content", "hybrid"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44],
+                        help="train.seed of each repetition (extra_seeds off: one model per seed)")
+    parser.add_argument("--items-only", action="store_true",
+                        help="only base and +enriched: for a split other than the one whose train "
+                             "histories the augment run profiled (its profiles could have read test items)")
     parser.add_argument("--reuse", action="store_true", help="reuse trained scratch models")
     parser.add_argument("--train-only", choices=["base", "enriched"], default=None,
                         help="only preprocess/embed/train that variant (e.g. base while augment runs); "
@@ -106,78 +113,91 @@ def main() -> None:
     print(f"augment outputs: {len(tables['items'])} enriched items, {len(tables['profiles'])} profiles, "
           f"{len(tables['synthetic_items'])} synthetic items "
           f"({tables['synthetic_items'][S.USER_ID].nunique() if len(tables['synthetic_items']) else 0} cold users)")
-    results: dict = {}
-    per_user: dict = {}
-    for variant, text in (("base", "none"), ("enriched", "append")):
-        root = scratch(project, args.split, variant, fresh=not args.reuse)
-        params = deep_merge(base, {"preprocess": {"split": {"mode": args.split}},
-                                   "embed": {"augmented_text": text, "show_progress": False},
-                                   "train": {"strategies": list(args.strategies)}})
-        t0 = time.perf_counter()
-        for stage in ("preprocess", "embed", "train"):
-            if args.reuse and stage == "train" and (root / "metrics" / "train.json").exists():
-                continue
-            run_stage(stage, params, root)
-        print(f"{variant}: preprocess/embed/train {time.perf_counter() - t0:.0f} s", flush=True)
-        ds = Dataset.load(S.Paths(root))
-        fit, ev = ds.phase("test")
-        users = {str(u): i for i, u in enumerate(fit.user_ids)}
-        ep = section(EmbedParams, "embed", params)
+    results: dict = {}  # (seed, strategy, row) -> metrics
+    per_user: dict = {}  # (seed, strategy, row) -> (per-user metrics, their users)
+    for seed in args.seeds:
+        for variant, text in (("base", "none"), ("enriched", "append")):
+            root = scratch(project, args.split, f"{variant}-seed{seed}", fresh=not args.reuse)
+            params = deep_merge(base, {"preprocess": {"split": {"mode": args.split}},
+                                       "embed": {"augmented_text": text, "show_progress": False},
+                                       "train": {"strategies": list(args.strategies), "seed": seed,
+                                                 "extra_seeds": []}})
+            t0 = time.perf_counter()
+            for stage in ("preprocess", "embed", "train"):
+                if args.reuse and stage == "train" and (root / "metrics" / "train.json").exists():
+                    continue
+                run_stage(stage, params, root)
+            print(f"seed {seed} {variant}: preprocess/embed/train {time.perf_counter() - t0:.0f} s", flush=True)
+            ds = Dataset.load(S.Paths(root))
+            fit, ev = ds.phase("test")
+            users = {str(u): i for i, u in enumerate(fit.user_ids)}
+            ep = section(EmbedParams, "embed", params)
 
-        def encode(texts):
-            return encode_texts(texts, ep.model_path, ep.batch_size, ep.max_length, ep.threads)
+            def encode(texts):
+                return encode_texts(texts, ep.model_path, ep.batch_size, ep.max_length, ep.threads)
 
-        extras = {"profiles": pseudo_items([tables["profiles"]], users, encode),
-                  "cold": pseudo_items([tables["synthetic_items"]], users, encode)}
-        filled = [x.vectors for x in extras.values() if len(x.ids)]
-        both = PseudoItems(np.concatenate([extras["profiles"].users, extras["cold"].users]),
-                           np.vstack(filled) if filled else np.zeros((0, 0), np.float32),
-                           extras["profiles"].genres + extras["cold"].genres,
-                           extras["profiles"].ids + extras["cold"].ids)
-        for strategy in args.strategies:
-            rec = load_recommender(root / "data" / "model" / strategy)
-            rows = {"base": rec} if variant == "base" else {"+enriched": rec}
-            if variant == "base":
-                rows["+profiles"] = AugmentedUsers(rec, fit, extras["profiles"])
-                rows["+cold synth"] = AugmentedUsers(rec, fit, extras["cold"])
-            else:
-                rows["all"] = AugmentedUsers(rec, fit, both)
-            for row, model in rows.items():
-                r = evaluate_recommender(model, fit, ev, seed=int(base["evaluate"]["seed"]))
-                results[(strategy, row)] = r.metrics
-                per_user[(strategy, row)] = (r.per_user, r.users)
-                print(f"  {strategy:<8} {row:<12} ndcg@10 {r.metrics['ndcg@10']:.4f}", flush=True)
-        touched = set(extras["profiles"].users.tolist()) | set(extras["cold"].users.tolist())
-        enriched_items = set(tables["items"][S.ITEM_ID].astype(str))
-        # users with an enriched item among their test targets (where +enriched can act most)
-        touched_items = {int(u) for u, t in zip(ev.users, ev.targets)
-                         if enriched_items & {str(fit.item_ids[i]) for i in t}}
-    order = ["base", "+enriched", "+profiles", "+cold synth", "all"]
+            extras = {"profiles": pseudo_items([tables["profiles"]], users, encode),
+                      "cold": pseudo_items([tables["synthetic_items"]], users, encode)}
+            filled = [x.vectors for x in extras.values() if len(x.ids)]
+            both = PseudoItems(np.concatenate([extras["profiles"].users, extras["cold"].users]),
+                               np.vstack(filled) if filled else np.zeros((0, 0), np.float32),
+                               extras["profiles"].genres + extras["cold"].genres,
+                               extras["profiles"].ids + extras["cold"].ids)
+            for strategy in args.strategies:
+                rec = load_recommender(root / "data" / "model" / strategy)
+                rows = {"base": rec} if variant == "base" else {"+enriched": rec}
+                if args.items_only:
+                    pass
+                elif variant == "base":
+                    rows["+profiles"] = AugmentedUsers(rec, fit, extras["profiles"])
+                    rows["+cold synth"] = AugmentedUsers(rec, fit, extras["cold"])
+                else:
+                    rows["all"] = AugmentedUsers(rec, fit, both)
+                for row, model in rows.items():
+                    r = evaluate_recommender(model, fit, ev, seed=int(base["evaluate"]["seed"]))
+                    results[(seed, strategy, row)] = r.metrics
+                    per_user[(seed, strategy, row)] = (r.per_user, r.users)
+                    print(f"  seed {seed} {strategy:<8} {row:<12} ndcg@10 {r.metrics['ndcg@10']:.4f}", flush=True)
+            touched = set(extras["profiles"].users.tolist()) | set(extras["cold"].users.tolist())
+            enriched_items = set(tables["items"][S.ITEM_ID].astype(str))
+            # users with an enriched item among their test targets (where +enriched can act most)
+            touched_items = {int(u) for u, t in zip(ev.users, ev.targets)
+                             if enriched_items & {str(fit.item_ids[i]) for i in t}}
+    order = ["base", "+enriched"] if args.items_only else ["base", "+enriched", "+profiles", "+cold synth", "all"]
     present = [m for m in METRICS if any(m in v for v in results.values())]
-    print(f"\n## ablation on the {args.split} test split (users with pseudo-items: {len(touched)}; "
-          f"users with an enriched item among their test targets: {len(touched_items)})\n")
-    print("| strategy | variant | " + " | ".join(present) + " | Δ nDCG@10 vs base (se, t) | Δ on the users it touches |")
+    print(f"\n## ablation on the {args.split} test split, seeds {args.seeds} (mean ± sd over seeds; "
+          f"users with pseudo-items: {len(touched)}; users with an enriched item among their test "
+          f"targets: {len(touched_items)})\n")
+    print("| strategy | variant | " + " | ".join(present) +
+          " | Δ nDCG@10 vs base, mean over seeds (paired t per seed) | Δ on the users it touches (n) |")
     print("|---|---|" + "---:|" * (len(present) + 2))
     out = {}
     for strategy in args.strategies:
-        b_pu, b_users = per_user[(strategy, "base")]
         for row in order:
-            m = results[(strategy, row)]
-            pu, us = per_user[(strategy, row)]
-            d, se, t = paired(b_pu["ndcg@10"], pu["ndcg@10"])
-            mask = np.isin(us["ndcg@10"], list(touched if row in ("+profiles", "+cold synth") else
-                                               touched_items if row == "+enriched" else touched | touched_items))
-            d2, se2, t2 = paired(b_pu["ndcg@10"][mask], pu["ndcg@10"][mask])
+            deltas, ts, touched_d = [], [], []
+            for seed in args.seeds:
+                b_pu, _ = per_user[(seed, strategy, "base")]
+                pu, us = per_user[(seed, strategy, row)]
+                d, se, t = paired(b_pu["ndcg@10"], pu["ndcg@10"])
+                mask = np.isin(us["ndcg@10"], list(touched if row in ("+profiles", "+cold synth") else
+                                                   touched_items if row == "+enriched" else touched | touched_items))
+                d2, _, _ = paired(b_pu["ndcg@10"][mask], pu["ndcg@10"][mask])
+                deltas.append(d), ts.append(t), touched_d.append(d2)
             cells = []
             for k in present:
-                v = m.get(k)
-                se_k = m.get(f"{k}_se")
-                cells.append("" if v is None else (f"{v:.4f} ± {se_k:.4f}" if k.endswith("ndcg@10") and se_k
-                                                     else f"{v:.4f}"))
-            print(f"| {strategy} | {row} | " + " | ".join(cells) +
-                  f" | {d:+.4f} ({se:.4f}, {t:+.1f}) | {d2:+.4f} ({se2:.4f}, n={int(mask.sum())}) |")
-            out[f"{strategy}/{row}"] = {**{k: m.get(k) for k in m}, "delta_ndcg@10": d, "delta_se": se,
-                                        "delta_augmented_users": d2, "n_augmented_users": int(mask.sum())}
+                vals = [results[(seed, strategy, row)].get(k) for seed in args.seeds]
+                vals = [v for v in vals if v is not None]
+                cells.append(f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.4f}"
+                             if vals else "")
+            delta = ("" if row == "base" else
+                     f"{np.mean(deltas):+.4f} (t {', '.join(f'{t:+.1f}' for t in ts)})")
+            near = "" if row == "base" else f"{np.nanmean(touched_d):+.4f} (n={int(mask.sum())})"
+            print(f"| {strategy} | {row} | " + " | ".join(cells) + f" | {delta} | {near} |")
+            out[f"{strategy}/{row}"] = {
+                "seeds": list(args.seeds),
+                "metrics": {k: [results[(seed, strategy, row)].get(k) for seed in args.seeds] for k in present},
+                "delta_ndcg@10": deltas, "delta_t": ts, "delta_augmented_users": touched_d,
+                "n_augmented_users": int(mask.sum())}
     dest = project / ".cache" / "bench_augment" / args.split / "ablation.json"
     dest.write_text(json.dumps(out, indent=2, default=float))
     print(f"\nwrote {dest}")
