@@ -8,8 +8,9 @@
 2. enrich_items on the same ``--items`` MovieLens items (data/processed/items.parquet), side by
    side in one run (nothing cached: backend calls only): the step-by-step reference (one batched
    ``generate`` per value, ``--stepwise`` batch sizes) and the guided pass the backend uses
-   (``--guided`` batch sizes). Items/s, generated tokens/s, replies passing the schema, replies
-   identical to the first variant's, and the time enriching all items would take;
+   (``--guided`` batch sizes; its genre is constrained to the vocabulary as in the stage, unless
+   ``--free-choices``). Items/s, generated tokens/s, replies passing the schema, replies (and
+   first values) identical to the first variant's, and the time enriching all items would take;
 3. with ``--rerun-override``: the augment stage re-run with those params on the project, whose
    generation cache is complete after a first run: seconds and generations (should be 0).
 """
@@ -27,7 +28,7 @@ from genre_tasks.config import load_params, section
 from genre_tasks.features.augment import stage
 from genre_tasks.features.augment.backends import LocalBackend
 from genre_tasks.features.augment import templates
-from genre_tasks.features.augment.engine import generate_stepwise
+from genre_tasks.features.augment.engine import generate_stepwise, generate_structured
 from genre_tasks.features.augment.params import QUANTIZE, AugmentParams
 from genre_tasks.features.augment.validation import InvalidOutput, parse_reply
 
@@ -52,6 +53,9 @@ def main() -> None:
                         help="batch sizes of the step-by-step reference (one generate call per value)")
     parser.add_argument("--guided", type=int, nargs="*", default=[8, 32],
                         help="batch sizes of the guided pass (the local backend's path)")
+    parser.add_argument("--free-choices", action="store_true",
+                        help="guided pass without the vocabulary constraint of {{choice:...}} values "
+                             "(then its replies must equal the step-by-step reference's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--rerun-override", default=None)
@@ -78,7 +82,8 @@ def main() -> None:
         tokens, replies = 0, []
         for b in range(0, len(chats), size):
             part = chats[b:b + size]
-            out = (backend.generate_guided(part, plans[b:b + size], args.max_new_tokens) if guided
+            out = (generate_structured(backend, part, args.max_new_tokens,
+                                       None if args.free_choices else [vocab] * len(part)) if guided
                    else generate_stepwise(backend, part, plans[b:b + size], args.max_new_tokens))
             tokens += sum(r.tokens for r in out)
             replies += [r.text for r in out]
@@ -91,8 +96,9 @@ def main() -> None:
     reference = texts[variants[0][0]]
     for label, _, _ in variants[1:]:
         same = sum(a == b for a, b in zip(texts[label], reference))
+        first = sum(a.split('"', 4)[:4] == b.split('"', 4)[:4] for a, b in zip(texts[label], reference))
         print(f"{label} / {variants[0][0]}: {rows[label] / rows[variants[0][0]]:.2f}x items/s; "
-              f"{same} of {len(reference)} replies identical")
+              f"{same} of {len(reference)} replies identical, {first} first values (summaries) identical")
     best = max(rows, key=rows.get)
     print(f"all {len(items)} items with {best} would take ~{len(items) / rows[best] / 60:.1f} min at this rate "
           f"(load {os.getloadavg()[0]:.1f})")

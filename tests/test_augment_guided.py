@@ -3,6 +3,7 @@ reference, one batched ``generate`` per value, on a tiny random Llama with a BPE
 trained here (fast: no packaged model is loaded)."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -109,3 +110,24 @@ def test_guided_refuses_adjacent_values():
     tok, model = tiny(0)
     with pytest.raises(ValueError, match="literal between"):
         guided.generate(model, tok, ["x"], [(["", "", ""], ['"', '"'])], 3)
+
+
+def test_choice_values_come_from_the_vocabulary_and_are_unique_within_their_array():
+    vocab = ("Comedy", "Drama", "Horror", "Sci-Fi", "Film-Noir")
+    prefill = '{"topics": ["{{choice:"}}", "{{choice:"}}"], "profile": "{{gen:"}}", "genres": ["{{choice:"}}"]}'
+    assert templates.choice_values(prefill) == [True, True, False, True]
+    picked = Counter()
+    for seed in range(3):
+        tok, model = tiny(seed)
+        fast = TinyBackend(tok, model)
+        batch = [(messages, prefill) for messages, _ in chats(8)]
+        replies = engine.generate_structured(fast, batch, 6, [vocab] * len(batch))
+        for r in replies:
+            obj = json.loads(r.text)  # the literals are the program's: always JSON when values hold no quote
+            assert set(obj["topics"]) <= set(vocab) and len(set(obj["topics"])) == 2, obj
+            assert obj["genres"][0] in vocab, obj
+            picked.update(obj["topics"] + obj["genres"])
+        # without the vocabulary: free text (this random model then writes no vocabulary value)
+        free = [r.text for r in engine.generate_structured(fast, batch, 6)]
+        assert not any(f'["{v}"' in text for text in free for v in vocab), free
+    assert len(picked) >= 2, picked  # the model's preferences decide, not a fixed first option

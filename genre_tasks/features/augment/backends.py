@@ -189,9 +189,10 @@ class LocalBackend:
         return replies
 
     def generate_guided(self, chats: Sequence[Chat], plans: Sequence[tuple[list[str], list[str]]],
-                        max_new_tokens: int) -> list[Reply]:
+                        max_new_tokens: int, options: Sequence[Sequence] | None = None) -> list[Reply]:
         """The whole structured reply of each chat in one pass (:mod:`guided`): the values of
-        ``plans`` (``templates.split_prefill`` of each prefill) with their literals.
+        ``plans`` (``templates.split_prefill`` of each prefill) with their literals; ``options``
+        per chat and value: None or the allowed strings (``{{choice:...}}`` values).
         ``self.ends`` counts how values ended (stop / eos / budget) over the backend's life."""
         from genre_tasks.features.augment import guided
 
@@ -203,7 +204,8 @@ class LocalBackend:
             if self._prefix is None:
                 self._prefix = guided.PrefixCache()
             t0 = time.perf_counter()
-            out = guided.generate(model, tokenizer, prompts, plans, max_new_tokens, self._prefix, self.ends)
+            out = guided.generate(model, tokenizer, prompts, plans, max_new_tokens, self._prefix, self.ends,
+                                  options)
             seconds = time.perf_counter() - t0
         return [Reply(text, tokens, seconds) for text, tokens in out]
 

@@ -63,15 +63,22 @@ def _repair_chat(job: Job, reply: str, error: str) -> Chat:
     return ([*messages, {"role": "assistant", "content": reply}, *turns], prefill)
 
 
-def generate_structured(backend: Backend, chats: Sequence[Chat], max_new_tokens: int) -> list[Reply]:
+def generate_structured(backend: Backend, chats: Sequence[Chat], max_new_tokens: int,
+                        vocabularies: Sequence[Sequence[str]] | None = None) -> list[Reply]:
     """The full assistant reply of each chat: the prefill's literals with the model's values
     generated in between (:func:`templates.split_prefill`), ``max_new_tokens`` per value. A
     backend with ``generate_guided`` (the local one) does it in one pass per batch; otherwise
-    each value is one batched ``generate`` call (chats of one template take the same steps)."""
+    each value is one batched ``generate`` call (chats of one template take the same steps).
+    ``vocabularies[i]``: the values a ``{{choice:...}}`` of chat i may take (the guided pass
+    constrains them; the step-by-step path generates them freely)."""
     plans = [templates.split_prefill(prefill) for _, prefill in chats]
     guided = getattr(backend, "generate_guided", None)
     if guided is not None and chats and all(stops for _, stops in plans):
-        return guided(chats, plans, max_new_tokens)
+        options = None
+        if vocabularies is not None:
+            options = [[tuple(vocab) if choice else None for choice in templates.choice_values(prefill)]
+                       for (_, prefill), vocab in zip(chats, vocabularies)]
+        return guided(chats, plans, max_new_tokens, options)
     return generate_stepwise(backend, chats, plans, max_new_tokens)
 
 
@@ -132,7 +139,8 @@ def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, b
             for round_ in range(max_repairs + 1):
                 if not pending:
                     break
-                replies = generate_structured(backend, [chats[i] for i in pending], max_new_tokens)
+                replies = generate_structured(backend, [chats[i] for i in pending], max_new_tokens,
+                                              [jobs[i].vocabulary for i in pending])
                 stats.generations += len(pending)
                 still = []
                 for i, reply in zip(pending, replies):

@@ -14,9 +14,13 @@ prompt for every value. Here:
   tokenizes it. Cached tokens that differ from that (a token that ran past the stop string) are
   masked out. The rest of the sequence is fed one token per step ("forced"), then generation
   resumes. So each value is generated after exactly the reference's tokens;
-* a row leaves the batch when its last value ends.
+* a row leaves the batch when its last value ends;
+* a ``{{choice:...}}`` value (templates) is constrained greedy: each step takes the best token
+  that keeps the value on the token path of one of the job's vocabulary values (and its stop
+  string), values already chosen in the same JSON array excluded. The step-by-step path has no
+  such constraint, so for choice values the two differ by design.
 
-Results equal the reference's up to float rounding: a padded batch and a cached prefix sum in
+For free values, results equal the reference's up to float rounding: a padded batch and a cached prefix sum in
 another order, which can only flip a near-tie of two tokens (the reference itself varies with
 its batch's padding). ``tests/test_augment_guided.py`` checks the equality on a small model.
 """
@@ -42,6 +46,21 @@ class _Row:
     forced: list[int] = field(default_factory=list)
     masked: list[int] = field(default_factory=list)  # cache columns to mask out before the next feed
     n_generated: int = 0
+    options: list = field(default_factory=list)  # per value: None (free) or the allowed strings
+    paths: list | None = None  # a choice value: the token sequences (option + stop) still possible
+
+    def start_choice(self, tokenizer, stop: str) -> None:
+        """The token sequences of the current choice value's options, minus the values chosen
+        before it in the same JSON array (no ']' in between: arrays hold unique values)."""
+        v = len(self.values)
+        taken = set()
+        for j in range(v - 1, -1, -1):
+            if "]" in "".join(self.literals[j + 1:v + 1]):
+                break
+            if self.options[j] is not None:
+                taken.add(self.values[j])
+        allowed = [o for o in self.options[v] if o not in taken] or list(self.options[v])
+        self.paths = [tokenizer(o + stop, add_special_tokens=False)["input_ids"] for o in allowed]
 
     def text(self) -> str:
         out = self.literals[0]
@@ -85,11 +104,13 @@ class PrefixCache:
 
 def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[list[str], list[str]]],
              max_new_tokens: int, prefix: PrefixCache | None = None,
-             ends: Counter | None = None) -> list[tuple[str, int]]:
+             ends: Counter | None = None, options: Sequence[Sequence] | None = None) -> list[tuple[str, int]]:
     """(reply text, generated tokens) per prompt. ``prompts[i]`` is the chat text up to the
     assistant's turn followed by ``plans[i]``'s first literal; ``plans[i]`` = (literals, stops)
     from :func:`templates.split_prefill` with at least one stop. ``max_new_tokens`` per value.
-    ``ends`` counts how the values ended: ``stop``, ``eos`` or ``budget`` (cut at max_new_tokens)."""
+    ``ends`` counts how the values ended: ``stop``, ``eos`` or ``budget`` (cut at max_new_tokens).
+    ``options[i][k]``: None, or the strings value k of prompt i must be one of (constrained
+    greedy: at each step the best token that keeps the text on an ``option + stop`` path)."""
     import torch
 
     for literals, stops in plans:
@@ -114,8 +135,9 @@ def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[lis
         input_ids[b, start:] = torch.tensor(tail)
         positions[b, start:] = torch.arange(p, len(r))
         mask[b, p + start:] = 1
-        rows.append(_Row(prompt, list(literals), list(stops), list(r),
-                         list(range(p)) + list(range(p + start, p + width))))
+        row = _Row(prompt, list(literals), list(stops), list(r), list(range(p)) + list(range(p + start, p + width)))
+        row.options = list(options[b]) if options is not None else [None] * len(stops)
+        rows.append(row)
     results: list[tuple[str, int] | None] = [None] * batch
     live = list(range(batch))  # the batch position -> the prompt index
     with torch.inference_mode():
@@ -123,10 +145,13 @@ def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[lis
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         while live:
             cache = out.past_key_values
-            best = out.logits[:, -1].argmax(-1).tolist()
+            logits = out.logits[:, -1]
+            best = logits.argmax(-1).tolist()
             feed, keep = [], []
             for b, i in enumerate(live):
                 row = rows[i]
+                if not row.forced and row.options[len(row.values)] is not None:
+                    best[b] = _choose(row, logits[b], tokenizer)
                 token = _step(row, best[b], tokenizer, end_ids, max_new_tokens, ends)
                 if token is None:
                     results[i] = (row.text(), row.n_generated)
@@ -156,6 +181,19 @@ def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[lis
     return results  # type: ignore[return-value]
 
 
+def _choose(row: _Row, logits, tokenizer) -> int:
+    """The best next token of a choice value among those its remaining options allow."""
+    if row.paths is None:
+        row.start_choice(tokenizer, row.stops[len(row.values)])
+    k = len(row.generated)
+    allowed = sorted({path[k] for path in row.paths if len(path) > k})
+    if not allowed:  # cannot happen: every path ends with the stop string, which ends the value
+        return int(logits.argmax())
+    token = allowed[int(logits[allowed].argmax())]
+    row.paths = [path for path in row.paths if len(path) > k and path[k] == token]
+    return token
+
+
 def _step(row: _Row, best: int, tokenizer, end_ids: set[int], max_new_tokens: int,
           ends: Counter | None) -> int | None:
     """The token the row feeds next (``row.masked`` = cache columns to mask out first), or None
@@ -171,13 +209,14 @@ def _step(row: _Row, best: int, tokenizer, end_ids: set[int], max_new_tokens: in
         row.n_generated += 1
         text = tokenizer.decode(row.generated, skip_special_tokens=True)
         at = text.find(stop) if stop else -1
-        if at < 0 and len(row.generated) < max_new_tokens:
+        if at < 0 and (len(row.generated) < max_new_tokens or row.paths):  # an option is never cut
             return best
         value, why = (text, "budget") if at < 0 else (text[:at], "stop")
     if ends is not None:
         ends[why] += 1
     row.values.append(value)
     row.generated = []
+    row.paths = None
     if len(row.values) == len(row.stops):
         return None
     # realign to the reference: the tokens of the text so far plus the next literal

@@ -27,8 +27,12 @@ ROLES = ("system", "user", "assistant")
 _SECTION = re.compile(r"^--- (system|user|assistant)\s*$", re.M)
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 #: in an assistant prefill: "generate here until this stop string" (the program writes the JSON
-#: keys and punctuation, the model only the values: a 135M model cannot be trusted with syntax)
-_GEN = re.compile(r"\{\{gen:(.+?)\}\}")
+#: keys and punctuation, the model only the values: a 135M model cannot be trusted with syntax).
+#: ``{{choice:<stop>}}`` is a value from the job's vocabulary: the local backend's guided pass
+#: lets the model pick only among those (constrained greedy); other backends generate it freely
+#: and the schema check decides.
+_GEN = re.compile(r"\{\{(?:gen|choice):(.+?)\}\}")
+_KIND = re.compile(r"\{\{(gen|choice):.+?\}\}")
 
 
 class TemplateError(ValueError):
@@ -76,6 +80,12 @@ def split_prefill(prefill: str) -> tuple[list[str], list[str]]:
     (excluded). Without markers: ([prefill], []) - one free generation after the prefill."""
     parts = _GEN.split(prefill)
     return parts[0::2], parts[1::2]
+
+
+def choice_values(prefill: str) -> list[bool]:
+    """Per generated value of ``prefill`` (in :func:`split_prefill`'s order): is it a
+    ``{{choice:...}}`` (a value from the vocabulary)?"""
+    return [kind == "choice" for kind in _KIND.findall(prefill)]
 
 
 def json_strings(obj) -> list[str]:
