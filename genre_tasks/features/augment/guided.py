@@ -209,7 +209,8 @@ def _step(row: _Row, best: int, tokenizer, end_ids: set[int], max_new_tokens: in
         row.n_generated += 1
         text = tokenizer.decode(row.generated, skip_special_tokens=True)
         at = text.find(stop) if stop else -1
-        if at < 0 and (len(row.generated) < max_new_tokens or row.paths):  # an option is never cut
+        open_path = row.paths is not None and any(len(path) > len(row.generated) for path in row.paths)
+        if at < 0 and (len(row.generated) < max_new_tokens or open_path):  # an option is never cut
             return best
         value, why = (text, "budget") if at < 0 else (text[:at], "stop")
     if ends is not None:
