@@ -55,7 +55,7 @@ class TinyBackend(LocalBackend):
         self.model_id, self.threads, self.quantize = "tiny", 1, "none"
         import threading
 
-        self._lock, self._prefix, self.ends = threading.Lock(), None, Counter()
+        self._lock, self._prefix, self.ends = threading.Lock(), guided.PrefixCache(), Counter()
 
     def load(self):
         return self.tok, self.model

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from genre_tasks import logs
 from genre_tasks.errors import StageError
+from genre_tasks.features.augment import guided
 from genre_tasks.features.augment.params import QUANTIZE
 
 logger = logging.getLogger("genre.augment")
@@ -141,7 +142,7 @@ class LocalBackend:
         self.threads = threads
         self._lock = threading.Lock()
         self.ends: collections.Counter = collections.Counter()
-        self._prefix = None  # the guided.PrefixCache of the prompts' shared start (the system prompt)
+        self._prefix = guided.PrefixCache()  # the prompts' shared start (the system prompt), filled on first use
 
     def load(self):
         return _load_local(str(self.path), self.quantize)
@@ -194,15 +195,11 @@ class LocalBackend:
         ``plans`` (``templates.split_prefill`` of each prefill) with their literals; ``options``
         per chat and value: None or the allowed strings (``{{choice:...}}`` values).
         ``self.ends`` counts how values ended (stop / eos / budget) over the backend's life."""
-        from genre_tasks.features.augment import guided
-
         if not chats:
             return []
         tokenizer, model = self.load()
         prompts = [self.prompt_text((messages, literals[0])) for (messages, _), (literals, _) in zip(chats, plans)]
         with self._running():
-            if self._prefix is None:
-                self._prefix = guided.PrefixCache()
             t0 = time.perf_counter()
             out = guided.generate(model, tokenizer, prompts, plans, max_new_tokens, self._prefix, self.ends,
                                   options)

@@ -31,8 +31,7 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 #: ``{{choice:<stop>}}`` is a value from the job's vocabulary: the local backend's guided pass
 #: lets the model pick only among those (constrained greedy); other backends generate it freely
 #: and the schema check decides.
-_GEN = re.compile(r"\{\{(?:gen|choice):(.+?)\}\}")
-_KIND = re.compile(r"\{\{(gen|choice):.+?\}\}")
+_GEN = re.compile(r"\{\{(gen|choice):(.+?)\}\}")
 
 
 class TemplateError(ValueError):
@@ -78,14 +77,14 @@ def split_prefill(prefill: str) -> tuple[list[str], list[str]]:
 
     The reply is literals[0] + gen_0 + literals[1] + ... where gen_k is generated until stops[k]
     (excluded). Without markers: ([prefill], []) - one free generation after the prefill."""
-    parts = _GEN.split(prefill)
-    return parts[0::2], parts[1::2]
+    parts = _GEN.split(prefill)  # literal, kind, stop, literal, kind, stop, ..., literal
+    return parts[0::3], parts[2::3]
 
 
 def choice_values(prefill: str) -> list[bool]:
     """Per generated value of ``prefill`` (in :func:`split_prefill`'s order): is it a
     ``{{choice:...}}`` (a value from the vocabulary)?"""
-    return [kind == "choice" for kind in _KIND.findall(prefill)]
+    return [kind == "choice" for kind in _GEN.split(prefill)[1::3]]
 
 
 def json_strings(obj) -> list[str]:
