@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from genre_tasks.features.augment import engine, guided, templates
+from genre_tasks.features.augment import cpu, engine, guided, templates
 from genre_tasks.features.augment.backends import LocalBackend
 
 torch = pytest.importorskip("torch")
@@ -81,16 +81,16 @@ def test_guided_pass_equals_one_generate_per_value(seed):
     want = [r.text for r in engine.generate_structured(ref, batch, 7)]
     assert [r.text for r in engine.generate_structured(fast, batch, 7)] == want
     assert fast._prefix is not None and len(fast._prefix.ids) >= guided.MIN_PREFIX  # the system prompt
-    kept = fast._prefix.cache
+    kept = fast._prefix.layers
     # one at a time (no padding) and in another batch: the same replies, from the same prefix cache
     assert [engine.generate_structured(fast, [c], 7)[0].text for c in batch[:3]] == want[:3]
     assert [r.text for r in engine.generate_structured(fast, batch[2:], 7)] == want[2:]
-    assert fast._prefix.cache is kept
+    assert fast._prefix.layers is kept
     # another system prompt: the prefix is recomputed and the replies still equal the reference
     other = chats(4, system="Another system prompt, so another shared prefix.")
     assert [r.text for r in engine.generate_structured(fast, other, 7)] == \
         [r.text for r in engine.generate_structured(ref, other, 7)]
-    assert fast._prefix.cache is not kept
+    assert fast._prefix.layers is not kept
 
 
 def test_values_end_by_stop_by_eos_and_by_budget_alike():
@@ -131,3 +131,59 @@ def test_choice_values_come_from_the_vocabulary_and_are_unique_within_their_arra
         free = [r.text for r in engine.generate_structured(fast, batch, 6)]
         assert not any(f'["{v}"' in text for text in free for v in vocab), free
     assert len(picked) >= 2, picked  # the model's preferences decide, not a fixed first option
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_decode_linear_computes_what_linear_computes(rows):
+    """W @ x.T for few rows, F.linear for many: the same values, shape and bias either way."""
+    torch.manual_seed(rows)
+    for bias in (True, False):
+        plain = torch.nn.Linear(24, 40, bias=bias)
+        fast = torch.nn.Linear(24, 40, bias=bias)
+        fast.load_state_dict(plain.state_dict())
+        assert cpu.use_decode_linears(torch.nn.Sequential(fast)) == 1 and type(fast) is cpu.DecodeLinear
+        x = torch.randn(rows, 24)
+        for shaped in (x, x.view(1, rows, 24)):
+            want, got = plain(shaped), fast(shaped)
+            assert got.shape == want.shape and got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_cache_and_shared_prefix_attention_match_the_plain_model():
+    """The guided pass's forward (decode linears, the shared prefix attended once, a cache that
+    grows in place and loses finished rows) gives the plain model's next-token logits: a padded
+    prompt batch, then 80 greedy steps (past the cache's spare room), rows leaving midway."""
+    tok, plain = tiny(3)
+    _, fast = tiny(3)
+    assert cpu.use_decode_linears(fast) > 0
+    cpu.use_prefix_attention(fast)
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + p for m, p in chats(5)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prefix = guided.PrefixCache()
+    rows = [guided._Row(t, [], [], list(r), []) for t, r in zip(texts, ids)]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    seqs, masks = enc["input_ids"], enc["attention_mask"]
+    with torch.inference_mode():
+        p, layers = prefix.for_rows(fast, ids)
+        assert p >= guided.MIN_PREFIX
+        with guided._shared_prefix(fast, layers):
+            cache, mask, scored, logits = guided._prefill(fast, rows, p, tok.pad_token_id)
+            assert scored == list(range(5))
+            live = list(range(5))
+            for step in range(80):
+                want = plain(input_ids=seqs, attention_mask=masks).logits[:, -1]
+                torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)  # double: rounding only
+                nxt = want.argmax(-1)
+                if step in (20, 50):  # the first / last row finishes
+                    keep = [1, 2, 3, 4] if step == 20 else [0, 1, 2]
+                    cache.batch_select_indices(torch.tensor(keep))
+                    mask, seqs, masks, nxt = mask[keep], seqs[keep], masks[keep], nxt[keep]
+                    live = [live[k] for k in keep]
+                seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+                masks = torch.cat([masks, torch.ones_like(nxt)[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.bool)], dim=1)
+                positions = torch.tensor([[len(ids[i]) + step] for i in live])
+                cache, scored, logits = guided._forward(fast, [True] * len(live), input_ids=nxt[:, None],
+                                                        attention_mask=mask[:, None, None, :],
+                                                        position_ids=positions, past_key_values=cache)
+    assert cache.layers[0].keys.shape[2] > cpu.SPARE  # the cache grew past its first room

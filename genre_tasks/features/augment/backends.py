@@ -114,6 +114,8 @@ def _load_local(path: str, quantize: str = "none"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from genre_tasks.features.augment import cpu
+
     with logs.hf_quiet():
         folder, name = str(Path(path).parent), Path(path).name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
@@ -122,6 +124,8 @@ def _load_local(path: str, quantize: str = "none"):
     model.eval()
     if quantize == "int8":
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    cpu.use_decode_linears(model)  # the float32 ones (all of them unless int8)
+    cpu.use_prefix_attention(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -8,8 +8,12 @@ greedily after ``tokenize(prompt + literal_0 + value_0 + ... + literal_k)``. It 
 string, EOS or ``max_new_tokens``, and keeps the text before the first stop. It re-reads the whole
 prompt for every value. Here:
 
-* the prompts' common token prefix runs once; later batches reuse its cache when it is still a
-  prefix of all their prompts;
+* the prompts' common token prefix runs once; later batches reuse its keys/values when it is
+  still a prefix of all their prompts. It is kept once, not copied per row: the model attends to
+  it with :func:`cpu.prefix_attention` (one matrix product for the whole batch) and each row's
+  cache holds only its own positions (:class:`cpu.GrowingCache`, written in place);
+* the language-model head runs only for rows whose next token is not already known (a literal
+  being fed);
 * when a value ends, the row's text so far plus the next literal is tokenized as the reference
   tokenizes it. Cached tokens that differ from that (a token that ran past the stop string) are
   masked out. The rest of the sequence is fed one token per step ("forced"), then generation
@@ -26,7 +30,7 @@ its batch's padding). ``tests/test_augment_guided.py`` checks the equality on a 
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,21 +74,21 @@ class _Row:
 
 
 class PrefixCache:
-    """The key/value cache of one token prefix (batch 1), kept between calls."""
+    """The keys/values of one token prefix (batch 1) per layer, kept between calls."""
 
     def __init__(self) -> None:
         self.ids: tuple[int, ...] = ()
-        self.cache = None
+        self.layers: list | None = None  # per layer: (keys, values), each [kv heads, P, head dim]
 
-    def for_batch(self, model, rows: Sequence[Sequence[int]]):
-        """(prefix length, a cache holding it for ``len(rows)`` rows, or None when P = 0); call
-        it under ``torch.inference_mode``."""
+    def for_rows(self, model, rows: Sequence[Sequence[int]]):
+        """(prefix length P, its per-layer keys/values, or None when P = 0) for a batch whose
+        prompts are ``rows``; call it under ``torch.inference_mode``."""
         import torch
 
-        usable = lambda ids: (self.cache is not None and len(ids) > len(self.ids)  # noqa: E731
+        usable = lambda ids: (self.layers is not None and len(ids) > len(self.ids)  # noqa: E731
                               and tuple(ids[:len(self.ids)]) == self.ids)
         if not all(usable(r) for r in rows):
-            self.ids, self.cache = (), None
+            self.ids, self.layers = (), None
             n = min(len(r) for r in rows) - 1  # every row keeps >= 1 token for its own forward
             first = rows[0]
             p = 0
@@ -92,14 +96,29 @@ class PrefixCache:
                 p += 1
             if p < MIN_PREFIX:
                 return 0, None
-            from transformers import DynamicCache
+            from .cpu import GrowingCache
 
-            out = model(input_ids=torch.tensor([list(first[:p])]), past_key_values=DynamicCache(),
+            out = model(input_ids=torch.tensor([list(first[:p])]), past_key_values=GrowingCache(),
                         use_cache=True, logits_to_keep=1)
-            self.ids, self.cache = tuple(first[:p]), out.past_key_values
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(len(rows))
-        return len(self.ids), cache
+            self.ids = tuple(first[:p])
+            self.layers = [(layer.keys[0].contiguous(), layer.values[0].contiguous())
+                           for layer in out.past_key_values.layers]
+        return len(self.ids), self.layers
+
+
+@contextlib.contextmanager
+def _shared_prefix(model, layers):
+    """The model's attention sees ``layers`` (PrefixCache) as every row's first positions."""
+    from .cpu import attention_modules
+
+    modules = attention_modules(model)
+    try:
+        for module, kv in zip(modules, layers or [None] * len(modules)):
+            module.shared_prefix = kv
+        yield
+    finally:
+        for module in modules:
+            module.shared_prefix = None
 
 
 def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[list[str], list[str]]],
@@ -110,54 +129,48 @@ def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[lis
     from :func:`templates.split_prefill` with at least one stop. ``max_new_tokens`` per value.
     ``ends`` counts how the values ended: ``stop``, ``eos`` or ``budget`` (cut at max_new_tokens).
     ``options[i][k]``: None, or the strings value k of prompt i must be one of (constrained
-    greedy: at each step the best token that keeps the text on an ``option + stop`` path)."""
+    greedy: at each step the best token that keeps the text on an ``option + stop`` path).
+    The model attends with :func:`cpu.prefix_attention` (``cpu.use_prefix_attention``)."""
     import torch
 
+    from .cpu import PREFIX_ATTENTION, use_prefix_attention
+
+    if model.config._attn_implementation != PREFIX_ATTENTION:
+        use_prefix_attention(model)  # SDPA for everything but the shared prefix
     for literals, stops in plans:
         if not stops or any(not lit for lit in literals[1:-1]):
             raise ValueError("guided decoding needs >= 1 generated value and a literal between values")
+    if not prompts:
+        return []
     end_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     prefix = prefix if prefix is not None else PrefixCache()
     with torch.inference_mode():
-        p, cache = prefix.for_batch(model, ids)
-    width = max(len(r) - p for r in ids)
-    batch = len(ids)
-    input_ids = torch.full((batch, width), pad, dtype=torch.long)
-    positions = torch.zeros((batch, width), dtype=torch.long)
-    mask = torch.zeros((batch, p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    rows = []
-    for b, (prompt, r, (literals, stops)) in enumerate(zip(prompts, ids, plans)):
-        tail = r[p:]
-        start = width - len(tail)
-        input_ids[b, start:] = torch.tensor(tail)
-        positions[b, start:] = torch.arange(p, len(r))
-        mask[b, p + start:] = 1
-        row = _Row(prompt, list(literals), list(stops), list(r), list(range(p)) + list(range(p + start, p + width)))
-        row.options = list(options[b]) if options is not None else [None] * len(stops)
-        rows.append(row)
-    results: list[tuple[str, int] | None] = [None] * batch
-    live = list(range(batch))  # the batch position -> the prompt index
-    with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        p, layers = prefix.for_rows(model, ids)
+    rows = [_Row(prompt, list(literals), list(stops), list(r), [])
+            for prompt, r, (literals, stops) in zip(prompts, ids, plans)]
+    for i, row in enumerate(rows):
+        row.options = list(options[i]) if options is not None else [None] * len(row.stops)
+    results: list[tuple[str, int] | None] = [None] * len(rows)
+    live = list(range(len(rows)))  # the batch position -> the prompt index
+    with torch.inference_mode(), _shared_prefix(model, layers):
+        cache, mask, scored, logits = _prefill(model, rows, p, pad)
         while live:
-            cache = out.past_key_values
-            logits = out.logits[:, -1]
-            best = logits.argmax(-1).tolist()
+            best = dict(zip(scored, logits.argmax(-1).tolist())) if scored else {}
             feed, keep = [], []
             for b, i in enumerate(live):
                 row = rows[i]
                 if not row.forced and row.options[len(row.values)] is not None:
-                    best[b] = _choose(row, logits[b], tokenizer)
-                token = _step(row, best[b], tokenizer, end_ids, max_new_tokens, ends)
+                    best[b] = _choose(row, logits[scored.index(b)], tokenizer)
+                token = _step(row, best.get(b, -1), tokenizer, end_ids, max_new_tokens, ends)
                 if token is None:
                     results[i] = (row.text(), row.n_generated)
                     continue
                 for column in row.masked:
-                    mask[b, column] = 0
+                    if column < 0:  # cannot happen: the prompt's tokens never change
+                        raise RuntimeError("guided decoding: a shared prefix token would be masked")
+                    mask[b, column] = False
                 feed.append(token)
                 keep.append(b)
             if not keep:
@@ -168,17 +181,53 @@ def generate(model, tokenizer, prompts: Sequence[str], plans: Sequence[tuple[lis
                 mask = mask[index]
                 live = [live[b] for b in keep]
             column = mask.shape[1]
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.bool)], dim=1)
             step_positions = []
             for i, token in zip(live, feed):
                 row = rows[i]
                 step_positions.append(len(row.tokens))
                 row.tokens.append(token)
                 row.columns.append(column)
-            out = model(input_ids=torch.tensor(feed)[:, None], attention_mask=mask,
-                        position_ids=torch.tensor(step_positions)[:, None], past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+            cache, scored, logits = _forward(model, [not rows[i].forced for i in live],
+                                             input_ids=torch.tensor(feed)[:, None],
+                                             attention_mask=mask[:, None, None, :],
+                                             position_ids=torch.tensor(step_positions)[:, None],
+                                             past_key_values=cache)
     return results  # type: ignore[return-value]
+
+
+def _prefill(model, rows: Sequence[_Row], p: int, pad: int):
+    """The rows' prompts after the shared prefix of length ``p``, left-padded into one forward:
+    (cache, mask [rows, width], scored positions, logits). Sets each row's cache columns."""
+    import torch
+
+    from .cpu import GrowingCache
+
+    width = max(len(r.tokens) - p for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)  # the rows' own cache columns
+    for b, row in enumerate(rows):
+        tail = row.tokens[p:]
+        start = width - len(tail)
+        input_ids[b, start:] = torch.tensor(tail)
+        positions[b, start:] = torch.arange(p, len(row.tokens))
+        mask[b, start:] = True
+        row.columns = [-1] * p + list(range(start, width))  # -1: the shared prefix (never masked)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    cache, scored, logits = _forward(model, [True] * len(rows), input_ids=input_ids, position_ids=positions,
+                                     attention_mask=mask[:, None, None, :] & causal,
+                                     past_key_values=GrowingCache())
+    return cache, mask, scored, logits
+
+
+def _forward(model, scores: Sequence[bool], **inputs):
+    """(cache, the rows b with ``scores[b]``, their next-token logits): the language-model head
+    (a fifth of a decode step) runs only for rows whose next token is not already known."""
+    out = model.get_decoder()(**inputs, use_cache=True)
+    scored = [b for b, s in enumerate(scores) if s]
+    hidden = out.last_hidden_state[scored, -1] if scored else None
+    return out.past_key_values, scored, (model.get_output_embeddings()(hidden) if scored else None)
 
 
 def _choose(row: _Row, logits, tokenizer) -> int:
