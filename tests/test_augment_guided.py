@@ -187,3 +187,11 @@ def test_fast_path_cache_and_shared_prefix_attention_match_the_plain_model():
                                                         attention_mask=mask[:, None, None, :],
                                                         position_ids=positions, past_key_values=cache)
     assert cache.layers[0].keys.shape[2] > cpu.SPARE  # the cache grew past its first room
+
+
+def test_backends_on_one_model_share_its_lock():
+    """The guided pass sets the shared prefix on the model's modules while it runs, so two
+    backends of one loaded model must not generate at once: they share one lock."""
+    a, b = LocalBackend(), LocalBackend()
+    assert a._lock is b._lock
+    assert LocalBackend(quantize="int8")._lock is not a._lock  # another loaded model

@@ -109,6 +109,9 @@ def local_model_id(model_path: str | Path | None = None) -> str:
     return f"{path.stem}@{_file_sha1(str(path), st.st_size, st.st_mtime_ns)[:12]}"
 
 
+_MODEL_LOCKS: collections.defaultdict = collections.defaultdict(threading.Lock)
+
+
 @functools.lru_cache(maxsize=2)
 def _load_local(path: str, quantize: str = "none"):
     import torch
@@ -144,7 +147,9 @@ class LocalBackend:
         self.quantize = quantize
         self.model_id = local_model_id(self.path) + ("" if quantize == "none" else f"+{quantize}")
         self.threads = threads
-        self._lock = threading.Lock()
+        # one generation at a time per loaded model (not per backend): the guided pass sets the
+        # shared prefix on the model's attention modules while it runs
+        self._lock = _MODEL_LOCKS[(str(self.path), quantize)]
         self.ends: collections.Counter = collections.Counter()
         self._prefix = guided.PrefixCache()  # the prompts' shared start (the system prompt), filled on first use
 
@@ -159,7 +164,8 @@ class LocalBackend:
 
     @contextlib.contextmanager
     def _running(self):
-        """One generation at a time per model (llm-serve calls from threads), on ``threads``."""
+        """One generation at a time per loaded model (llm-serve calls from threads, several
+        backends on one model), on ``threads``."""
         import torch
 
         with self._lock:

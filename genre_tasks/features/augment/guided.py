@@ -112,6 +112,8 @@ def _shared_prefix(model, layers):
     from .cpu import attention_modules
 
     modules = attention_modules(model)
+    if layers is not None and len(modules) != len(layers):  # the prefix would silently be missing
+        raise RuntimeError(f"guided decoding: {len(layers)} cached layers but {len(modules)} attention modules found")
     try:
         for module, kv in zip(modules, layers or [None] * len(modules)):
             module.shared_prefix = kv
