@@ -80,11 +80,6 @@ class GrowingLayer(DynamicLayer):
         self._set(self._k, self._v, end)
         return self.keys, self.values
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self._rebuild(self.keys.repeat_interleave(repeats, dim=0),
-                          self.values.repeat_interleave(repeats, dim=0), SPARE)
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             self._rebuild(self.keys[indices], self.values[indices], SPARE)
