@@ -121,3 +121,55 @@ def test_only_plain_commands_of_known_programs_run_here():
     for shell in ("genre train && echo x", "genre train > log", "genre $STAGE", "cp a b",
                   "genre train | tee x", "GENRE_X=1 genre train", "genre 'a b", ""):
         assert repro.target_of(shell) is None, shell
+
+
+def test_an_echo_that_writes_to_the_redirected_stderr_does_not_loop(capfd, tmp_path, monkeypatch):
+    """Outside Airflow the stage lines' logger may write to whatever sys.stderr is *now* (logging's
+    last-resort handler): while the command runs that is the line stream itself. Such a write
+    goes to the real stderr once, instead of echoing itself until the recursion limit."""
+    monkeypatch.chdir(tmp_path)
+    echoed = []
+
+    def echo(line: str) -> None:
+        echoed.append(line)
+        sys.stderr.write(f"logged: {line}\n")  # what logging.lastResort does
+
+    code = repro.run_here(f"{__name__}:fake_stage", ["refuse"], {}, echo)
+    assert code == 2
+    assert echoed == ["to stdout", "a progress bar", " 50%", "100%"]
+    assert capfd.readouterr().err.count("logged: to stdout\n") == 1
+
+
+def _entries(cache: Path) -> set[str]:
+    runs = cache / "runs"
+    return {str(p.relative_to(runs)) for p in runs.rglob("*") if p.is_file()} if runs.exists() else set()
+
+
+def test_the_run_cache_moves_one_stage_at_a_time(ws, tmp_path):
+    """A stage pushes its own run-cache entries and fetches only its own key: the other entries
+    of a shared cache or remote (every stage run the project ever had) are never copied, yet a
+    worker with an empty cache still restores the stage from the remote's entry."""
+    remote = tmp_path / "remote"
+    foreign = "ab/ab" + "0" * 62 + "/" + "1" * 64  # another stage's run, local and on the remote
+    for root in (ws.cache_dir, remote):
+        (root / "runs" / foreign).parent.mkdir(parents=True)
+        (root / "runs" / foreign).write_text("cmd: other\n")
+    local_only = "cd/cd" + "0" * 62 + "/" + "2" * 64
+    (ws.cache_dir / "runs" / local_only).parent.mkdir(parents=True)
+    (ws.cache_dir / "runs" / local_only).write_text("cmd: other\n")
+
+    assert W.run_stage(ws, "ok")["how"] == "computed"
+    own = _entries(ws.cache_dir) - {foreign, local_only}
+    assert len(own) == 1, own  # the run DVC just recorded
+    assert _entries(remote) == own | {foreign}, "push sent this stage's entry and nothing else"
+
+    # another worker: same run (params, dvc.lock), empty workspace data and an empty DVC cache
+    other = W.Workspace(tmp_path / "ws2", tmp_path, tmp_path / "ws2" / ".dvc" / "cache")
+    other.path.mkdir()
+    subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=other.path, check=True)
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "r", str(remote)], cwd=other.path, check=True)
+    for name in ("in.txt", "dvc.yaml"):
+        (other.path / name).write_text((ws.path / name).read_text())
+    assert W.run_stage(other, "ok")["how"] == "run-cache"
+    assert not (other.path / "ran.txt").exists() and (other.path / "out.txt").read_text() == "done\n"
+    assert _entries(other.cache_dir) == own, "fetched this stage's entry only"

@@ -35,10 +35,13 @@ import io
 import logging
 import os
 import shlex
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from unittest.mock import patch  # patch.dict: os.environ changed and restored exactly
+
+from genre_tasks.registry import runcache
 
 INPROCESS_ENV = "GENRE_STAGE_INPROCESS"
 #: stage programs called in this process: program name -> "module:function", function(argv) -> exit code
@@ -71,9 +74,13 @@ def target_of(cmd: str) -> tuple[str, list[str]] | None:
 class _LineStream(io.TextIOBase):
     """A text stream that sends each complete line to ``echo`` (what the stage prints)."""
 
-    def __init__(self, echo: Echo) -> None:
+    def __init__(self, echo: Echo, fallback: io.TextIOBase | None = None) -> None:
         super().__init__()
         self.echo, self.buffer_ = echo, ""
+        #: where a write made *by* ``echo`` goes (a logging handler bound to the current
+        #: sys.stderr, e.g. logging's last resort, outside Airflow): the real stream, not a loop
+        self.fallback = fallback if fallback is not None else sys.__stderr__
+        self._echoing = False
 
     def writable(self) -> bool:
         return True
@@ -81,17 +88,30 @@ class _LineStream(io.TextIOBase):
     def isatty(self) -> bool:  # progress bars: plain lines, no cursor control
         return False
 
+    def _send(self, line: str) -> None:
+        self._echoing = True
+        try:
+            self.echo(line)
+        finally:
+            self._echoing = False
+
     def write(self, text: str) -> int:
+        if self._echoing:
+            if self.fallback is not None:
+                self.fallback.write(text)
+            return len(text)
         self.buffer_ += text.replace("\r", "\n")
         *lines, self.buffer_ = self.buffer_.split("\n")
         for line in lines:
             if line.strip():
-                self.echo(line)
+                self._send(line)
         return len(text)
 
     def flush(self) -> None:
+        if self._echoing:
+            return
         if self.buffer_.strip():
-            self.echo(self.buffer_)
+            self._send(self.buffer_)
         self.buffer_ = ""
 
 
@@ -184,7 +204,8 @@ def dvc_messages(echo: Echo, warn: Echo | None = None) -> Iterator[None]:
 
 def reproduce(path: str | Path, stage: str, pull: bool, echo: Echo, warn: Echo | None = None) -> tuple[int, str]:
     """``dvc repro --single-item [--pull] <stage>`` in ``path`` through DVC's Python API (call it
-    with ``os.environ`` and cwd set as for the ``dvc`` process); returns (exit code, output) in
+    with ``os.environ`` and cwd set as for the ``dvc`` process), with ``--pull`` fetching only
+    this stage's run-cache entries (:mod:`genre_tasks.registry.runcache`); returns (exit code, output) in
     the ``dvc`` process's terms: 0, or the stage command's ``exited with N``, or
     :data:`DVC_FAILED`."""
     from dvc.exceptions import DvcException
@@ -203,7 +224,7 @@ def reproduce(path: str | Path, stage: str, pull: bool, echo: Echo, warn: Echo |
     code = 0
     with dvc_messages(both, warned), commands_here(both):
         try:
-            with Repo(str(path)) as repo:
+            with Repo(str(path)) as repo, (runcache.fetch_on_lookup(repo) if pull else contextlib.nullcontext()):
                 repo.reproduce(targets=[stage], single_item=True, pull=pull)
         except DvcException as exc:
             causes, cause = [], exc
