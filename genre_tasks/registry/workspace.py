@@ -18,10 +18,10 @@ Layout of a workspace ``<workspaces>/<run slug>/`` (``$GENRE_WORKSPACES``, defau
 
 How a stage runs (:func:`run_stage`): ``dvc repro --single-item --pull <stage>`` (through DVC's
 Python API, the ``genre`` command in the same process: :mod:`genre_tasks.registry.repro`). ``--pull``
-fetches the run-cache entries from the remote and, for this stage only, the missing inputs (the
-outputs of upstream stages named in the run's dvc.lock); when DVC's run-cache already holds a
-run with the same command, deps and params, the stage is not computed (outputs are checked
-out). Then ``dvc push <stage> --run-cache`` sends the outputs and the run-cache to the remote,
+fetches, for this stage only, the missing inputs (the outputs of upstream stages named in the
+run's dvc.lock) and its run-cache entries (:mod:`genre_tasks.registry.runcache`); when DVC's
+run-cache already holds a run with the same command, deps and params, the stage is not computed
+(outputs are checked out). Then ``dvc push <stage>`` and the stage's run-cache entries go to the remote,
 so the next stage may start on another machine with an empty workspace (:func:`materialise`
 rebuilds it from the project checkout + the run's MLflow artifacts ``run/params.yaml`` and
 ``run/dvc.lock``).
@@ -52,7 +52,7 @@ from typing import Any
 import yaml
 
 from genre_tasks import io
-from genre_tasks.registry import repro
+from genre_tasks.registry import repro, runcache
 from genre_tasks.config import OVERRIDE_ENV, apply_overrides, load_params
 
 log = logging.getLogger("genre.workspace")
@@ -428,12 +428,14 @@ def _set_environ(env: Mapping[str, str]) -> None:
 
 
 def _push(ws: Workspace, stage: str, env: Mapping[str, str]) -> None:
-    """``dvc push <stage> --run-cache`` through DVC's Python API: no process start-up and DVC
-    import per stage (~0.6 s; the Airflow workers preload DVC)."""
+    """``dvc push <stage>`` and the stage's own run-cache entries, through DVC's Python API: no
+    process start-up and DVC import per stage (~0.6 s; the Airflow workers preload DVC), and not
+    every run-cache entry of the project each time as ``--run-cache`` would (:mod:`~genre_tasks.registry.runcache`)."""
     from dvc.repo import Repo
 
     with _dvc_api(ws, env), repro.dvc_messages(_echo, _warn), Repo(str(ws.path)) as repo:
-        repo.push(targets=[stage], run_cache=True)
+        repo.push(targets=[stage])
+        runcache.push_stage(repo, stage)
 
 
 def _echo(line: str) -> None:
