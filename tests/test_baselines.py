@@ -108,6 +108,21 @@ def test_ease_matches_a_direct_per_column_ridge_solution():
         assert np.allclose(b[others, j], w, atol=1e-10)
 
 
+def test_spd_inverse_is_the_inverse_and_falls_back_when_not_positive_definite():
+    rng = np.random.default_rng(1)
+    x = (rng.random((200, 60)) < 0.1).astype(np.float64)
+    g = x.T @ x + 5.0 * np.eye(60)
+    before = g.copy()
+    inv = B.spd_inverse(g)
+    assert np.array_equal(g, before), "the input is not overwritten"
+    assert np.array_equal(inv, inv.T)
+    assert np.allclose(inv, np.linalg.inv(g), rtol=1e-12, atol=1e-14)
+    assert np.allclose(g @ inv, np.eye(60), atol=1e-10)
+    # symmetric but indefinite: Cholesky fails, the LU inverse answers
+    m = np.array([[1.0, 2.0], [2.0, 1.0]])
+    assert np.allclose(B.spd_inverse(m), np.linalg.inv(m))
+
+
 def test_ease_scores_new_histories_from_its_weights(phases):
     _, (fit, _) = phases
     rec = B.EASE(lam=10.0).fit(fit)

@@ -181,7 +181,7 @@ class EASE:
         x = sparse.csr_matrix(x, dtype=np.float64)
         g = (x.T @ x).toarray()
         g[np.diag_indices_from(g)] += lam
-        p = np.linalg.inv(g)
+        p = spd_inverse(g)
         b = p / (-np.diag(p))[None, :]
         b[np.diag_indices_from(b)] = 0.0
         return b
@@ -199,6 +199,23 @@ class EASE:
     def score(self, histories: Sequence[np.ndarray], data: FitData) -> np.ndarray:
         _check(data, self.n_items, self.name)
         return score_blocks(histories, data.n_items, lambda h: h @ self.weights)
+
+
+def spd_inverse(g: np.ndarray) -> np.ndarray:
+    """Inverse of the symmetric positive definite ``g`` through its Cholesky factor
+    (LAPACK potrf + potri): half the time of ``np.linalg.inv``'s LU on EASE's Gram + lambda I (0.17
+    vs 0.32 s for 1,682 items here). Falls back to ``np.linalg.inv`` if ``g`` is not numerically
+    positive definite."""
+    from scipy.linalg import lapack
+
+    c, info = lapack.dpotrf(g, lower=False, clean=True)  # clean: the lower triangle zeroed
+    if info == 0:
+        inv, info = lapack.dpotri(c, lower=False, overwrite_c=True)  # the upper triangle of g^-1
+    if info != 0:
+        return np.linalg.inv(g)
+    full = inv + inv.T
+    full[np.diag_indices_from(full)] *= 0.5
+    return full
 
 
 class ContentMean:
