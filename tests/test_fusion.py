@@ -76,6 +76,23 @@ def test_fusion_endpoints_rank_like_their_components(staged):
     assert s.std(axis=1).min() > 0
 
 
+def test_fusion_grid_on_threads_equals_the_serial_grid(staged, monkeypatch):
+    """The validation grid's points are evaluated by several threads: the same numbers, in the
+    grid's order, as one after the other."""
+    paths, _, _ = staged
+    fit, ev = Dataset.load(paths).phase("valid")
+    rec = train.load_recommender(paths.model_dir / "fusion")
+    grid = [(w, v) for w in (0.0, 0.3, 0.7, 1.0) for v in (0.0, 0.2)]
+    quality = fusion.quality_prior(fit)[0]
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(train, "_threads", lambda n=threads: n)
+        results[threads] = train.fusion_grid(rec.ease, rec.tower, grid, fit, ev, 0, quality)
+    assert len(results[1]) == len(grid)
+    assert len({r[1] for r in results[1]}) > 1, "the grid's points differ (a real comparison)"
+    np.testing.assert_array_equal(np.array(results[3]), np.array(results[1]))
+
+
 def test_prior_part_is_one_list_for_everyone(staged):
     paths, _, _ = staged
     fit, _ = Dataset.load(paths).phase("test")

@@ -120,8 +120,9 @@ def fusion_grid(ease_rec, tower_rec, grid: Sequence[tuple[float, float]], fit: F
     rows_sel = np.searchsorted(users, sel_users) if sel_users is not None else None
     rows_imp = np.searchsorted(users, imp_users)
     tie = metrics.tie_keys(seed, users, np.arange(fit.n_items))
-    out = []
-    for w, v in grid:
+
+    def point(wv: tuple[float, float]) -> tuple[float, float, float]:
+        w, v = wv
         blend = (1.0 - w) * ze + w * zt + v * zq[None, :]
         full = _rank_ndcg(blend[rows_full], fit, ev.users, ev.targets, None, seed)
         sel = full if candidates is None else _rank_ndcg(blend[rows_sel], fit, sel_users, sel_targets,
@@ -133,8 +134,23 @@ def fusion_grid(ease_rec, tower_rec, grid: Sequence[tuple[float, float]], fit: F
             auc = float(np.nanmean(imp["auc"]))
         else:
             auc = float("nan")
-        out.append((sel, full, auc))
-    return out
+        return sel, full, auc
+
+    # numpy's comparisons and reductions run on one core and release the GIL: the grid's points
+    # (independent, each result its own) are evaluated by as many threads as torch may use
+    workers = max(1, min(len(grid), _threads()))
+    if workers == 1:
+        return [point(wv) for wv in grid]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="fusion-grid") as pool:
+        return list(pool.map(point, grid))
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def choose_blend(grid: Sequence[tuple[float, float]], means: Sequence[tuple[float, float, float]],
