@@ -68,6 +68,27 @@ def test_snapshot_merges_override_files_and_form_once(tmp_path, monkeypatch):
         W.create(ws, deep_merge(params, {"train": {"epochs": 3}}))
 
 
+def test_a_new_workspace_starts_from_the_stores_recorded_version(tmp_path):
+    """The project's dvc.lock records the feedback store (stage ``source``): a new run's
+    workspace gets that entry and its data checked out from the shared cache (DVC's API)."""
+    project = make_project(tmp_path, None)
+    store = project / "data" / "source"
+    (store / "feedback").mkdir(parents=True)
+    (store / "feedback" / "w1.csv").write_text("user_id,item_id\n1,2\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([str(BIN / "dvc"), "commit", "--force", "-q", "source"], cwd=project, env=env, check=True)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert "source" in lock["stages"]
+
+    ws = W.create(W.workspace(project, "run-seeded"), W.effective_params(project))
+    assert (ws.path / "data" / "source" / "feedback" / "w1.csv").read_text() == "user_id,item_id\n1,2\n"
+    assert yaml.safe_load(ws.lock_file.read_text())["stages"] == {"source": lock["stages"]["source"]}
+    # nothing in the cache for it (another machine): the workspace is made; the stage pulls it
+    shutil.rmtree(project / ".dvc" / "cache")
+    other = W.create(W.workspace(project, "run-no-cache"), W.effective_params(project))
+    assert other.lock_file.exists() and not (other.path / "data" / "source" / "feedback").exists()
+
+
 def test_workspace_takes_the_project_remote_and_env_override(tmp_path, monkeypatch):
     project = make_project(tmp_path, Path("../store-rel"))  # relative to .dvc/, as in the repo
     ws = W.create(W.workspace(project, "r"), W.effective_params(project))

@@ -260,13 +260,26 @@ def _seed(ws: Workspace) -> str | None:
     if stages:
         io.write_text(yaml.safe_dump({"schema": doc.get("schema", "2.0"), "stages": stages},
                                      sort_keys=False), ws.lock_file)
-        dvc(ws, "checkout", *stages, check=False)  # from the cache; else the stage pulls it
+        _checkout(ws, list(stages))  # from the cache; else the stage pulls it
         return "lock"
     source = ws.project / "data" / "source"
     if source.is_dir():
         shutil.copytree(source, ws.path / "data" / "source")
         return "copy"
     return None
+
+
+def _checkout(ws: Workspace, stages: list[str]) -> None:
+    """``dvc checkout <stages>`` in ``ws`` through DVC's Python API (no ``dvc`` process: ~1.5 s
+    less for the run's first task). What the cache lacks is left for the stage to pull."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with _dvc_api(ws, dvc_env(ws)), repro.dvc_messages(_echo), Repo(str(ws.path)) as repo:
+            repo.checkout(targets=stages)
+    except DvcException as exc:
+        log.info("dvc checkout %s: %s (the stage pulls what the cache lacks)", " ".join(stages), exc)
 
 
 def create(ws: Workspace, params: Mapping) -> Workspace:
