@@ -203,8 +203,8 @@ class EASE:
 
 def spd_inverse(g: np.ndarray) -> np.ndarray:
     """Inverse of the symmetric positive definite ``g`` through its Cholesky factor
-    (LAPACK potrf + potri): half the time of ``np.linalg.inv``'s LU on EASE's Gram + lambda I (0.17
-    vs 0.32 s for 1,682 items here). Falls back to ``np.linalg.inv`` if ``g`` is not numerically
+    (LAPACK potrf + potri): 1.6x faster than ``np.linalg.inv``'s LU on EASE's Gram + lambda I
+    (0.18 vs 0.30 s for 1,682 items here). Falls back to ``np.linalg.inv`` if ``g`` is not numerically
     positive definite."""
     from scipy.linalg import lapack
 

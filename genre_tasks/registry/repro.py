@@ -74,12 +74,11 @@ def target_of(cmd: str) -> tuple[str, list[str]] | None:
 class _LineStream(io.TextIOBase):
     """A text stream that sends each complete line to ``echo`` (what the stage prints)."""
 
-    def __init__(self, echo: Echo, fallback: io.TextIOBase | None = None) -> None:
+    def __init__(self, echo: Echo) -> None:
         super().__init__()
         self.echo, self.buffer_ = echo, ""
-        #: where a write made *by* ``echo`` goes (a logging handler bound to the current
-        #: sys.stderr, e.g. logging's last resort, outside Airflow): the real stream, not a loop
-        self.fallback = fallback if fallback is not None else sys.__stderr__
+        #: a write made *by* ``echo`` (a logging handler writing to the current sys.stderr, e.g.
+        #: logging's last resort, outside Airflow) goes to the real stderr, not round in a loop
         self._echoing = False
 
     def writable(self) -> bool:
@@ -97,8 +96,8 @@ class _LineStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         if self._echoing:
-            if self.fallback is not None:
-                self.fallback.write(text)
+            if sys.__stderr__ is not None:
+                sys.__stderr__.write(text)
             return len(text)
         self.buffer_ += text.replace("\r", "\n")
         *lines, self.buffer_ = self.buffer_.split("\n")

@@ -74,7 +74,7 @@ def fetch_on_lookup(repo) -> Iterator[None]:
             key = _get_stage_hash(stage)
             n = _copy_missing(_remote_odb(repo), repo.cache.legacy, key)
             if n:
-                log.debug("run-cache: fetched %d entr(y/ies) of %s", n, stage.addressing)
+                log.debug("run-cache: %d entries of %s fetched", n, stage.addressing)
         except RunCacheNotSupported as exc:  # what DVC's bulk pull does: warn and go on
             log.warning("Failed to pull run cache: %s", exc)
         return load(stage)
