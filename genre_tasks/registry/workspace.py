@@ -273,10 +273,9 @@ def _checkout(ws: Workspace, stages: list[str]) -> None:
     """``dvc checkout <stages>`` in ``ws`` through DVC's Python API (no ``dvc`` process: ~1.5 s
     less for the run's first task). What the cache lacks is left for the stage to pull."""
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
 
     try:
-        with _dvc_api(ws, dvc_env(ws)), repro.dvc_messages(_echo), Repo(str(ws.path)) as repo:
+        with _repo(ws, dvc_env(ws), warn=_echo) as repo:  # a cache miss is expected: not a warning
             repo.checkout(targets=stages)
     except DvcException as exc:
         log.info("dvc checkout %s: %s (the stage pulls what the cache lacks)", " ".join(stages), exc)
@@ -433,6 +432,16 @@ def _dvc_api(ws: Workspace, env: Mapping[str, str]) -> Iterator[None]:
         _set_environ(saved)
 
 
+@contextlib.contextmanager
+def _repo(ws: Workspace, env: Mapping[str, str], warn: repro.Echo | None = None) -> Iterator[Any]:
+    """DVC's ``Repo`` of ``ws`` inside :func:`_dvc_api`, its messages logged line by line (INFO;
+    warnings to ``warn``, default WARNING)."""
+    from dvc.repo import Repo
+
+    with _dvc_api(ws, env), repro.dvc_messages(_echo, warn or _warn), Repo(str(ws.path)) as repo:
+        yield repo
+
+
 def _set_environ(env: Mapping[str, str]) -> None:
     """Make ``os.environ`` equal ``env`` key by key (never empty in between)."""
     for key in set(os.environ) - set(env):
@@ -444,9 +453,7 @@ def _push(ws: Workspace, stage: str, env: Mapping[str, str]) -> None:
     """``dvc push <stage>`` and the stage's own run-cache entries, through DVC's Python API: no
     process start-up and DVC import per stage (~0.6 s; the Airflow workers preload DVC), and not
     every run-cache entry of the project each time as ``--run-cache`` would (:mod:`~genre_tasks.registry.runcache`)."""
-    from dvc.repo import Repo
-
-    with _dvc_api(ws, env), repro.dvc_messages(_echo, _warn), Repo(str(ws.path)) as repo:
+    with _repo(ws, env) as repo:
         repo.push(targets=[stage])
         runcache.push_stage(repo, stage)
 
