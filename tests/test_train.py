@@ -159,6 +159,9 @@ def test_training_is_deterministic(synth, tmp_path):
     assert pa.read_bytes() == pb.read_bytes() and ma.read_text() == mb.read_text()
     # the global torch settings are restored
     assert not torch.are_deterministic_algorithms_enabled()
+    from torch.utils import deterministic
+
+    assert deterministic.fill_uninitialized_memory  # torch's default, put back
 
 
 @pytest.mark.parametrize("sharing", ["batch", "example"])
@@ -206,6 +209,45 @@ def test_sampled_step_scores_only_the_sampled_items(synth, sharing):
         full = u @ rep.T + bias
     assert torch.allclose(s_pos, full.gather(1, target[:, None])[:, 0], atol=1e-5)
     assert torch.allclose(s_neg, full.gather(1, neg.expand(bs, k)), atol=1e-5)
+
+
+@pytest.mark.parametrize("logq", [False, True])
+def test_full_softmax_step_ranges_over_the_known_items_only(synth, logq):
+    """negatives 0: the step's loss is the cross-entropy over the items the fit data mentions
+    (minus log q with logq_correction), computed here the plain way; the unrated items and the
+    padding row get no probability mass, so no gradient reaches their biases."""
+    _, _, fit, _, _, unrated = synth
+    bs = 32
+    net = tower.TwoTower("content", fit.n_items, VEC_DIM, len(fit.genre_names), dim=P.dim, hidden=P.hidden,
+                         history_max=P.history_max, dropout=0.0)
+    tr = tower.Trainer(net, fit, loss="softmax", negatives=0, negative_sampling="popularity",
+                       logq_correction=logq, batch_size=bs, lr=P.lr, weight_decay=0.0, use_genres=True,
+                       genre_names=fit.genre_names, seed=0)
+    known = np.asarray(fit.seen.sum(axis=0)).ravel() > 0
+    assert (~known).sum() >= unrated.sum() > 0  # else the check proves nothing
+    hist, mask, target = tr._batch(np.arange(bs))
+    net.train()
+    with torch.no_grad():
+        rep, bias = net.items(tr.cat, torch.arange(fit.n_items + 1))
+        u, _ = net.pool(rep, hist, mask)
+        logits = (u @ rep.T + bias)[:, :fit.n_items][:, known]
+        if logq:
+            logits = logits - tr.log_q[:fit.n_items][known]
+        col = torch.from_numpy(np.cumsum(known) - 1)[target]  # target's column among the known items
+        want = float(torch.nn.functional.cross_entropy(logits, col))
+    # the content bias's gradient, per item = its input row x d loss / d bias_i: zero rows for
+    # items without mass are seen through a leaf bias added in the same place
+    probe = torch.zeros(fit.n_items + 1, requires_grad=True)
+    items = net.items
+    net.items = lambda *a, **k: (lambda r, b: (r, b + probe))(*items(*a, **k))
+    try:
+        got = tr.step(hist, mask, target)
+    finally:
+        del net.items
+    assert got == pytest.approx(want, rel=1e-5)
+    grad = probe.grad.numpy()
+    assert np.all(grad[:fit.n_items][~known] == 0.0) and grad[fit.n_items] == 0.0
+    assert np.any(grad[:fit.n_items][known] != 0.0)
 
 
 def test_validation_scores_users_in_cell_bounded_batches(synth, fitted, monkeypatch):

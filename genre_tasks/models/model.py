@@ -107,7 +107,7 @@ class TorchRecommender:
         if session is not None and session[0] is data:
             return session[1]
         cat = self.catalogue(data)
-        rep, bias = self.net.items(cat, torch.arange(data.n_items + 1))
+        rep, bias = self.net.items(cat)
         rep[data.n_items] = 0.0
         return rep, bias, cat
 

@@ -231,19 +231,22 @@ class TwoTower(nn.Module):
         self.user_proj = nn.Linear(dim, dim)
 
     # items
-    def items(self, cat: Catalogue, idx: torch.Tensor, drop_ids: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Representations [n, dim] and biases [n] of catalogue rows ``idx`` [n]."""
+    def items(self, cat: Catalogue, idx: torch.Tensor | None = None,
+              drop_ids: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations [n, dim] and biases [n] of catalogue rows ``idx`` [n] (None: every row,
+        the padding row included, without gathering a copy of the features)."""
+        n = cat.n_items + 1 if idx is None else len(idx)
         rep = None
-        bias = torch.zeros(len(idx))
+        bias = torch.zeros(n)
         if uses_content(self.strategy):
-            x = cat.feats[idx]
+            x = cat.feats if idx is None else cat.feats[idx]
             rep = self.content(x)
             bias = bias + self.content_bias(x).squeeze(-1)
         if uses_ids(self.strategy):
-            rows = cat.id_rows[idx]
-            known = cat.known[idx]
+            rows = cat.id_rows if idx is None else cat.id_rows[idx]
+            known = cat.known if idx is None else cat.known[idx]
             if drop_ids and self.training and self.id_dropout > 0:
-                keep = (torch.rand(len(idx)) >= self.id_dropout).to(known.dtype)
+                keep = (torch.rand(n) >= self.id_dropout).to(known.dtype)
                 known = known * keep
             emb = self.id_emb(rows) * known.unsqueeze(-1)
             rep = emb if rep is None else rep + emb
@@ -379,7 +382,12 @@ class Trainer:
         if len(self.candidates):
             logq[self.candidates] = np.log(self.q)
         self.log_q = torch.from_numpy(logq)
-        self.known_mask = torch.from_numpy(np.concatenate([seen_any, [False]]))
+        # full softmax: one additive offset per catalogue row, added to the logits by the same
+        # addmm that forms them (no [B, I] masked copy per step): -inf for the rows the fit data
+        # never mentions (and the padding row), so they are never pushed down; - log q with
+        # logq_correction
+        offset = np.where(np.concatenate([seen_any, [False]]), 0.0, -np.inf).astype(np.float32)
+        self.full_offset = torch.from_numpy(offset - logq if logq_correction else offset)
         self.flat, self.ex_pos, self.ex_start = training_examples(data.histories)
         self.flat_padded = np.concatenate([self.flat, [self.cat.pad]])
         # "seen, not liked": per user, the fit items rated below the positive threshold; with
@@ -459,12 +467,9 @@ class Trainer:
         net = self.net
         B = len(target)
         if self.k <= 0:  # full softmax over the known items of the catalogue
-            rep, bias = net.items(self.cat, torch.arange(self.cat.n_items + 1), drop_ids=True)
+            rep, bias = net.items(self.cat, drop_ids=True)
             u, _ = net.pool(rep, hist, mask)
-            logits = u @ rep.T + bias
-            logits = logits.masked_fill(~self.known_mask, float("-inf"))
-            if self.logq:
-                logits = logits - self.log_q
+            logits = torch.addmm(bias + self.full_offset, u, rep.T)
             loss = nn.functional.cross_entropy(logits, target)
             if dislikes is not None and bool(dislikes[1].any()):
                 items, has = dislikes
