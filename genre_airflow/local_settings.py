@@ -54,6 +54,12 @@ DEFAULT_MODULES: tuple[str, ...] = (
     # MLflow parses its alembic migration scripts (importing each) to learn the schema head: ~0.9 s
     # at the first tracking-store use of every process; done here, a task's costs ~40 ms
     "genre_tasks.registry.tracking_store:_head_revision",
+    # MLflow's SQLAlchemy stores (tracking, registry) are imported at the first client of a
+    # process, and SQLAlchemy configures their ~70 mappers at the first query: ~0.3 s in every
+    # task (each one opens a client), done here once
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "sqlalchemy.orm:configure_mappers",
     "genre_tasks.registry.workspace",
     "genre_tasks.registry.stage_logging",
     "genre_tasks.feedback",

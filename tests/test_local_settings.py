@@ -51,6 +51,16 @@ def test_preload_imports_in_a_forking_process_and_survives_a_missing_module():
     assert L.preload(["airflow", "api-server"], {L.ENV: "colorsys"}, "LocalExecutor") == []
 
 
+def test_every_default_preload_imports():
+    """A misspelt or moved module would only be logged by the preload and cost every task its
+    import again: the whole default list must load (and its functions run)."""
+    code = ("from genre_airflow import local_settings as L; "
+            "print(L.preload(['airflow', 'scheduler'], {}, 'LocalExecutor') == list(L.DEFAULT_MODULES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert out.strip().splitlines()[-1] == "True"
+
+
 def test_the_shim_airflow_imports_preloads_in_the_scheduler(tmp_path):
     home = tmp_path / "airflow"
     path = Path(L.install(home))
