@@ -401,7 +401,7 @@ class Trainer:
             neg.eliminate_zeros()
             self.dis_ptr, self.dis_items = neg.indptr.astype(np.int64), neg.indices.astype(np.int64)
             self.ex_user = ex_user
-        self.opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
         # ``model``: the network to evaluate and save; an exponential moving average of the
         # trained weights when ema_decay > 0 (smooths the epoch-to-epoch noise of Adam)
         self.ema_decay, self.steps = ema_decay, 0
@@ -409,6 +409,7 @@ class Trainer:
         if ema_decay > 0:
             for q in self.model.parameters():
                 q.requires_grad_(False)
+            self._ema_params, self._net_params = list(self.model.parameters()), list(net.parameters())
 
     @property
     def n_examples(self) -> int:
@@ -501,9 +502,8 @@ class Trainer:
             # by the random initialisation
             self.steps += 1
             decay = min(self.ema_decay, (1.0 + self.steps) / (10.0 + self.steps))
-            with torch.no_grad():
-                for q, w in zip(self.model.parameters(), net.parameters()):
-                    q.lerp_(w, 1.0 - decay)
+            with torch.no_grad():  # one multi-tensor op (as torch.optim.swa_utils' EMA)
+                torch._foreach_lerp_(self._ema_params, self._net_params, 1.0 - decay)
         return float(loss.detach())
 
     def epoch(self, progress: Callable[[Any], Any] | None = None) -> float:
