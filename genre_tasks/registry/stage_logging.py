@@ -18,7 +18,8 @@ from genre_tasks import io
 from genre_tasks import schema as S
 from genre_tasks.registry.provenance import _rel, canonical_json, combined_hash, data_hashes, split_mode
 from genre_tasks.registry.tracking_store import RUN_ID_ENV, client
-from genre_tasks.registry.tracking import log_artifact, log_metrics, log_params, set_tags
+from genre_tasks.registry.tracking import (flatten, log_artifact, log_metric_steps, log_metrics, log_params,
+                                           set_tags)
 
 log = logging.getLogger("genre.tracking")
 
@@ -107,9 +108,9 @@ def log_training(run_id: str, paths: S.Paths) -> dict[str, str]:
         if curve.exists():
             df = pd.read_csv(curve)
             step_col = "epoch" if "epoch" in df.columns else None
-            for i, row in df.iterrows():
-                step = int(row[step_col]) if step_col else int(i)
-                log_metrics(child_id, {k: v for k, v in row.items() if k != step_col}, paths, step=step)
+            log_metric_steps(child_id, [(int(row[step_col]) if step_col else int(i),
+                                         {k: v for k, v in row.items() if k != step_col})
+                                        for i, row in df.iterrows()], paths)
             cl.log_artifact(child_id, str(curve))
         set_tags(child_id, {"genre.curve_md5": curve_md5,
                             "genre.selected": str(strategy == selected).lower()}, paths)
@@ -129,14 +130,12 @@ def log_evaluation(run_id: str, paths: S.Paths) -> int:
     if not f.exists():
         return 0
     doc = io.read_json(f)
-    n = 0
     models = doc.get("models") or {}
-    for name, metrics in models.items():
-        n += log_metrics(run_id, metrics, paths, prefix=f"test.{name}.")
+    values = {f"{name}.{k}": v for name, metrics in models.items() for k, v in flatten(metrics).items()}
     selected = doc.get("selected")
     if isinstance(selected, str) and selected in models:
-        n += log_metrics(run_id, models[selected], paths, prefix="test.")
-    return n
+        values.update(flatten(models[selected]))
+    return log_metrics(run_id, values, paths, prefix="test.")  # one request, not one per model
 
 
 #: rows of a lineage dataset MLflow infers its schema from (:func:`log_lineage`)

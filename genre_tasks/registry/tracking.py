@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,14 @@ def log_params(run_id: str, params: Mapping, paths: S.Paths) -> int:
 def log_metrics(run_id: str, metrics: Mapping[str, Any], paths: S.Paths, prefix: str = "",
                 step: int = 0) -> int:
     """Log the finite numeric values of ``metrics`` (nested dicts flattened) at ``step``."""
+    return log_metric_steps(run_id, [(step, metrics)], paths, prefix)
+
+
+def log_metric_steps(run_id: str, steps: Iterable[tuple[int, Mapping[str, Any]]], paths: S.Paths,
+                     prefix: str = "") -> int:
+    """:func:`log_metrics` for several steps (a curve) in as few requests as MLflow allows
+    (``log_batch``, 500 values each): one transaction, not one per step (a 72-point fusion grid
+    was 72 requests, ~1.5 s of the train task on the sqlite store)."""
     import time
 
     from mlflow.entities import Metric
@@ -176,10 +184,11 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], paths: S.Paths, prefix:
     cl = client(paths)
     now = int(time.time() * 1000)
     batch = []
-    for k, v in flatten(metrics).items():
-        f = numeric(v)
-        if f is not None:
-            batch.append(Metric(metric_key(f"{prefix}{k}"), f, now, step))
+    for step, metrics in steps:
+        for k, v in flatten(metrics).items():
+            f = numeric(v)
+            if f is not None:
+                batch.append(Metric(metric_key(f"{prefix}{k}"), f, now, int(step)))
     for i in range(0, len(batch), 500):
         cl.log_batch(run_id, metrics=batch[i:i + 500])
     return len(batch)
