@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from unittest.mock import patch  # patch.dict: os.environ changed and restored exactly
 
-from genre_tasks.registry import runcache
+from genre_tasks.registry import dvc_yaml, runcache
 
 INPROCESS_ENV = "GENRE_STAGE_INPROCESS"
 #: stage programs called in this process: program name -> "module:function", function(argv) -> exit code
@@ -221,7 +221,7 @@ def reproduce(path: str | Path, stage: str, pull: bool, echo: Echo, warn: Echo |
         (warn or echo)(line)
 
     code = 0
-    with dvc_messages(both, warned), commands_here(both):
+    with dvc_messages(both, warned), commands_here(both), dvc_yaml.parsed_once():
         try:
             with Repo(str(path)) as repo, (runcache.fetch_on_lookup(repo) if pull else contextlib.nullcontext()):
                 repo.reproduce(targets=[stage], single_item=True, pull=pull)

@@ -52,7 +52,7 @@ from typing import Any
 import yaml
 
 from genre_tasks import io
-from genre_tasks.registry import repro, runcache
+from genre_tasks.registry import dvc_yaml, repro, runcache
 from genre_tasks.config import OVERRIDE_ENV, apply_overrides, load_params
 
 log = logging.getLogger("genre.workspace")
@@ -438,7 +438,8 @@ def _repo(ws: Workspace, env: Mapping[str, str], warn: repro.Echo | None = None)
     warnings to ``warn``, default WARNING)."""
     from dvc.repo import Repo
 
-    with _dvc_api(ws, env), repro.dvc_messages(_echo, warn or _warn), Repo(str(ws.path)) as repo:
+    with (_dvc_api(ws, env), repro.dvc_messages(_echo, warn or _warn), dvc_yaml.parsed_once(),
+          Repo(str(ws.path)) as repo):
         yield repo
 
 
