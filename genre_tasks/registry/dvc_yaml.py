@@ -27,7 +27,7 @@ MAX_TEXTS = 32
 
 _lock = threading.Lock()
 _depth = 0
-_saved: dict[str, Any] = {}
+_original: Any = None  # DVC's parse_yaml while patched
 _parsed: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
 
@@ -64,13 +64,12 @@ def parsed_once() -> Iterator[None]:
     back when the outermost one ends. The parses are kept (at most :data:`MAX_TEXTS`, the least
     recently used go) for the next activation in this process: the push after a stage, the
     next stage of the task."""
-    global _depth
+    global _depth, _original
     serialize, yaml_module, strictyaml = _modules()
     with _lock:
         if _depth == 0:
-            original = yaml_module.parse_yaml
-            _saved["parse"] = original
-            yaml_module.parse_yaml = serialize.parse_yaml = strictyaml.parse_yaml = _cached(original)
+            _original = yaml_module.parse_yaml
+            yaml_module.parse_yaml = serialize.parse_yaml = strictyaml.parse_yaml = _cached(_original)
         _depth += 1
     try:
         yield
@@ -78,5 +77,5 @@ def parsed_once() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                original = _saved.pop("parse")
-                yaml_module.parse_yaml = serialize.parse_yaml = strictyaml.parse_yaml = original
+                yaml_module.parse_yaml = serialize.parse_yaml = strictyaml.parse_yaml = _original
+                _original = None
