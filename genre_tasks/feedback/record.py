@@ -28,11 +28,12 @@ def _repo(root: Path):
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    from genre_tasks.registry import dvc_yaml
     from genre_tasks.registry.repro import dvc_messages
 
     try:
         with contextlib.chdir(root), patch.dict(os.environ, {"DVC_NO_ANALYTICS": "1"}), \
-                dvc_messages(log.debug, log.warning), Repo(str(root)) as repo:
+                dvc_messages(log.debug, log.warning), dvc_yaml.parsed_once(), Repo(str(root)) as repo:
             yield repo
     except DvcException as exc:
         raise RuntimeError(f"DVC failed in {root}: {exc}") from exc

@@ -10,8 +10,9 @@ again and again.
 hands DVC a deep copy of it when the same text comes again (a copy: DVC's callers may change what
 they get). The result is exactly what DVC's own parser returns for that text; errors are not
 kept (a corrupt file raises every time, with DVC's message). ``dvc.utils.serialize``'s plot
-parsers (``PARSERS``) are left alone: only plots use them. Used by :mod:`~genre_tasks.registry.repro`
-and :mod:`~genre_tasks.registry.workspace` around DVC's Python API.
+parsers (``PARSERS``) are left alone: only plots use them. Used around every use of DVC's
+Python API: :mod:`~genre_tasks.registry.repro`, :mod:`~genre_tasks.registry.workspace`,
+:mod:`genre_tasks.feedback.record`.
 """
 from __future__ import annotations
 
