@@ -164,6 +164,77 @@ def test_training_is_deterministic(synth, tmp_path):
     assert deterministic.fill_uninitialized_memory  # torch's default, put back
 
 
+@pytest.mark.parametrize("case", ["early_stopped", "to_the_end", "warm"])
+def test_side_by_side_refit_is_the_sequential_refit(synth, case):
+    """fit_and_refit (the early-stopping fit and the refit at once, one thread each) gives
+    bitwise what fit_model gives one after the other with one thread: the same early-stopping
+    curve and weights, and the refit's weights after exactly the best epoch count, also when
+    early stopping ends before the refit (which runs ahead) and when it runs to the budget."""
+    _, ds, fit, ev, _, _ = synth
+    fit_t, _ = ds.phase("test")
+    p = dataclasses.replace(P, threads=2, ema_decay=0.9, parallel_refit="always",
+                            **({"epochs": 12, "patience": 1, "lr": 0.05} if case == "early_stopped"
+                               else {"epochs": 3}))
+    init = None
+    if case == "warm":
+        init = M.fit_model(dataclasses.replace(p, threads=1), "content", fit, ev, show_progress=False).recommender
+    assert M.side_by_side(p, "content", warm=False)
+    refit_live = []
+    valid, refit = M.fit_and_refit(p, "content", fit, ev, fit_t, init=init,
+                                   live_refit=lambda *a: refit_live.append(a))
+    one = dataclasses.replace(p, threads=1)
+    v1 = M.fit_model(one, "content", fit, ev, show_progress=False, init=init)
+    r1 = M.fit_model(one, "content", fit_t, None, epochs=v1.best_epoch, show_progress=False, init=init)
+    if case == "early_stopped":
+        assert v1.best_epoch < len(v1.curve) < p.epochs  # stopped early, before the budget
+    elif case == "to_the_end":
+        assert v1.best_epoch == len(v1.curve) == p.epochs
+    else:  # the budget reached, the best epoch before it: the refit ran past the one it needs
+        assert v1.best_epoch < len(v1.curve) == p.epochs
+    assert valid.best_epoch == refit.best_epoch == v1.best_epoch
+    assert M.untimed(valid.curve) == M.untimed(v1.curve)
+    assert M.untimed(refit.curve) == M.untimed(r1.curve) and len(refit.curve) == v1.best_epoch
+    assert [a[0] for a in refit_live] == list(range(1, v1.best_epoch + 1))
+    for got, want in ((valid, v1), (refit, r1)):
+        sa, sb = got.recommender.net.state_dict(), want.recommender.net.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        meta = {**got.recommender.meta, "params": {**got.recommender.meta["params"], "threads": 1}}
+        assert meta == want.recommender.meta  # the configured threads (2) are recorded as given
+        assert not got.recommender.net.training
+    assert torch.get_num_threads() != 1 or P.threads == 1  # the caller's thread count is restored
+
+
+def test_side_by_side_only_without_global_random_draws():
+    """Two fits drawing dropout masks from torch's one global generator at once would make the
+    draws depend on thread timing: those fits stay one after the other."""
+    p = dataclasses.replace(P, threads=2, parallel_refit="warm")
+    assert M.side_by_side(p, "content", warm=True) and not M.side_by_side(p, "content", warm=False)
+    always = dataclasses.replace(p, parallel_refit="always")
+    assert M.side_by_side(always, "content", warm=False)
+    assert M.side_by_side(always, "hybrid", warm=False) is False  # id dropout draws
+    assert M.side_by_side(dataclasses.replace(always, id_dropout=0.0), "hybrid", warm=False)
+    assert not M.side_by_side(dataclasses.replace(always, dropout=0.1), "content", warm=False)
+    assert not M.side_by_side(dataclasses.replace(always, threads=1), "content", warm=False)
+    assert not M.side_by_side(dataclasses.replace(always, parallel_refit="never"), "content", warm=True)
+    assert not M.side_by_side(dataclasses.replace(always, refit=False), "content", warm=True)
+
+
+def test_side_by_side_refit_error_reaches_the_caller(synth, monkeypatch):
+    """An error in the refit's thread is raised in the caller's (not lost with the thread)."""
+    _, ds, fit, ev, _, _ = synth
+    fit_t, _ = ds.phase("test")
+    real = tower.Trainer.epoch
+
+    def epoch(self, progress=None):
+        if self.data is fit_t:
+            raise MemoryError("refit out of memory")
+        return real(self, progress)
+
+    monkeypatch.setattr(tower.Trainer, "epoch", epoch)
+    with pytest.raises(MemoryError, match="refit out of memory"):
+        M.fit_and_refit(dataclasses.replace(P, threads=2, epochs=2), "content", fit, ev, fit_t)
+
+
 @pytest.mark.parametrize("sharing", ["batch", "example"])
 def test_sampled_step_scores_only_the_sampled_items(synth, sharing):
     """negatives > 0: the step's scores equal the [batch, distinct items] formulation, but no

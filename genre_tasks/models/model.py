@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -262,6 +263,84 @@ def warm_state(net, init, item_ids) -> dict:
     return state
 
 
+def _prepare(p: TrainParams, strategy: str, fit: FitData, init: Any) -> tuple[TrainParams, Trainer, "TorchRecommender"]:
+    """The network (random or ``init``'s weights), its Trainer and the recommender around its
+    evaluation weights. Draws the initialisation from torch's global generator: the caller seeds it."""
+    genre_names = list(init.genre_names) if init is not None else list(fit.genre_names)
+    if init is not None:  # the architecture is the one being warm-started
+        ip = init.params
+        p = dataclasses.replace(p, dim=int(ip["dim"]), hidden=int(init.meta["hidden"]),
+                                pooling=ip["pooling"], history_max=int(ip["history_max"]))
+    net = TwoTower(strategy, n_ids=fit.n_items, vec_dim=int(fit.item_vectors.shape[1]),
+                   n_genres=len(genre_names), dim=p.dim, hidden=p.hidden, pooling=p.pooling,
+                   dropout=p.dropout, history_max=p.history_max,
+                   id_dropout=p.id_dropout if strategy == "hybrid" else 0.0)
+    if init is not None:
+        if init.strategy != strategy:
+            raise ValueError(f"warm start: {init.strategy} weights for a {strategy} model")
+        net.load_state_dict(warm_state(net, init, fit.item_ids))
+    trainer = Trainer(net, fit, loss=p.loss, negatives=p.negatives,
+                      negative_sampling=p.negative_sampling, negative_sharing=p.negative_sharing,
+                      logq_correction=p.logq_correction,
+                      batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                      use_genres=p.use_genres, genre_names=genre_names, seed=p.seed,
+                      ema_decay=p.ema_decay, dislike_weight=p.dislike_weight)
+    meta = {"strategy": strategy, "params": p.as_dict(), "item_ids": [str(i) for i in fit.item_ids],
+            "genre_names": genre_names, "vec_dim": int(fit.item_vectors.shape[1]),
+            "dim": p.dim, "hidden": p.hidden, "id_dropout": net.id_dropout,
+            "fit_phase": fit.phase, "n_examples": trainer.n_examples}
+    return p, trainer, TorchRecommender(trainer.model, meta)
+
+
+def _state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _epochs(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None, trainer: Trainer,
+            rec: "TorchRecommender", epochs: int, show_progress: bool,
+            on_epoch: Callable[[int, float, float], None] | None, live: Callable[..., None] | None,
+            on_best: Callable[[int], None] | None = None) -> tuple[list[dict], float, int, bool]:
+    """The epoch loop of :func:`fit_model` (early stopping with ``ev``); leaves the trainer's
+    model on the best epoch's weights. ``on_best(e)``: epoch e is the best so far. Returns
+    (curve, best valid nDCG@10, best epoch, whether ``ev`` had users to evaluate)."""
+    from tqdm.auto import tqdm
+
+    eval_u = eval_users(ev)[0] if ev is not None else None
+    use_eval = eval_u is not None and len(eval_u) > 0
+    curve: list[dict] = []
+    best, best_epoch, since = -math.inf, 0, 0
+    best_state = None
+    for e in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        bar = (lambda it, e=e: logged_progress(
+            tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch", leave=False,
+                 disable=None if show_progress else True), f"train {strategy} {fit.phase} epoch {e}"))
+        loss = trainer.epoch(bar)
+        seconds = time.perf_counter() - t0
+        ndcg = validation_ndcg(rec, fit, ev, p.seed) if use_eval else None
+        curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": ndcg, "seconds": seconds})
+        if on_epoch is not None:
+            on_epoch(e, loss, seconds)
+        if live is not None:
+            live(e, loss, seconds, ndcg)
+        if not use_eval:
+            best_epoch = e
+            continue
+        if ndcg > best:
+            best, best_epoch, since = ndcg, e, 0
+            best_state = _state(trainer.model)
+            if on_best is not None:
+                on_best(e)
+        else:
+            since += 1
+            if since >= p.patience:
+                break
+    if best_state is not None:  # the early-stopping run ends on its best epoch's weights
+        trainer.model.load_state_dict(best_state)
+    trainer.net.eval()
+    return curve, best, best_epoch, use_eval
+
+
 def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None = None,
               epochs: int | None = None, show_progress: bool = True,
               on_epoch: Callable[[int, float, float], None] | None = None,
@@ -276,71 +355,137 @@ def fit_model(p: TrainParams, strategy: str, fit: FitData, ev: EvalData | None =
     its genre vocabulary, id rows matched by item id) instead of a random initialisation.
     """
     passive_openmp()
-    from tqdm.auto import tqdm
-
     epochs = p.epochs if epochs is None else int(epochs)
     t_start = time.perf_counter()
     with deterministic(p.seed, p.threads):
-        genre_names = list(init.genre_names) if init is not None else list(fit.genre_names)
-        if init is not None:  # the architecture is the one being warm-started
-            ip = init.params
-            p = dataclasses.replace(p, dim=int(ip["dim"]), hidden=int(init.meta["hidden"]),
-                                    pooling=ip["pooling"], history_max=int(ip["history_max"]))
-        net = TwoTower(strategy, n_ids=fit.n_items, vec_dim=int(fit.item_vectors.shape[1]),
-                         n_genres=len(genre_names), dim=p.dim, hidden=p.hidden, pooling=p.pooling,
-                         dropout=p.dropout, history_max=p.history_max,
-                         id_dropout=p.id_dropout if strategy == "hybrid" else 0.0)
-        if init is not None:
-            if init.strategy != strategy:
-                raise ValueError(f"warm start: {init.strategy} weights for a {strategy} model")
-            net.load_state_dict(warm_state(net, init, fit.item_ids))
-        trainer = Trainer(net, fit, loss=p.loss, negatives=p.negatives,
-                            negative_sampling=p.negative_sampling, negative_sharing=p.negative_sharing,
-                            logq_correction=p.logq_correction,
-                            batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                            use_genres=p.use_genres, genre_names=genre_names, seed=p.seed,
-                            ema_decay=p.ema_decay, dislike_weight=p.dislike_weight)
-        meta = {"strategy": strategy, "params": p.as_dict(), "item_ids": [str(i) for i in fit.item_ids],
-                "genre_names": genre_names, "vec_dim": int(fit.item_vectors.shape[1]),
-                "dim": p.dim, "hidden": p.hidden, "id_dropout": net.id_dropout,
-                "fit_phase": fit.phase, "n_examples": trainer.n_examples}
-        rec = TorchRecommender(trainer.model, meta)
-        eval_u = eval_users(ev)[0] if ev is not None else None
-        use_eval = eval_u is not None and len(eval_u) > 0
-        curve: list[dict] = []
-        best, best_epoch, since = -math.inf, 0, 0
-        best_state = None
-        for e in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            bar = (lambda it, e=e: logged_progress(
-                tqdm(it, desc=f"train {strategy} epoch {e}", unit="batch", leave=False,
-                     disable=None if show_progress else True), f"train {strategy} {fit.phase} epoch {e}"))
-            loss = trainer.epoch(bar)
-            seconds = time.perf_counter() - t0
-            ndcg = validation_ndcg(rec, fit, ev, p.seed) if use_eval else None
-            curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": ndcg, "seconds": seconds})
-            if on_epoch is not None:
-                on_epoch(e, loss, seconds)
-            if live is not None:
-                live(e, loss, seconds, ndcg)
-            if not use_eval:
-                best_epoch = e
-                continue
-            if ndcg > best:
-                best, best_epoch, since = ndcg, e, 0
-                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-            else:
-                since += 1
-                if since >= p.patience:
-                    break
-        if best_state is not None:  # the early-stopping run ends on its best epoch's weights
-            trainer.model.load_state_dict(best_state)
-        net.eval()
+        p, trainer, rec = _prepare(p, strategy, fit, init)
+        curve, best, best_epoch, use_eval = _epochs(p, strategy, fit, ev, trainer, rec, epochs,
+                                                    show_progress, on_epoch, live)
     rec.meta["best_epoch"] = best_epoch
     rec.meta["history"] = untimed(curve)
     return FitResult(recommender=rec, curve=curve, best_epoch=best_epoch,
                      best_ndcg=best if use_eval else float("nan"), n_examples=trainer.n_examples,
                      seconds=time.perf_counter() - t_start)
+
+
+def side_by_side(p: TrainParams, strategy: str, warm: bool) -> bool:
+    """Whether :func:`fit_and_refit` may run the early-stopping fit and the refit at the same
+    time (``train.parallel_refit``: ``always``, or ``warm`` for warm starts; ``p.threads`` >= 2).
+    Only when training draws nothing from torch's global generator (no dropout, no hybrid id
+    dropout): two fits drawing from it at once would make the draws depend on timing."""
+    wanted = p.parallel_refit == "always" or (p.parallel_refit == "warm" and warm)
+    draws = p.dropout > 0 or (strategy == "hybrid" and p.id_dropout > 0)
+    return wanted and p.refit and p.threads >= 2 and not draws
+
+
+class _Stop(Exception):
+    """Ends the refit's current epoch: an epoch past the one the refit needs."""
+
+
+class _SideRefit(threading.Thread):
+    """The refit (no validation, up to ``epochs`` epochs) in its own thread, keeping the
+    weights after each epoch that may still become the best one of the early-stopping fit."""
+
+    def __init__(self, trainer: Trainer, epochs: int, threads: int, desc: str) -> None:
+        super().__init__(name="genre-refit", daemon=True)
+        self.trainer, self.threads, self.desc = trainer, threads, desc
+        self.cond = threading.Condition()
+        self.limit, self.keep_from = epochs, 0
+        self.snapshots: dict[int, dict] = {0: _state(trainer.model)}
+        self.curve: list[dict] = []
+        self.error: BaseException | None = None
+
+    def _checked(self, e: int):
+        def progress(it):
+            for x in logged_progress(it, f"{self.desc} epoch {e}"):
+                if e > self.limit:
+                    raise _Stop
+                yield x
+        return progress
+
+    def run(self) -> None:
+        try:
+            torch.set_num_threads(self.threads)  # per thread: this one's intra-op threads
+            e = 0
+            while e < self.limit:
+                e += 1
+                t0 = time.perf_counter()
+                loss = self.trainer.epoch(self._checked(e))
+                with self.cond:
+                    self.curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": None,
+                                       "seconds": time.perf_counter() - t0})
+                    if e >= self.keep_from:
+                        self.snapshots[e] = _state(self.trainer.model)
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish() in the caller's thread
+            self.error = exc
+
+    def best_is(self, epoch: int) -> None:
+        """Epoch ``epoch`` is the early-stopping fit's best so far: earlier ones are not needed."""
+        with self.cond:
+            self.keep_from = epoch
+            for k in [k for k in self.snapshots if k < epoch]:
+                del self.snapshots[k]
+
+    def stop_after(self, epoch: int) -> None:
+        """Let the refit run up to ``epoch`` epochs (stopping any epoch past it) and wait for it."""
+        with self.cond:
+            self.limit = epoch
+        self.join()
+
+    def finish(self, epoch: int) -> tuple[dict, list[dict]]:
+        """(The refit's weights after ``epoch`` epochs, its curve up to there), once it got there."""
+        self.stop_after(epoch)
+        if self.error is not None:
+            raise self.error
+        return self.snapshots[epoch], self.curve[:epoch]
+
+
+def fit_and_refit(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit_t: FitData,
+                  live: Callable[..., None] | None = None, live_refit: Callable[..., None] | None = None,
+                  init: Any = None) -> tuple[FitResult, FitResult]:
+    """The early-stopping fit on ``fit_v`` (validated on ``ev_v``) and the refit on ``fit_t``,
+    side by side: one thread each, ``p.threads // 2`` intra-op threads each (:func:`side_by_side`
+    says when this is allowed). The refit runs ahead without knowing the best epoch count,
+    keeping its weights after each epoch that may still be the best; when early stopping ends,
+    it is stopped (or run on) at the best epoch. Nothing depends on the epoch total, so the result
+    is bitwise the refit :func:`fit_model` would give for that count with the same threads. The
+    two-tower step hardly speeds up from 1 to 2 threads, so two fits at once take ~0.6 of the time
+    of one after the other (``benchmarks/bench_train.py --refit``). Returns (early-stopping
+    result, refit result) as two :func:`fit_model` calls would."""
+    passive_openmp()
+    threads = max(1, p.threads // 2)
+    t_start = time.perf_counter()
+    with deterministic(p.seed, threads):
+        pv, valid_tr, valid_rec = _prepare(p, strategy, fit_v, init)
+        torch.manual_seed(p.seed)  # the refit's initialisation: as in a fit of its own
+        _, refit_tr, refit_rec = _prepare(p, strategy, fit_t, init)
+        side = _SideRefit(refit_tr, p.epochs, threads, f"train {strategy} {fit_t.phase}")
+        side.start()
+        try:
+            curve, best, best_epoch, use_eval = _epochs(pv, strategy, fit_v, ev_v, valid_tr, valid_rec,
+                                                        p.epochs, True, None, live, on_best=side.best_is)
+        except BaseException:
+            side.stop_after(0)  # stop it at once; the fit's error is the one raised
+            raise
+        state, refit_curve = side.finish(best_epoch)
+        refit_tr.model.load_state_dict(state)
+        refit_tr.net.eval()
+        refit_tr.model.eval()
+    valid_rec.meta["best_epoch"] = best_epoch
+    valid_rec.meta["history"] = untimed(curve)
+    refit_rec.meta["best_epoch"] = best_epoch
+    refit_rec.meta["history"] = untimed(refit_curve)
+    if live_refit is not None:
+        for c in refit_curve:
+            live_refit(c["epoch"], c["train_loss"], c["seconds"], None)
+    seconds = time.perf_counter() - t_start
+    return (FitResult(recommender=valid_rec, curve=curve, best_epoch=best_epoch,
+                      best_ndcg=best if use_eval else float("nan"), n_examples=valid_tr.n_examples,
+                      seconds=seconds),
+            FitResult(recommender=refit_rec, curve=refit_curve, best_epoch=best_epoch, best_ndcg=float("nan"),
+                      n_examples=refit_tr.n_examples, seconds=seconds))
 
 
 #: seconds between two progress lines of a training epoch (:func:`logged_progress`)

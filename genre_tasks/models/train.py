@@ -244,13 +244,18 @@ def fit_tower(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData, fit
     when ``p.refit`` is false). ``init``: warm start both fits from this model's weights.
     ``valid_fit``: the early-stopping fit already made with exactly these params (the search's
     winning trial), reused instead of fitted again. Returns (test-phase model, valid-phase model, record, FitResult)."""
-    from genre_tasks.models.model import fit_model, untimed
+    from genre_tasks.models.model import fit_and_refit, fit_model, side_by_side, untimed
 
-    res = valid_fit if valid_fit is not None else fit_model(p, strategy, fit_v, ev_v, live=live, init=init)
+    final = None
+    if valid_fit is None and side_by_side(p, strategy, warm=init is not None):
+        res, final = fit_and_refit(p, strategy, fit_v, ev_v, fit_t, live=live, live_refit=live_refit, init=init)
+    else:
+        res = valid_fit if valid_fit is not None else fit_model(p, strategy, fit_v, ev_v, live=live, init=init)
     valid_rec = res.recommender
     if p.refit:
-        final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True, live=live_refit,
-                          init=init)
+        if final is None:
+            final = fit_model(p, strategy, fit_t, None, epochs=res.best_epoch, show_progress=True,
+                              live=live_refit, init=init)
         rec = final.recommender
         refit_curve, examples_test = final.curve, final.n_examples
     else:
