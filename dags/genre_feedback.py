@@ -11,7 +11,7 @@ Each task is a thin wrapper around `genre_tasks.feedback` (the same code as
 |---|---|---|
 | `list_batches` | batch ids in the landing folder (symlinks / fifos refused into quarantine, other entries reported) | no |
 | `validate_batch` (mapped, one per batch) | the Great Expectations `interactions` suite of the validate stage (same rules as the main data, items must be known unless `allow_new_items`) plus the batch rules: no timestamp after this run's logical date, no event already in the store. A bad batch moves to `quarantine/<batch_id>/` with `report.json` + `message.txt`: the task **succeeds** and reports it (the rest of the run goes on) | no (deterministic) |
-| `prequential` | the registered `@champion` is scored on each good batch *before* anything is trained on it: nDCG@10, Recall@10, MRR, AUC and user counts -> `data/feedback/prequential/<batch_id>.json` and an MLflow run tagged with the batch | yes |
+| `prequential` | runs beside `apply_batches` (off the path to the asset event): the registered `@champion` is scored on each good batch *as if before* it was applied (the store without this run's batches, read under the store lock; an applied batch is read from its archive), before anything is trained on it: nDCG@10, Recall@10, MRR, AUC and user counts -> `data/feedback/prequential/<batch_id>.json` and an MLflow run tagged with the batch | yes |
 | `apply_batches` | each good batch becomes one store part `data/source/feedback/<batch_id>.parquet` (atomic write), then the ledger entry (the commit point); the same batch id is applied once; a crash leaves the store without the batch or with all of it | yes (idempotent) |
 | `record_store` | `dvc commit --force source` + `dvc push source`: dvc.lock records the new `data/source`, the remote has it; on success it emits the asset `genre://interactions/store` (extra: batches, rows, DVC md5). Nothing applied (and nothing left unrecorded): the task is **skipped**, so **no asset event** | yes, backoff (locks, remote) |
 | `report` | runs always: one line per batch (applied / quarantined and why / already applied) | no |
@@ -198,7 +198,7 @@ def prequential(validated: list[dict]) -> dict:
 
 
 @task(**RETRY)
-def apply_batches(validated: list[dict], scores: dict) -> dict:
+def apply_batches(validated: list[dict]) -> dict:
     """Append the good batches to the store (part, then ledger); archive the files."""
     from genre_tasks import feedback
     from genre_tasks.schema import Paths
@@ -273,8 +273,8 @@ def report(validated: list[dict] | None = None, applied: dict | None = None) -> 
 def genre_feedback():
     batch_ids = list_batches()
     validated = validate_batch.expand(batch_id=batch_ids)
-    scores = prequential(validated)
-    applied = apply_batches(validated, scores)
+    prequential(validated)  # beside apply: it reads the store as it was before these batches
+    applied = apply_batches(validated)
     record_store(applied)
     report(validated, applied)
 

@@ -38,7 +38,7 @@ print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
     "tasks": {t.task_id: {"retries": t.retries, "trigger_rule": getattr(t.trigger_rule, "value", str(t.trigger_rule)),
                           "outlets": [getattr(o, "uri", str(o)) for o in t.outlets],
-                          "owner": t.owner} for t in dag.tasks},
+                          "owner": t.owner, "upstream": sorted(t.upstream_task_ids)} for t in dag.tasks},
     "tags": sorted(dag.tags), "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
     "timetable": str(dag.timetable), "doc": bool(dag.doc_md), "heavy": heavy,
     "params": sorted(dag.params.keys()),
@@ -62,6 +62,9 @@ def test_dag_integrity(tmp_path):
     assert tasks["validate_batch"]["retries"] == 0 and tasks["record_store"]["retries"] >= 2
     assert tasks["record_store"]["outlets"] == ["genre://interactions/store"]
     assert tasks["report"]["trigger_rule"] == "all_done"
+    # prequential scores beside apply, off the path to the asset event
+    assert tasks["prequential"]["upstream"] == tasks["apply_batches"]["upstream"] == ["validate_batch"]
+    assert tasks["record_store"]["upstream"] == ["apply_batches"]
     assert all(t["owner"] == "genre-mlops" for t in tasks.values())
     assert info["catchup"] is False and info["max_active_runs"] == 1 and info["doc"]
     assert "*/15 * * * *" in info["timetable"] and "feedback" in info["tags"]

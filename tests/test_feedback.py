@@ -382,6 +382,36 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
+def test_prequential_beside_apply_scores_the_store_before_the_batches(params, paths, fp, mlflow_uri):
+    """The DAG runs prequential beside apply_batches. Scored before or after the apply, each batch
+    gets the same numbers: the store without this run's batches (plus the earlier ones of the
+    run), the batch read from its archive once applied."""
+    import shutil
+
+    class Model:
+        recommender = FixedScores([5, 4, 3, 2, 1])
+        fit = catalog(5)
+
+    params["feedback"]["prequential"] = True
+    write_batch(fp, "w1", rows(("1", "3", T0, 5.0), ("1", "4", T0 + 1, 1.0)))
+    write_batch(fp, "w2", rows(("9", "2", T0 + 5, 5.0), ("9", "1", T0 + 6, 5.0)))
+    write_batch(fp, "w3", rows(("9", "3", T0 + 9, 5.0)))
+    valid = [feedback.validate_batch(params, paths, b, LOGICAL)["batch_id"] for b in ("w1", "w2", "w3")]
+    before = feedback.prequential(params, paths, valid, LOGICAL, model=Model(), version="1")
+    records = {b: io.read_json(fp.prequential / f"{b}.json") for b in valid}
+    shutil.rmtree(fp.prequential)  # score again, not reuse
+    applied = feedback.apply_batches(params, paths, valid, LOGICAL)
+    assert applied["applied"] == valid and not list(fp.incoming.glob("w*"))  # in the store, archived
+    after = feedback.prequential(params, paths, valid, LOGICAL, model=Model(), version="1")
+    assert after == before and {s["status"] for s in after.values()} == {"scored"}
+    assert after["w3"]["eval_users"] == 1  # w2 (before it in the run) is its user's history
+    for b in valid:
+        rec = io.read_json(fp.prequential / f"{b}.json")
+        assert {k: rec[k] for k in ("sha1", "store_rows_before", "metrics", "counts")} == \
+            {k: records[b][k] for k in ("sha1", "store_rows_before", "metrics", "counts")}
+    assert records["w1"]["store_rows_before"] == ML_N_INTERACTIONS
+
+
 def test_prequential_scores_before_apply_logs_and_feeds_the_history(params, paths, fp, mlflow_uri):
     """The champion is scored on each good batch with the store + the earlier batches of the
     run as history; records go to prequential/<id>.json and MLflow; `genre history` reads

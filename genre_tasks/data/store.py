@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -85,19 +86,21 @@ def read_part(path: str | Path) -> pd.DataFrame:
 
 
 def read_store(source_dir: str | Path, verify: bool = True,
-               locations: bool = False) -> tuple[pd.DataFrame, list[dict]]:
+               locations: bool = False, exclude: Collection[str] = ()) -> tuple[pd.DataFrame, list[dict]]:
     """The applied parts of the feedback store, concatenated in batch-id order.
 
     Returns ``(interactions, parts)``: canonical interactions and ``[{batch_id, rows, path}]``.
     Only ledger-listed parts count (a part without a ledger entry is an interrupted apply: it is
     ignored with a warning). A listed part that is missing or whose content differs from the
     ledger (``verify``) raises StageError. ``locations``: add SOURCE_FILE (the part's path) and
-    SOURCE_LINE (its 1-based row).
+    SOURCE_LINE (its 1-based row). ``exclude``: batch ids left out (the store as it was before
+    they were applied).
     """
-    ledger = read_ledger(source_dir)
+    ledger = {b: e for b, e in read_ledger(source_dir).items() if b not in set(exclude)}
     folder = store_dir(source_dir)
     if folder.is_dir():
-        orphans = sorted(p.stem for p in folder.glob("*.parquet") if p.stem not in ledger)
+        orphans = sorted(p.stem for p in folder.glob("*.parquet")
+                         if p.stem not in ledger and p.stem not in set(exclude))
         if orphans:
             log.warning("feedback store: part(s) %s are not in the ledger %s (an interrupted apply; "
                         "the next feedback run completes or replaces them): ignored", orphans,

@@ -373,12 +373,23 @@ def _message(report: dict, batch_id: str, where: Path, fp: FeedbackPaths) -> str
     return f"batch {batch_id} rejected\n" + format_failure(report)
 
 
-def load_store(s: Settings, fp: FeedbackPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_store(s: Settings, fp: FeedbackPaths, exclude: Sequence[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(items, interactions) of the current store: base data (before ``ingest.until``) + the
-    applied parts, every user (``max_users`` is a training-time view, not the store)."""
+    applied parts, every user (``max_users`` is a training-time view, not the store).
+    ``exclude``: applied batches left out (the store as it was before them)."""
     from genre_tasks.data import adapters
 
-    return adapters.load(s.ingest, fp.source, feedback=True, slice_users=False)
+    return adapters.load(s.ingest, fp.source, feedback=True, slice_users=False, exclude=exclude)
+
+
+def archived_files(fp: FeedbackPaths, batch_id: str) -> list[Path]:
+    """The file(s) of applied batch ``batch_id`` as :func:`apply.archive` kept them
+    (``applied/<batch_id>/``, beside its report.json)."""
+    folder = fp.applied / batch_id
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES and p.stem == batch_id)
 
 
 def _summary(batch_id: str, status: str, fp: FeedbackPaths, **extra: Any) -> dict:

@@ -26,7 +26,8 @@ from genre_tasks.feedback.params import (
     as_datetime,
     settings,
 )
-from genre_tasks.feedback.batches import _time_range, batch_files, load_store, read_batch
+from genre_tasks.feedback.apply import store_lock
+from genre_tasks.feedback.batches import _time_range, archived_files, batch_files, load_store, read_batch
 
 
 # --------------------------------------------------------------------------------------
@@ -184,8 +185,11 @@ def prequential(params: dict, paths: S.Paths, batch_ids: Sequence[str],
                 model: Any = None, version: str | None = None) -> dict[str, dict]:
     """Score the ``@champion`` on each batch (in batch-id order) before it is applied.
 
-    Batch b is scored with the store as it will be when b is applied: the current store plus
-    the batches before it in this call. Writes ``prequential/<batch_id>.json`` and an MLflow
+    Batch b is scored with the store as it will be when b is applied: the store without the
+    batches of this call, plus those before b. The store and the batch files are read under the
+    store lock, so this may run while :func:`apply_batches` applies the same batches (the DAG
+    runs the two side by side): a batch already applied is left out of the store and read from
+    its archive (``applied/<id>/``). Writes ``prequential/<batch_id>.json`` and an MLflow
     run per batch. Returns ``{batch_id: {status, model_version?, ndcg@10, ..., eval_users}}``
     (status ``scored`` | ``reused`` | ``skipped``). ``model``/``version`` replace the champion
     (tests). An existing record of the same content and champion version is reused.
@@ -209,13 +213,18 @@ def prequential(params: dict, paths: S.Paths, batch_ids: Sequence[str],
             slog.logger.warning("prequential scoring skipped: %s", reason)
             return {b: {"status": "skipped", "reason": reason} for b in ids}
         slog.logger.info("scoring %s@%s (v%s) on %d batch(es)", s.model_name, CHAMPION, version, len(ids))
-        store = load_store(s, fp)[1]
+        with store_lock(fp):  # a consistent store and batch files, also mid-apply
+            store = load_store(s, fp, exclude=ids)[1]
+            batches = {}
+            for batch_id in ids:
+                files = batch_files(fp, batch_id) or archived_files(fp, batch_id)
+                if files:
+                    batches[batch_id] = read_batch(files[0], s.feedback)[0]
         for batch_id in ids:
-            files = batch_files(fp, batch_id)
-            if not files:
+            if batch_id not in batches:
                 out[batch_id] = {"status": "skipped", "reason": "no batch file"}
                 continue
-            batch, _ = read_batch(files[0], s.feedback)
+            batch = batches[batch_id]
             sha1 = adapters.content_hash(batch)
             target = fp.prequential / f"{batch_id}.json"
             old = io.read_json(target) if target.exists() else None

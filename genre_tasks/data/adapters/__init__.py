@@ -35,7 +35,7 @@ import csv
 import io as io_module
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -408,7 +408,7 @@ def source_files(p: IngestParams, source_dir: Path) -> list[Path]:
 
 def load(p: IngestParams, source_dir: Path, *, feedback: bool = True,
          slice_users: bool = True, locations: bool = False, report: dict | None = None,
-         until: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+         until: bool = True, exclude: Sequence[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read ``source_dir`` with adapter ``p.adapter``, append the feedback store, then slice:
     ``p.until`` (base interactions only) and ``p.max_users`` (:func:`slice_view`).
 
@@ -417,7 +417,8 @@ def load(p: IngestParams, source_dir: Path, *, feedback: bool = True,
     (the base data only); ``slice_users=False`` keeps every user (the whole store);
     ``until=False`` keeps the base rows after ``ingest.until`` too. ``locations``: keep the
     columns :data:`schema.SOURCE_FILE` / :data:`schema.SOURCE_LINE` saying where each row is
-    in the user's files (a feedback part: its parquet file and 1-based row). ``report``: filled
+    in the user's files (a feedback part: its parquet file and 1-based row). ``exclude``: store
+    batches left out (:func:`read_store`). ``report``: filled
     with what the slicing kept and dropped. Refuses a malformed file with :class:`InputError`.
     """
     adapter = get(p.adapter)
@@ -431,7 +432,7 @@ def load(p: IngestParams, source_dir: Path, *, feedback: bool = True,
     items = _locate(items, files[0][0])
     interactions = _locate(interactions, files[1][0])
     if feedback:
-        extra, parts = read_store(source_dir, locations=True)
+        extra, parts = read_store(source_dir, locations=True, exclude=exclude)
         if parts:
             interactions = append_interactions(interactions, extra)
             log.info("feedback store: %d batch(es) added %d interaction(s) (%s .. %s)", len(parts),
