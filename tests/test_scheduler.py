@@ -46,6 +46,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env_sh() -> dict[str, str]:
+    """What ``scripts/env.sh`` exports (scripts/airflow.sh sources it before starting Airflow),
+    but the Airflow home and DAG folder, which the test sets: the same OMP_WAIT_POLICY, offline
+    and progress-bar settings however pytest itself was started."""
+    def dump(script: str) -> dict[str, str]:
+        out = subprocess.run(["bash", "-c", script + "env -0"], capture_output=True, check=True,
+                             env={"PATH": os.environ.get("PATH", "")}).stdout
+        return dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+
+    before, after = dump(""), dump(f"source {ROOT / 'scripts' / 'env.sh'} >/dev/null; ")
+    return {k: v for k, v in after.items() if before.get(k) != v and not k.startswith("AIRFLOW")}
+
+
 def _ts(value) -> float | None:
     if value is None:
         return None
@@ -122,7 +135,7 @@ def test_batches_drive_training_through_the_real_scheduler(project, tmp_path):  
 
     port = _free_port()
     home = Path(env["AIRFLOW_HOME"])
-    env = {**env, "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__API__HOST": "127.0.0.1",
+    env = {**env, **_env_sh(), "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__API__HOST": "127.0.0.1",
            "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "AIRFLOW__API__WORKERS": "1", "AIRFLOW__CORE__PARALLELISM": "2",
