@@ -96,11 +96,12 @@ def read_store(source_dir: str | Path, verify: bool = True,
     SOURCE_LINE (its 1-based row). ``exclude``: batch ids left out (the store as it was before
     they were applied).
     """
-    ledger = {b: e for b, e in read_ledger(source_dir).items() if b not in set(exclude)}
+    skip = set(exclude)
+    ledger = {b: e for b, e in read_ledger(source_dir).items() if b not in skip}
     folder = store_dir(source_dir)
     if folder.is_dir():
         orphans = sorted(p.stem for p in folder.glob("*.parquet")
-                         if p.stem not in ledger and p.stem not in set(exclude))
+                         if p.stem not in ledger and p.stem not in skip)
         if orphans:
             log.warning("feedback store: part(s) %s are not in the ledger %s (an interrupted apply; "
                         "the next feedback run completes or replaces them): ignored", orphans,
