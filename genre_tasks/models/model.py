@@ -389,7 +389,7 @@ class _SideRefit(threading.Thread):
     def __init__(self, trainer: Trainer, epochs: int, threads: int, desc: str) -> None:
         super().__init__(name="genre-refit", daemon=True)
         self.trainer, self.threads, self.desc = trainer, threads, desc
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
         self.limit, self.keep_from = epochs, 0
         self.snapshots: dict[int, dict] = {0: _state(trainer.model)}
         self.curve: list[dict] = []
@@ -411,7 +411,7 @@ class _SideRefit(threading.Thread):
                 e += 1
                 t0 = time.perf_counter()
                 loss = self.trainer.epoch(self._checked(e))
-                with self.cond:
+                with self.lock:
                     self.curve.append({"epoch": e, "train_loss": loss, "valid_ndcg@10": None,
                                        "seconds": time.perf_counter() - t0})
                     if e >= self.keep_from:
@@ -423,14 +423,14 @@ class _SideRefit(threading.Thread):
 
     def best_is(self, epoch: int) -> None:
         """Epoch ``epoch`` is the early-stopping fit's best so far: earlier ones are not needed."""
-        with self.cond:
+        with self.lock:
             self.keep_from = epoch
             for k in [k for k in self.snapshots if k < epoch]:
                 del self.snapshots[k]
 
     def stop_after(self, epoch: int) -> None:
         """Let the refit run up to ``epoch`` epochs (stopping any epoch past it) and wait for it."""
-        with self.cond:
+        with self.lock:
             self.limit = epoch
         self.join()
 
@@ -451,9 +451,10 @@ def fit_and_refit(p: TrainParams, strategy: str, fit_v: FitData, ev_v: EvalData,
     keeping its weights after each epoch that may still be the best; when early stopping ends,
     it is stopped (or run on) at the best epoch. Nothing depends on the epoch total, so the result
     is bitwise the refit :func:`fit_model` would give for that count with the same threads. The
-    two-tower step hardly speeds up from 1 to 2 threads, so two fits at once take ~0.6 of the time
-    of one after the other (``benchmarks/bench_train.py --refit``). Returns (early-stopping
-    result, refit result) as two :func:`fit_model` calls would."""
+    two-tower step gains little from a second thread, so two fits at once take 0.6-0.8x the time
+    of one after the other (``benchmarks/bench_warm.py`` with ``parallel_refit`` never vs warm;
+    less inside Airflow: README). Returns (early-stopping result, refit result) as two
+    :func:`fit_model` calls would."""
     passive_openmp()
     threads = max(1, p.threads // 2)
     t_start = time.perf_counter()
