@@ -165,6 +165,29 @@ def test_unchanged_rerun_generates_nothing_and_template_change_regenerates(tmp_p
     assert len(third.calls) == 3
 
 
+def test_items_with_identical_text_are_generated_once_and_each_keeps_its_row(tmp_path):
+    """The cache key is the prompt: two catalogue items with the same text (MovieLens-100k has
+    such pairs) share one generation, in the run and from the cache, and each keeps its own row
+    (a re-run once wrote the same item twice and lost the other)."""
+    paths = write_processed(tmp_path, ["Twin (1995)", "Other", "Twin (1995)", "Last"], {"u1": [0]})
+    p = params(operations=["enrich_items"], batch_size=4)
+    first = FakeBackend()
+    s1 = stage.run(p, paths, backend=first)
+    assert sorted(first.calls) == sorted(set(first.calls)) and len(first.calls) == 3
+    assert s1["per_operation"]["enrich_items"]["cached"] == 1
+    table = pd.read_parquet(paths / "data" / "augment" / "items.parquet")
+    assert sorted(table[S.ITEM_ID]) == ["i0", "i1", "i2", "i3"]
+    twins = table.set_index(S.ITEM_ID).loc[["i0", "i2"], "summary"]
+    assert twins.iloc[0] == twins.iloc[1]
+    before = (paths / "data" / "augment" / "items.parquet").read_bytes()
+    again = FakeBackend()
+    s2 = stage.run(p, paths, backend=again)
+    assert again.calls == [] and s2["generations_this_run"] == 0
+    assert (paths / "data" / "augment" / "items.parquet").read_bytes() == before
+    records = [json.loads(line) for line in (paths / "data" / "augment" / "generations.jsonl").read_text().splitlines()]
+    assert sorted(r["subject"] for r in records) == ["i0", "i1", "i2", "i3"]
+
+
 def test_crash_mid_run_resumes_without_generating_twice(tmp_path):
     paths = write_processed(tmp_path, [f"Film {k}" for k in range(7)], {"u1": [0]})
     p = params(operations=["enrich_items"], batch_size=2)

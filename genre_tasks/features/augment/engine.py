@@ -112,8 +112,6 @@ def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, b
              desc: str = "augment", stats: Stats | None = None,
              known: dict[str, dict] | None = None) -> list[dict]:
     """One record per job, in order (see the module doc). ``known`` = an already loaded cache."""
-    from tqdm.auto import tqdm
-
     stats = stats if stats is not None else Stats()
     known = cache.load() if known is None else known
     repair_version = templates.load("repair").version
@@ -121,10 +119,33 @@ def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, b
                       j.input_hash(max_new_tokens)) for j in jobs]
     out: list[dict | None] = [known.get(k) for k in keys]
     stats.jobs += len(jobs)
-    todo = [i for i, rec in enumerate(out) if rec is None]
+    # a key is the prompt, not the subject: jobs with identical prompts (two catalogue items with
+    # the same text) are generated once, and each job's record names its own subject
+    first: dict[str, int] = {}  # key -> the job that generates it
+    for i, rec in enumerate(out):
+        if rec is None:
+            first.setdefault(keys[i], i)
+    todo = sorted(first.values())
     stats.cached += len(jobs) - len(todo)
-    if not todo:
-        return out  # type: ignore[return-value]
+    if todo:
+        _generate(todo, jobs, keys, out, backend, cache, batch_size, max_new_tokens, max_repairs,
+                  show_progress, desc, stats)
+    return [_as_subject(out[i] if out[i] is not None else out[first[keys[i]]], job)
+            for i, job in enumerate(jobs)]
+
+
+def _as_subject(record: dict, job: Job) -> dict:
+    """``record`` (cached or generated for a job with the same prompt) as ``job``'s record."""
+    return record if record["subject"] == job.subject else {**record, "subject": job.subject}
+
+
+def _generate(todo: list[int], jobs: Sequence[Job], keys: list[str], out: list, backend: Backend,
+              cache: GenerationCache, batch_size: int, max_new_tokens: int, max_repairs: int,
+              show_progress: bool, desc: str, stats: Stats) -> None:
+    """Generate (with repairs) the jobs ``todo`` in batches, setting ``out[i]``; each batch's
+    records are durable in the cache before the next batch starts."""
+    from tqdm.auto import tqdm
+
     with cache.writer() as writer, tqdm(total=len(todo), desc=desc, unit="prompt",
                                         disable=not show_progress) as bar:
         for b0 in range(0, len(todo), batch_size):
@@ -181,4 +202,3 @@ def run_jobs(jobs: Sequence[Job], backend: Backend, cache: GenerationCache, *, b
             bar.update(len(batch))
             bar.set_postfix_str(f"{stats.tokens / max(stats.seconds, 1e-9):.1f} tok/s, "
                                 f"{stats.rejected} rejected")
-    return out  # type: ignore[return-value]
