@@ -37,7 +37,9 @@ def f32() -> np.ndarray:
     ("onnx", 0.9999),               # the same float32 network: only summation order differs
     ("onnx-int8-attention", 0.99),
     ("onnx-int8-no-ffn-out", 0.98),  # min 0.9903 on 1,682 MovieLens texts, 0.981 here (on "x")
-    ("onnx-int8", 0.98),            # every MatMul int8: measured min 0.987 on 1,682 MovieLens texts
+    # every MatMul int8 (documented as below 0.99): min 0.987 on 1,682 MovieLens texts on an AVX2
+    # machine; ORT's int8 kernels differ by CPU, and on an AVX-512 VNNI one the test's "x" gave 0.9746
+    ("onnx-int8", 0.97),
 ])
 def test_onnx_vectors_close_to_float32(onnx_cache, f32, quantize: str, floor: float) -> None:
     vectors = embed.encode_texts(TEXTS, batch_size=4, quantize=quantize)
