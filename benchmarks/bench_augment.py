@@ -1,6 +1,6 @@
 """Generation figures of the augment stage's local backend (SmolLM2-135M GGUF, greedy).
 
-    python benchmarks/bench_augment.py [--root .] [--items 32] [--threads 2] [--quantize none|int8]
+    python benchmarks/bench_augment.py [--root .] [--items 32] [--threads 2] [--quantize none w8a8]
                                        [--stepwise 1 8] [--guided 8 32]
                                        [--rerun-override configs/genre.yaml]
 
@@ -10,7 +10,9 @@
    ``generate`` per value, ``--stepwise`` batch sizes) and the guided pass the backend uses
    (``--guided`` batch sizes; its genre is constrained to the vocabulary as in the stage, unless
    ``--free-choices``). Items/s, generated tokens/s, replies passing the schema, replies (and
-   first values) identical to the first variant's, and the time enriching all items would take;
+   first values) identical to the first variant's, and the time enriching all items would take.
+   Each ``--quantize`` value (augment.quantize) runs every variant, one loaded model each, so the
+   replies of a quantized model are compared with the float32 ones of the same run;
 3. with ``--rerun-override``: the augment stage re-run with those params on the project, whose
    generation cache is complete after a first run: seconds and generations (should be 0).
 """
@@ -31,6 +33,16 @@ from genre_tasks.features.augment import templates
 from genre_tasks.features.augment.engine import generate_stepwise, generate_structured
 from genre_tasks.features.augment.params import QUANTIZE, AugmentParams
 from genre_tasks.features.augment.validation import InvalidOutput, parse_reply
+
+
+def cpu_features() -> str:
+    """The CPU's vector extensions that decide float32 / int8 matrix speed (Linux)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    return "CPU: " + " ".join(f for f in wanted if f in flags)
 
 
 def valid_count(jobs, replies) -> int:
@@ -59,24 +71,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--rerun-override", default=None)
-    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="augment.quantize of the local backend")
+    parser.add_argument("--quantize", choices=QUANTIZE, nargs="+", default=["none"],
+                        help="augment.quantize values of the local backend, each run on every variant")
     args = parser.parse_args()
     root = Path(args.root).resolve()
-    print(f"load average {os.getloadavg()[0]:.1f} (2 shared cores)")
-    backend = LocalBackend(threads=args.threads, quantize=args.quantize)
-    t0 = time.perf_counter()
-    backend.load()
-    print(f"model {backend.model_id}: loaded in {time.perf_counter() - t0:.1f} s")
+    print(f"load average {os.getloadavg()[0]:.1f} (2 shared cores); {cpu_features()}")
+    backends = {}
+    for q in args.quantize:
+        backends[q] = LocalBackend(threads=args.threads, quantize=q)
+        t0 = time.perf_counter()
+        backends[q].load()
+        print(f"model {backends[q].model_id}: loaded in {time.perf_counter() - t0:.1f} s")
     items = pd.read_parquet(S.Paths(root).items).sort_values(S.ITEM_IDX)
     vocab = stage.vocabulary(items)
     jobs = stage.item_jobs(items.head(args.items), vocab)
     chats = [j.chat for j in jobs]
     plans = [templates.split_prefill(prefill) for _, prefill in chats]
-    variants = [(f"stepwise x{size}", size, False) for size in args.stepwise]
-    variants += [(f"guided x{size}", size, True) for size in args.guided]
+    tag = (lambda q: f" {q}") if len(args.quantize) > 1 else (lambda q: "")
+    variants = [(f"stepwise x{size}{tag(q)}", backends[q], size, False) for q in args.quantize for size in args.stepwise]
+    variants += [(f"guided x{size}{tag(q)}", backends[q], size, True) for q in args.quantize for size in args.guided]
     rows, texts = {}, {}
-    for label, size, guided in variants:
+    for label, backend, size, guided in variants:
         backend.ends.clear()
         t0 = time.perf_counter()
         tokens, replies = 0, []
@@ -90,11 +105,11 @@ def main() -> None:
         dt = time.perf_counter() - t0
         rows[label], texts[label] = len(chats) / dt, replies
         ends = f"; values ended {dict(backend.ends)}" if guided else ""
-        print(f"{label:<13} {len(chats)} items in {dt:6.1f} s: {len(chats) / dt:.3f} items/s, "
+        print(f"{label:<18} {len(chats)} items in {dt:6.1f} s: {len(chats) / dt:.3f} items/s, "
               f"{tokens / dt:.1f} generated tokens/s ({tokens}); {valid_count(jobs, replies)} of "
               f"{len(jobs)} replies pass the schema (no repair){ends}", flush=True)
     reference = texts[variants[0][0]]
-    for label, _, _ in variants[1:]:
+    for label, _, _, _ in variants[1:]:
         same = sum(a == b for a, b in zip(texts[label], reference))
         first = sum(a.split('"', 4)[:4] == b.split('"', 4)[:4] for a, b in zip(texts[label], reference))
         print(f"{label} / {variants[0][0]}: {rows[label] / rows[variants[0][0]]:.2f}x items/s; "

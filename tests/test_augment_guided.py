@@ -149,6 +149,32 @@ def test_decode_linear_computes_what_linear_computes(rows):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_w8a8_linear_is_close_to_linear_and_a_row_never_depends_on_its_batch(rows):
+    """augment.quantize w8a8: int8 weights per output channel x int8 activations per row. The
+    error is int8 rounding only, and a row's output is bitwise the same alone, in any batch and
+    in any shape (the dynamic int8 it replaced scaled the activations per batch, so a reply
+    depended on the other prompts of its batch and on their padding)."""
+    torch.manual_seed(rows)
+    for bias in (True, False):
+        plain = torch.nn.Linear(48, 40, bias=bias)
+        net = torch.nn.Sequential(plain)
+        assert cpu.use_w8a8_linears(net) == 1 and type(net[0]) is cpu.W8A8Linear
+        quant = net[0]
+        x = torch.randn(rows, 48) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different scales
+        want, got = plain(x), quant(x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        error = (got - want).norm(dim=1) / want.norm(dim=1)
+        assert float(error.max()) < 0.02, error.max()
+        for i in {0, rows // 2, rows - 1}:
+            assert torch.equal(quant(x[i:i + 1]), got[i:i + 1])
+            assert torch.equal(quant(torch.cat([x[i:i + 1], 1e3 * x])[:1]), got[i:i + 1])  # a loud batch
+        assert torch.equal(quant(x.view(1, rows, 48)), got.view(1, rows, 40))
+    kept = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    assert cpu.use_w8a8_linears(kept, skip=("1",)) == 1
+    assert type(kept[0]) is cpu.W8A8Linear and type(kept[1]) is torch.nn.Linear
+
+
 def test_fast_path_cache_and_shared_prefix_attention_match_the_plain_model():
     """The guided pass's forward (decode linears, the shared prefix attended once, a cache that
     grows in place and loses finished rows) gives the plain model's next-token logits: a padded
@@ -194,4 +220,4 @@ def test_backends_on_one_model_share_its_lock():
     backends of one loaded model must not generate at once: they share one lock."""
     a, b = LocalBackend(), LocalBackend()
     assert a._lock is b._lock
-    assert LocalBackend(quantize="int8")._lock is not a._lock  # another loaded model
+    assert LocalBackend(quantize="w8a8")._lock is not a._lock  # another loaded model

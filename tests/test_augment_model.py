@@ -55,23 +55,29 @@ def test_http_backend_against_llm_serve_with_the_real_model(local):
         srv.server_close()
 
 
-def test_int8_local_backend_is_its_own_model_and_generates(tmp_path):
-    """augment.quantize int8: the Linear layers become dynamic int8 modules, the cache key's
-    model id differs from float32's (no float32 reply is reused for it), and it still generates
-    schema-checked data through the stage."""
+def test_w8a8_local_backend_is_its_own_model_and_generates(tmp_path):
+    """augment.quantize w8a8: every Linear layer but the MLP output projections (the
+    language-model head too) becomes a W8A8Linear, the cache key's model id differs from
+    float32's (no float32 reply is reused for it), and it still generates schema-checked data
+    through the stage."""
     import torch
 
     from genre_tasks.config import ParamsError
+    from genre_tasks.features.augment.cpu import W8A8_FLOAT_LAYERS, W8A8Linear
 
-    fp32, int8 = LocalBackend(threads=1), LocalBackend(threads=1, quantize="int8")
-    assert int8.model_id == fp32.model_id + "+int8"
-    _, model = int8.load()
-    dynamic = [m for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
-    assert dynamic and not any(type(m) is torch.nn.Linear for m in model.modules())
+    fp32, w8a8 = LocalBackend(threads=1), LocalBackend(threads=1, quantize="w8a8")
+    assert w8a8.model_id == fp32.model_id + "+w8a8"
+    _, model = w8a8.load()
+    assert isinstance(model.get_output_embeddings(), W8A8Linear)
+    assert sum(type(m) is W8A8Linear for m in model.modules()) == 6 * model.config.num_hidden_layers + 1
+    floats = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(floats) == model.config.num_hidden_layers and all(n.endswith(W8A8_FLOAT_LAYERS) for n in floats)
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # the embedding table stays
     paths = write_processed(tmp_path, ["Toy Story (1995)"], {"u1": [0]})
-    p = params(operations=["enrich_items"], batch_size=1, max_new_tokens=12, max_repairs=0, quantize="int8")
+    p = params(operations=["enrich_items"], batch_size=1, max_new_tokens=12, max_repairs=0, quantize="w8a8")
     out = stage.run(p, paths)
     op = out["per_operation"]["enrich_items"]
-    assert out["model_id"] == int8.model_id and op["generated"] == 1 and op["tokens"] > 0
-    with pytest.raises(ParamsError, match="augment.quantize"):
-        params(quantize="int4").validate()
+    assert out["model_id"] == w8a8.model_id and op["generated"] == 1 and op["tokens"] > 0
+    for bad in ("int8", "int4"):
+        with pytest.raises(ParamsError, match="augment.quantize"):
+            params(quantize=bad).validate()

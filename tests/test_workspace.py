@@ -298,3 +298,13 @@ def test_stages_on_two_empty_workers_give_the_single_directory_model(tmp_path, m
     # the run's record in MLflow is the lock worker B wrote last
     fetched = tracking.download_run_file(mlflow_run, W.LOCK_ARTIFACT, paths)
     assert fetched.read_bytes() == b.lock_file.read_bytes()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_committed_config_gives_valid_params(config):
+    """Each documented override file (configs/*.yaml), on top of params.yaml, loads into every
+    stage's params dataclass: a key or value an option no longer takes fails here, not in a
+    user's run."""
+    from genre_tasks.config import load_params
+
+    W.check_params(load_params(ROOT / "params.yaml", [ROOT / "configs" / config]))

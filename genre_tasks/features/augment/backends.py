@@ -125,9 +125,9 @@ def _load_local(path: str, quantize: str = "none"):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
                                                      dtype=torch.float32)
     model.eval()
-    if quantize == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    cpu.use_decode_linears(model)  # the float32 ones (all of them unless int8)
+    if quantize == "w8a8":
+        cpu.use_w8a8_linears(model, skip=cpu.W8A8_FLOAT_LAYERS)
+    cpu.use_decode_linears(model)  # the float32 ones (all of them unless w8a8)
     cpu.use_prefix_attention(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -137,7 +137,7 @@ def _load_local(path: str, quantize: str = "none"):
 
 class LocalBackend:
     """The GGUF model in this process; ``threads`` torch threads while generating; ``quantize``
-    one of :data:`QUANTIZE` (int8: the model id gets ``+int8``, so cached float32 replies are
+    one of :data:`QUANTIZE` (w8a8: the model id gets ``+w8a8``, so cached float32 replies are
     not reused for it)."""
 
     def __init__(self, model_path: str | Path | None = None, threads: int = 2, quantize: str = "none") -> None:

